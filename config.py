@@ -1,0 +1,249 @@
+"""finetune-phi configuration: the one file you edit.
+
+Every field below can be overridden by an environment variable of the same name, or by a
+line ``NAME=value`` in a ``.env`` file at the repository root (see ``.env.example``).
+Precedence: environment > ``.env`` > the defaults written here.
+
+Secrets (``AZURE_ML_API_KEY``, subscription ids) belong in the environment or ``.env``
+(which git ignores), never in this file.
+
+    python -c "import config; print(config.load())"     # show the effective settings
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterable, Mapping, get_type_hints
+
+ROOT = Path(__file__).resolve().parent
+
+# A value still equal to one of these markers was never filled in.
+PLACEHOLDER_PREFIX = "<your-"
+
+BACKENDS = ("local", "azure")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- which backend runs the pipeline -------------------------------------------------
+    # "local": everything on this machine, offline (MLflow sqlite store, local endpoint).
+    # "azure": Azure ML compute, jobs, registry and managed online endpoints.
+    BACKEND: str = "local"
+
+    # --- Azure workspace (only the azure backend reads these) ----------------------------
+    AZURE_SUBSCRIPTION_ID: str = "<your-subscription-id>"
+    AZURE_RESOURCE_GROUP_NAME: str = "<your-resource-group>"
+    AZURE_ML_WORKSPACE_NAME: str = "<your-workspace>"
+    # The user-assigned managed identity the online endpoint runs as (needs AcrPull and
+    # Storage Blob Data Reader on the workspace's registry and storage).
+    AZURE_MANAGED_IDENTITY_CLIENT_ID: str = "<your-managed-identity-client-id>"
+    AZURE_MANAGED_IDENTITY_NAME: str = "<your-managed-identity-name>"
+    AZURE_MANAGED_IDENTITY_RESOURCE_ID: str = (
+        "/subscriptions/<your-subscription-id>/resourceGroups/<your-resource-group>"
+        "/providers/Microsoft.ManagedIdentity/userAssignedIdentities/<your-managed-identity-name>"
+    )
+    # "default" = DefaultAzureCredential; "cli" = AzureCliCredential (after `az login`).
+    AZURE_CREDENTIAL: str = "default"
+
+    # --- Azure compute and training job ---------------------------------------------------
+    AZURE_COMPUTE_NAME: str = "gpu-a100-cluster"
+    # GPU default; use Standard_E16s_v3 for a CPU-only cluster.
+    AZURE_COMPUTE_SIZE: str = "Standard_NC24ads_A100_v4"
+    AZURE_COMPUTE_MIN_INSTANCES: int = 0
+    AZURE_COMPUTE_MAX_INSTANCES: int = 1
+    AZURE_COMPUTE_IDLE_SECONDS: int = 1800
+    AZURE_JOB_INSTANCE_COUNT: int = 1  # nodes
+    AZURE_JOB_PROCESSES_PER_NODE: int = 1  # GPUs used per node
+    AZURE_EXPERIMENT_NAME: str = "finetune-phi3"
+    AZURE_JOB_DISPLAY_NAME: str = "finetune-phi3-mini"
+    AZURE_ENVIRONMENT_NAME: str = "finetune-phi3-env"
+
+    # --- model, endpoint, deployment --------------------------------------------------------
+    AZURE_MODEL_NAME: str = "finetune-phi3-model"
+    # Endpoint names are unique per Azure region: change it before a real Azure run.
+    AZURE_ENDPOINT_NAME: str = "finetune-phi3-endpoint"
+    AZURE_DEPLOYMENT_NAME: str = "finetune-phi3-deployment"
+    AZURE_DEPLOYMENT_INSTANCE_TYPE: str = "Standard_E4s_v3"
+    AZURE_DEPLOYMENT_INSTANCE_COUNT: int = 1
+    # Written by deploy_model.py into .env; the flows read them from there.
+    AZURE_ML_ENDPOINT: str = ""
+    AZURE_ML_API_KEY: str = ""
+
+    # --- data ---------------------------------------------------------------------------------
+    DATASET_NAME: str = "HuggingFaceH4/ultrachat_200k"
+    DATASET_SPLIT: str = "train_sft"
+    DATASET_PERCENT: float = 1.0  # percent of the split to take (the tutorial's 1%)
+    TEST_SIZE: float = 0.2
+    SEED: int = 42
+    TRAIN_DATA_PATH: str = "data/train_data.jsonl"
+    TEST_DATA_PATH: str = "data/test_data.jsonl"
+
+    # --- fine-tuning ----------------------------------------------------------------------------
+    # "tiny" builds a 1M-parameter Phi-3-architecture model offline (the local default);
+    # a hub id or a local directory loads real weights.
+    BASE_MODEL: str = "microsoft/Phi-3-mini-4k-instruct"
+    LOCAL_BASE_MODEL: str = "tiny"  # what the local backend trains unless BASE_MODEL is forced
+    PEFT: str = "auto"  # "lora", "full", or "auto" (lora for real models, full for tiny)
+    NUM_TRAIN_EPOCHS: float = 1.0
+    MAX_STEPS: int = -1  # > 0 overrides epochs
+    LEARNING_RATE: float = 5e-5
+    PER_DEVICE_TRAIN_BATCH_SIZE: int = 4
+    GRADIENT_ACCUMULATION_STEPS: int = 1
+    MAX_SEQ_LENGTH: int = 1024
+    LORA_R: int = 16
+    LORA_ALPHA: int = 32
+    LORA_DROPOUT: float = 0.05
+    SAVE_STEPS: int = 0  # 0 = no intermediate checkpoints
+
+    # --- local backend ---------------------------------------------------------------------------
+    STATE_DIR: str = ".finetune_phi"  # local state: MLflow store, endpoint pid/log, Prompt flow home
+    # Empty = sqlite store inside STATE_DIR.
+    MLFLOW_TRACKING_URI: str = ""
+    LOCAL_ENDPOINT_HOST: str = "127.0.0.1"
+    LOCAL_ENDPOINT_PORT: int = 5001
+    PROMPTFLOW_CONNECTION_NAME: str = "phi3_endpoint"
+
+    # -- derived values ----------------------------------------------------------------------------
+    @property
+    def state_dir(self) -> Path:
+        return _resolve(self.STATE_DIR)
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.MLFLOW_TRACKING_URI:
+            return self.MLFLOW_TRACKING_URI
+        return f"sqlite:///{self.state_dir / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.state_dir / "mlartifacts"
+
+    @property
+    def train_data_path(self) -> Path:
+        return _resolve(self.TRAIN_DATA_PATH)
+
+    @property
+    def test_data_path(self) -> Path:
+        return _resolve(self.TEST_DATA_PATH)
+
+    def with_overrides(self, **values: object) -> "Settings":
+        return dataclasses.replace(self, **values)
+
+
+class ConfigError(ValueError):
+    """Raised with every configuration problem at once, each naming the variable to set."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(
+            "configuration problems:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+            + "\nSet them in config.py, in .env, or as environment variables (see .env.example)."
+        )
+
+
+def _resolve(path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else ROOT / p
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """Parse a .env file with python-dotenv (quotes, comments and `export` handled)."""
+    if not path.is_file():
+        return {}
+    from dotenv import dotenv_values
+
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+def _cast(name: str, raw: str, typ: type, problems: list[str]) -> object:
+    try:
+        if typ is bool:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        return typ(raw.strip()) if typ in (int, float) else raw
+    except ValueError:
+        problems.append(f"{name}={raw!r} is not a valid {typ.__name__}; set {name} to a {typ.__name__}")
+        return None
+
+
+def load(
+    env: Mapping[str, str] | None = None,
+    dotenv_path: Path | None = None,
+    **overrides: object,
+) -> Settings:
+    """The effective settings: defaults < .env < environment < explicit overrides.
+
+    Type errors in overrides are all collected and raised together as ConfigError.
+    """
+    env = os.environ if env is None else env
+    dotenv = read_dotenv(dotenv_path if dotenv_path is not None else ROOT / ".env")
+    hints = get_type_hints(Settings)
+    values: dict[str, object] = {}
+    problems: list[str] = []
+    for f in fields(Settings):
+        raw = env.get(f.name, dotenv.get(f.name))
+        if raw is not None:
+            value = _cast(f.name, raw, hints[f.name], problems)
+            if value is not None:
+                values[f.name] = value
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    settings = Settings(**values)
+    problems += _check_values(settings)
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _check_values(s: Settings) -> list[str]:
+    """Checks every backend needs (ranges and enumerations)."""
+    problems = []
+    if s.BACKEND not in BACKENDS:
+        problems.append(f"BACKEND={s.BACKEND!r}: use one of {', '.join(BACKENDS)}")
+    if not 0 < s.DATASET_PERCENT <= 100:
+        problems.append(f"DATASET_PERCENT={s.DATASET_PERCENT}: use a percentage in (0, 100]")
+    if not 0 < s.TEST_SIZE < 1:
+        problems.append(f"TEST_SIZE={s.TEST_SIZE}: use a fraction in (0, 1), e.g. 0.2")
+    if s.PEFT not in ("auto", "lora", "full"):
+        problems.append(f"PEFT={s.PEFT!r}: use auto, lora or full")
+    if s.AZURE_CREDENTIAL not in ("default", "cli"):
+        problems.append(f"AZURE_CREDENTIAL={s.AZURE_CREDENTIAL!r}: use default or cli")
+    for name in ("LOCAL_ENDPOINT_PORT",):
+        if not 0 < getattr(s, name) < 65536:
+            problems.append(f"{name}={getattr(s, name)}: use a TCP port between 1 and 65535")
+    return problems
+
+
+# The Azure values each Azure step needs; the local backend needs none of them.
+AZURE_WORKSPACE_FIELDS = ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP_NAME", "AZURE_ML_WORKSPACE_NAME")
+AZURE_IDENTITY_FIELDS = (
+    "AZURE_MANAGED_IDENTITY_CLIENT_ID",
+    "AZURE_MANAGED_IDENTITY_NAME",
+    "AZURE_MANAGED_IDENTITY_RESOURCE_ID",
+)
+
+
+def missing(settings: Settings, names: Iterable[str]) -> list[str]:
+    """Problems for each of `names` that is empty or still holds a placeholder."""
+    problems = []
+    for name in names:
+        value = str(getattr(settings, name))
+        if not value.strip():
+            problems.append(f"{name} is empty: set {name} in config.py, .env or the environment")
+        elif PLACEHOLDER_PREFIX in value:
+            problems.append(f"{name} still holds the placeholder {value!r}: set {name} to your own value")
+    return problems
+
+
+def validate(settings: Settings, names: Iterable[str]) -> None:
+    """Raise ConfigError listing every one of `names` that is missing or a placeholder."""
+    problems = missing(settings, names)
+    if problems:
+        raise ConfigError(problems)

@@ -1,0 +1,175 @@
+"""The fine-tune command line, shared by the local run and the Azure ML command job.
+
+Both backends run `finetuning_dir/fine_tune.py` with the string `fine_tune_command()` builds:
+Azure with `${{inputs.*}}` / `${{outputs.*}}` placeholders that it substitutes, the local
+backend with real paths. One builder means the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import config
+from finetune_phi.common import update_state
+
+log = logging.getLogger(__name__)
+
+FINETUNING_DIR = config.ROOT / "finetuning_dir"
+ENTRY_SCRIPT = "fine_tune.py"
+# Azure ML substitutes these before the shell sees the command, so they must stay unquoted.
+_AZURE_PLACEHOLDER = re.compile(r"^\$\{\{(inputs|outputs)\.[A-Za-z0-9_]+\}\}$")
+
+
+def _quote(arg: str) -> str:
+    return arg if _AZURE_PLACEHOLDER.match(arg) else shlex.quote(arg)
+
+
+def resolve_peft(settings: config.Settings, model: str) -> str:
+    """LoRA for real Phi-3 sizes; the tiny stand-in is small enough to train in full."""
+    if settings.PEFT != "auto":
+        return settings.PEFT
+    return "full" if model == "tiny" else "lora"
+
+
+def fine_tune_args(
+    settings: config.Settings,
+    *,
+    train_file: str,
+    eval_file: str,
+    model_output_dir: str,
+    model: str,
+) -> list[str]:
+    """The argument vector after `python fine_tune.py`."""
+    args = [
+        "--train-file", train_file,
+        "--eval-file", eval_file,
+        "--model_output_dir", model_output_dir,
+        "--model", model,
+        "--peft", resolve_peft(settings, model),
+        "--epochs", repr(settings.NUM_TRAIN_EPOCHS),
+        "--max-steps", str(settings.MAX_STEPS),
+        "--learning-rate", repr(settings.LEARNING_RATE),
+        "--batch-size", str(settings.PER_DEVICE_TRAIN_BATCH_SIZE),
+        "--grad-accum", str(settings.GRADIENT_ACCUMULATION_STEPS),
+        "--max-seq-length", str(settings.MAX_SEQ_LENGTH),
+        "--lora-r", str(settings.LORA_R),
+        "--lora-alpha", str(settings.LORA_ALPHA),
+        "--lora-dropout", repr(settings.LORA_DROPOUT),
+        "--seed", str(settings.SEED),
+        "--save-steps", str(settings.SAVE_STEPS),
+    ]  # fmt: skip
+    return args
+
+
+def fine_tune_command(settings: config.Settings, **kwargs: str) -> str:
+    """`python fine_tune.py ...` as one shell string (what the Azure command job runs)."""
+    argv = ["python", ENTRY_SCRIPT, *fine_tune_args(settings, **kwargs)]
+    return " ".join(_quote(a) for a in argv)
+
+
+# --- the local backend -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalTrainingResult:
+    run_id: str
+    experiment_id: str
+    model_uri: str
+    model_output_dir: str
+    seconds: float
+
+
+def mlflow_env(settings: config.Settings) -> dict[str, str]:
+    """Environment for any process that talks to the local MLflow store: offline and quiet."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    return {
+        "MLFLOW_TRACKING_URI": settings.tracking_uri,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def create_local_run(settings: config.Settings) -> tuple[str, str]:
+    """Create the MLflow run up front so the caller knows its id; fine_tune.py joins it via MLFLOW_RUN_ID."""
+    os.environ.update(mlflow_env(settings))
+    import mlflow
+
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(settings.AZURE_EXPERIMENT_NAME)
+    if experiment is None:
+        settings.artifact_root.mkdir(parents=True, exist_ok=True)
+        experiment_id = client.create_experiment(
+            settings.AZURE_EXPERIMENT_NAME, artifact_location=settings.artifact_root.as_uri()
+        )
+    else:
+        experiment_id = experiment.experiment_id
+    run = client.create_run(experiment_id, run_name=settings.AZURE_JOB_DISPLAY_NAME, tags={"backend": "local"})
+    return run.info.run_id, experiment_id
+
+
+def run_local_fine_tune(
+    settings: config.Settings,
+    *,
+    model: str | None = None,
+    extra_args: list[str] | None = None,
+) -> LocalTrainingResult:
+    """Run fine_tune.py as a subprocess with the Azure job's exact command line, then record the run."""
+    model = model or settings.LOCAL_BASE_MODEL
+    for path, name in ((settings.train_data_path, "TRAIN_DATA_PATH"), (settings.test_data_path, "TEST_DATA_PATH")):
+        if not path.is_file():
+            raise FileNotFoundError(f"{name}: {path} does not exist; run `python download_dataset.py` first")
+    run_id, experiment_id = create_local_run(settings)
+    output_dir = settings.state_dir / "outputs" / run_id / "model"
+    command = fine_tune_command(
+        settings,
+        train_file=str(settings.train_data_path),
+        eval_file=str(settings.test_data_path),
+        model_output_dir=str(output_dir),
+        model=model,
+    )
+    argv = shlex.split(command)
+    argv[0] = sys.executable  # the job's `python` is this interpreter locally
+    argv += extra_args or []
+    env = {**os.environ, **mlflow_env(settings), "MLFLOW_RUN_ID": run_id}
+    log.info("running: %s", command)
+    start = time.perf_counter()
+    proc = subprocess.run(argv, cwd=FINETUNING_DIR, env=env)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        import mlflow
+
+        mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
+        raise RuntimeError(f"fine_tune.py exited with status {proc.returncode} (MLflow run {run_id} marked FAILED)")
+    result = LocalTrainingResult(
+        run_id=run_id,
+        experiment_id=experiment_id,
+        model_uri=f"runs:/{run_id}/model",
+        model_output_dir=str(output_dir),
+        seconds=seconds,
+    )
+    update_state(
+        settings,
+        "training",
+        {
+            "backend": "local",
+            "run_id": run_id,
+            "experiment_id": experiment_id,
+            "model_uri": result.model_uri,
+            "model_output_dir": result.model_output_dir,
+            "tracking_uri": settings.tracking_uri,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
+    return result
