@@ -1,0 +1,98 @@
+"""Step 4: register the fine-tuned model, deploy it to an online endpoint, hand its URI and key to the flows.
+
+    python deploy_model.py                          # local: register in the local MLflow registry, start the local endpoint
+    python deploy_model.py --teardown               # local: stop the local endpoint
+    python deploy_model.py --backend azure --dry-run dryrun/   # write model/endpoint/deployment YAML, no network
+    python deploy_model.py --backend azure --check  # read-only preflight
+    python deploy_model.py --backend azure          # register, create/update endpoint + deployment, route 100% traffic
+    python deploy_model.py --backend azure --teardown   # delete the endpoint and scale the cluster to 0
+
+Either way the scoring URI and key land in `.env` (AZURE_ML_ENDPOINT / AZURE_ML_API_KEY, mode 0600)
+and in the Prompt flow connection named PROMPTFLOW_CONNECTION_NAME, so the flows work unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import config
+from finetune_phi import common
+
+log = logging.getLogger("deploy_model")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = common.base_parser(__doc__)
+    parser.add_argument("--teardown", action="store_true", help="stop/delete the endpoint instead of deploying")
+    parser.add_argument("--no-connection", action="store_true", help="do not create/update the Prompt flow connection")
+    azure = parser.add_argument_group("azure backend")
+    azure.add_argument("--job-name", help="register the model from this job (default: the job setup_ml.py recorded)")
+    azure.add_argument("--dry-run", metavar="DIR", type=Path,
+                       help="write the Azure entities as YAML into DIR and stop (no network)")
+    azure.add_argument("--check", action="store_true", help="read-only preflight of config, credential and workspace")
+    return parser
+
+
+def publish(settings: config.Settings, scoring_uri: str, key: str, connection: bool = True) -> None:
+    """Hand the endpoint to the flows: .env for the SDK variant, a CustomConnection for the Studio variant."""
+    common.write_dotenv(config.ROOT / ".env", {"AZURE_ML_ENDPOINT": scoring_uri, "AZURE_ML_API_KEY": key})
+    log.info("wrote AZURE_ML_ENDPOINT=%s and AZURE_ML_API_KEY=%s to .env", scoring_uri, common.redact(key))
+    if connection:
+        from finetune_phi.pf_connection import upsert_connection
+
+        upsert_connection(settings, endpoint=scoring_uri, key=key)
+        log.info("Prompt flow connection %r now points at %s", settings.PROMPTFLOW_CONNECTION_NAME, scoring_uri)
+
+
+def run_local(settings: config.Settings, args: argparse.Namespace) -> int:
+    from finetune_phi import local_deploy
+
+    if args.teardown:
+        log.info("%s", local_deploy.teardown(settings))
+        return 0
+    info = local_deploy.deploy(settings)
+    publish(settings, info.scoring_uri, info.key, connection=not args.no_connection)
+    log.info("endpoint serving %s at %s (pid %s, log %s)", info.model_uri, info.scoring_uri, info.pid, info.log_path)
+    return 0
+
+
+def run_azure(settings: config.Settings, args: argparse.Namespace) -> int:
+    from finetune_phi.azure import workflow
+
+    if args.dry_run:
+        for path in workflow.dry_run_deployment(settings, args.dry_run, job_name=args.job_name):
+            log.info("wrote %s", path)
+        return 0
+    if args.check:
+        problems = workflow.check(settings)
+        for problem in problems:
+            log.error("%s", problem)
+        log.info("preflight: %s", "OK" if not problems else f"{len(problems)} problem(s)")
+        return 1 if problems else 0
+    if args.teardown:
+        for line in workflow.teardown(settings):
+            log.info("%s", line)
+        return 0
+    info = workflow.deploy(settings, job_name=args.job_name)
+    publish(settings, info.scoring_uri, info.key, connection=not args.no_connection)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    common.setup_logging(args.verbose)
+    try:
+        settings = common.settings_from_args(args)
+        if settings.BACKEND == "azure":
+            return run_azure(settings, args)
+        return run_local(settings, args)
+    except (config.ConfigError, FileNotFoundError, RuntimeError) as exc:
+        log.error("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Step 2: run the fine-tune, on this machine (local backend) or as an Azure ML job.
+
+    python setup_ml.py                              # local: fine-tune the tiny model into the local MLflow store
+    python setup_ml.py --model microsoft/Phi-3-mini-4k-instruct   # local, real weights (GPU advised)
+    python setup_ml.py --backend azure --dry-run dryrun/   # write compute/environment/job YAML, no network
+    python setup_ml.py --backend azure --check      # read-only preflight: config, credential, workspace, quota
+    python setup_ml.py --backend azure              # get-or-create the cluster, submit the job, stream its logs
+    python setup_ml.py --backend azure --mode catalog   # Azure ML model-catalog fine-tuning of Phi-3-mini
+
+Both backends run `finetuning_dir/fine_tune.py` with the same command line
+(finetune_phi.training.fine_tune_command) and record the run in the local state file,
+so `deploy_model.py` finds the model without anything pasted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import config
+from finetune_phi import common
+
+log = logging.getLogger("setup_ml")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = common.base_parser(__doc__)
+    parser.add_argument("--model", help="local backend: base model to fine-tune (default: LOCAL_BASE_MODEL)")
+    azure = parser.add_argument_group("azure backend")
+    azure.add_argument("--mode", choices=("command", "catalog"), default="command",
+                       help="command: our fine_tune.py as a command job; catalog: model-catalog fine-tuning")
+    azure.add_argument("--dry-run", metavar="DIR", type=Path,
+                       help="write the Azure entities as YAML into DIR and stop (no network)")
+    azure.add_argument("--check", action="store_true", help="read-only preflight of config, credential and workspace")
+    azure.add_argument("--no-stream", action="store_true", help="submit the job and return without streaming logs")
+    return parser
+
+
+def run_local(settings: config.Settings, model: str | None) -> int:
+    from finetune_phi.training import run_local_fine_tune
+
+    result = run_local_fine_tune(settings, model=model)
+    log.info(
+        "done in %.1fs: MLflow run %s, model %s (recorded in %s)",
+        result.seconds, result.run_id, result.model_uri, common.state_path(settings),
+    )
+    return 0
+
+
+def run_azure(settings: config.Settings, args: argparse.Namespace) -> int:
+    from finetune_phi.azure import workflow
+
+    if args.dry_run:
+        for path in workflow.dry_run_training(settings, args.dry_run, mode=args.mode):
+            log.info("wrote %s", path)
+        return 0
+    if args.check:
+        problems = workflow.check(settings)
+        for problem in problems:
+            log.error("%s", problem)
+        log.info("preflight: %s", "OK" if not problems else f"{len(problems)} problem(s)")
+        return 1 if problems else 0
+    job_name = workflow.submit_training(settings, mode=args.mode, stream=not args.no_stream)
+    log.info("job %s recorded in %s; next: python deploy_model.py --backend azure", job_name, common.state_path(settings))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    common.setup_logging(args.verbose)
+    try:
+        settings = common.settings_from_args(args)
+        if settings.BACKEND == "azure":
+            return run_azure(settings, args)
+        return run_local(settings, args.model)
+    except (config.ConfigError, FileNotFoundError, RuntimeError) as exc:
+        log.error("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
