@@ -1,0 +1,245 @@
+"""Read-only preflight for the Azure backend: every problem it can find, at once, each with its fix.
+
+    python setup_ml.py --backend azure --check
+    python deploy_model.py --backend azure --check
+
+Order: configuration (offline), then the credential, the workspace, the managed identity and its
+role assignments, and the VM-family quota. A step that cannot run (no credential, say) skips the
+steps that depend on it rather than adding noise.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import re
+from typing import TYPE_CHECKING, Any, Callable
+
+import config
+from finetune_phi.azure import client, entities
+
+if TYPE_CHECKING:
+    from azure.ai.ml import MLClient
+    from azure.core.credentials import TokenCredential
+
+log = logging.getLogger(__name__)
+
+# (path, api_version) -> the resource as JSON, or None when it does not exist.
+ArmGet = Callable[[str, str], "dict[str, Any] | None"]
+
+IDENTITY_API_VERSION = "2023-01-31"
+ROLE_ASSIGNMENTS_API_VERSION = "2022-04-01"
+
+# Built-in role definition ids (the same in every tenant).
+CONTRIBUTOR = "b24988ac-6180-42a0-ab88-20f7382dd24c"
+STORAGE_BLOB_DATA_READER = "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1"
+ACR_PULL = "7f951dda-4ed3-4680-a7ca-43fe172d538d"
+ROLE_NAMES = {CONTRIBUTOR: "Contributor", STORAGE_BLOB_DATA_READER: "Storage Blob Data Reader", ACR_PULL: "AcrPull"}
+
+# Managed online deployments reserve 20% extra capacity for rolling upgrades.
+DEPLOYMENT_QUOTA_FACTOR = 1.2
+
+_IDENTITY_ID = re.compile(
+    r"^/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.ManagedIdentity/userAssignedIdentities/([^/]+)$",
+    re.IGNORECASE,
+)
+
+
+def check(
+    settings: config.Settings,
+    *,
+    ml_client: "MLClient | None" = None,
+    credential: "TokenCredential | None" = None,
+    arm_get: ArmGet | None = None,
+) -> list[str]:
+    """Every problem found, as lines that say what to do; an empty list means ready to go."""
+    problems = config_problems(settings)
+    if config.missing(settings, config.AZURE_WORKSPACE_FIELDS):
+        return problems  # nothing online can be checked without the workspace coordinates
+    if ml_client is None:
+        credential = credential or client.make_credential(settings)
+        refused = client.probe_credential(credential)
+        if refused:
+            return problems + [f"credential: {refused}"]
+        ml_client = client.connect(settings, credential=credential, probe=False)
+    if arm_get is None and credential is not None:
+        arm_get = functools.partial(client.arm_get, credential)
+
+    workspace, problem = _workspace(settings, ml_client)
+    if problem:
+        return problems + [problem]
+    if arm_get is not None and not config.missing(settings, config.AZURE_IDENTITY_FIELDS):
+        problems += identity_problems(settings, workspace, arm_get)
+    problems += quota_problems(settings, ml_client)
+    return problems
+
+
+def config_problems(settings: config.Settings) -> list[str]:
+    """Offline checks of the values the Azure steps use."""
+    problems = config.missing(settings, config.AZURE_WORKSPACE_FIELDS + config.AZURE_IDENTITY_FIELDS)
+    resource_id = settings.AZURE_MANAGED_IDENTITY_RESOURCE_ID
+    match = _IDENTITY_ID.match(resource_id)
+    if config.PLACEHOLDER_PREFIX not in resource_id and resource_id.strip():
+        if not match:
+            problems.append(
+                "AZURE_MANAGED_IDENTITY_RESOURCE_ID must look like /subscriptions/<id>/resourceGroups/<rg>/providers/"
+                "Microsoft.ManagedIdentity/userAssignedIdentities/<name> (`az identity show -g <rg> -n <name> --query id`)"
+            )
+        elif (
+            config.PLACEHOLDER_PREFIX not in settings.AZURE_MANAGED_IDENTITY_NAME
+            and match.group(1) != settings.AZURE_MANAGED_IDENTITY_NAME
+        ):
+            problems.append(
+                f"AZURE_MANAGED_IDENTITY_RESOURCE_ID names identity {match.group(1)!r} but AZURE_MANAGED_IDENTITY_NAME "
+                f"is {settings.AZURE_MANAGED_IDENTITY_NAME!r}: make them agree"
+            )
+    if not entities.ENDPOINT_NAME_RE.match(settings.AZURE_ENDPOINT_NAME):
+        problems.append(
+            f"AZURE_ENDPOINT_NAME={settings.AZURE_ENDPOINT_NAME!r}: use 3-32 letters, digits and hyphens, "
+            "starting with a letter (and unique in the Azure region)"
+        )
+    for name in ("AZURE_COMPUTE_MAX_INSTANCES", "AZURE_JOB_INSTANCE_COUNT", "AZURE_JOB_PROCESSES_PER_NODE",
+                 "AZURE_DEPLOYMENT_INSTANCE_COUNT"):  # fmt: skip
+        if getattr(settings, name) < 1:
+            problems.append(f"{name}={getattr(settings, name)}: use 1 or more")
+    if settings.AZURE_COMPUTE_MIN_INSTANCES < 0:
+        problems.append(f"AZURE_COMPUTE_MIN_INSTANCES={settings.AZURE_COMPUTE_MIN_INSTANCES}: use 0 or more")
+    if settings.AZURE_JOB_INSTANCE_COUNT > settings.AZURE_COMPUTE_MAX_INSTANCES:
+        problems.append(
+            f"AZURE_JOB_INSTANCE_COUNT={settings.AZURE_JOB_INSTANCE_COUNT} nodes exceeds AZURE_COMPUTE_MAX_INSTANCES="
+            f"{settings.AZURE_COMPUTE_MAX_INSTANCES}: raise the cluster's maximum or use fewer nodes"
+        )
+    for path, name in ((settings.train_data_path, "TRAIN_DATA_PATH"), (settings.test_data_path, "TEST_DATA_PATH")):
+        if not path.is_file():
+            problems.append(f"{name}: {path} does not exist; run `python download_dataset.py` first")
+    return problems
+
+
+def _workspace(settings: config.Settings, ml_client: "MLClient") -> tuple[Any, str | None]:
+    from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
+
+    where = f"resource group {settings.AZURE_RESOURCE_GROUP_NAME!r} of subscription {settings.AZURE_SUBSCRIPTION_ID}"
+    try:
+        return ml_client.workspaces.get(settings.AZURE_ML_WORKSPACE_NAME), None
+    except ResourceNotFoundError:
+        return None, (
+            f"workspace: {settings.AZURE_ML_WORKSPACE_NAME!r} not found in {where}: check AZURE_ML_WORKSPACE_NAME, "
+            "AZURE_RESOURCE_GROUP_NAME and AZURE_SUBSCRIPTION_ID (`az ml workspace list -g <rg>`)"
+        )
+    except ClientAuthenticationError as exc:
+        return None, f"credential: Azure refused it ({_first_line(exc)}): {client.LOGIN_HINT}"
+    except HttpResponseError as exc:
+        return None, (
+            f"workspace: cannot read {settings.AZURE_ML_WORKSPACE_NAME!r} in {where} ({_first_line(exc)}): "
+            "your account needs at least Reader there (Contributor to run jobs)"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "message", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def identity_problems(settings: config.Settings, workspace: Any, arm_get: ArmGet) -> list[str]:
+    """The managed identity exists, matches the client id, and holds the roles the endpoint needs."""
+    from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
+
+    name = settings.AZURE_MANAGED_IDENTITY_NAME
+    resource_id = settings.AZURE_MANAGED_IDENTITY_RESOURCE_ID
+    try:
+        identity = arm_get(resource_id, IDENTITY_API_VERSION)
+    except (ClientAuthenticationError, HttpResponseError) as exc:
+        return [f"managed identity: cannot read {resource_id} ({_first_line(exc)}); check the id and your access"]
+    if identity is None:
+        return [
+            f"managed identity: {resource_id} not found: create it with `az identity create --name {name} "
+            f"--resource-group {settings.AZURE_RESOURCE_GROUP_NAME}` and set AZURE_MANAGED_IDENTITY_CLIENT_ID from "
+            "its clientId and AZURE_MANAGED_IDENTITY_RESOURCE_ID from its id"
+        ]
+    properties = identity.get("properties", {})
+    problems = []
+    client_id = properties.get("clientId", "")
+    if client_id and client_id.lower() != settings.AZURE_MANAGED_IDENTITY_CLIENT_ID.lower():
+        problems.append(
+            f"AZURE_MANAGED_IDENTITY_CLIENT_ID={settings.AZURE_MANAGED_IDENTITY_CLIENT_ID} but identity {name} has "
+            f"clientId {client_id}: set AZURE_MANAGED_IDENTITY_CLIENT_ID={client_id}"
+        )
+    required = required_roles(settings, workspace)
+    principal_id = properties.get("principalId")
+    assignments_path = (
+        f"/subscriptions/{settings.AZURE_SUBSCRIPTION_ID}/providers/Microsoft.Authorization/roleAssignments"
+        f"?$filter=assignedTo('{principal_id}')"
+    )
+    try:
+        listed = arm_get(assignments_path, ROLE_ASSIGNMENTS_API_VERSION) if principal_id else None
+    except (ClientAuthenticationError, HttpResponseError) as exc:
+        missing = required
+        problems.append(f"role assignments of {name}: cannot list them ({_first_line(exc)}); make sure these exist:")
+    else:
+        held = [
+            (a["properties"]["roleDefinitionId"].rsplit("/", 1)[-1].lower(), a["properties"]["scope"].lower())
+            for a in (listed or {}).get("value", [])
+        ]
+        missing = [
+            (role, scope)
+            for role, scope in required
+            if not any(r == role and (scope.lower() + "/").startswith(s.rstrip("/") + "/") for r, s in held)
+        ]
+    for role, scope in missing:
+        problems.append(
+            f"managed identity {name} lacks {ROLE_NAMES[role]} on {scope}: "
+            f'az role assignment create --assignee {settings.AZURE_MANAGED_IDENTITY_CLIENT_ID} --role "{ROLE_NAMES[role]}" '
+            f"--scope {scope}"
+        )
+    return problems
+
+
+def required_roles(settings: config.Settings, workspace: Any) -> list[tuple[str, str]]:
+    """(role id, scope) pairs the endpoint's identity needs: the tutorial's three assignments."""
+    group = f"/subscriptions/{settings.AZURE_SUBSCRIPTION_ID}/resourceGroups/{settings.AZURE_RESOURCE_GROUP_NAME}"
+    # A workspace creates its registry lazily; until then the group scope covers the one it will get.
+    storage = getattr(workspace, "storage_account", None) or group
+    registry = getattr(workspace, "container_registry", None) or group
+    return [(CONTRIBUTOR, group), (STORAGE_BLOB_DATA_READER, storage), (ACR_PULL, registry)]
+
+
+def quota_problems(settings: config.Settings, ml_client: "MLClient") -> list[str]:
+    """Enough free vCPUs in each VM family the cluster and the deployment use, in the workspace's region."""
+    from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
+
+    try:
+        sizes = {s.name.lower(): s for s in ml_client.compute.list_sizes()}
+        usages = {str(getattr(u.name, "value", u.name)).lower(): u for u in ml_client.compute.list_usage()}
+    except (ClientAuthenticationError, HttpResponseError) as exc:
+        return [f"quota: cannot read VM sizes and usage ({_first_line(exc)}); check them under ml.azure.com → Quota"]
+    needs: dict[str, list[tuple[str, str, int]]] = {}  # family -> (what, size, vCPUs)
+    problems = []
+    wants = [
+        ("training", settings.AZURE_COMPUTE_SIZE, settings.AZURE_JOB_INSTANCE_COUNT, "AZURE_COMPUTE_SIZE"),
+        ("the deployment", settings.AZURE_DEPLOYMENT_INSTANCE_TYPE,
+         math.ceil(settings.AZURE_DEPLOYMENT_INSTANCE_COUNT * DEPLOYMENT_QUOTA_FACTOR), "AZURE_DEPLOYMENT_INSTANCE_TYPE"),
+    ]  # fmt: skip
+    for what, size_name, count, field in wants:
+        size = sizes.get(size_name.lower())
+        if size is None:
+            problems.append(
+                f"quota: {field}={size_name} is not offered in the workspace's region: pick a size from "
+                "`az ml compute list-sizes` or use a workspace in another region"
+            )
+            continue
+        needs.setdefault(size.family, []).append((what, size_name, int(size.v_cp_us or 0) * count))
+    for family, wanted in needs.items():
+        usage = usages.get(str(family).lower())
+        need = sum(v for _, _, v in wanted)
+        if usage is None:
+            continue  # the service reports no limit for this family
+        free = int(usage.limit or 0) - int(usage.current_value or 0)
+        if free < need:
+            parts = " + ".join(f"{v} for {what} ({size})" for what, size, v in wanted)
+            problems.append(
+                f"quota: VM family {family} needs {need} vCPUs ({parts}) but {free} of {usage.limit} are free: "
+                f"request more for {family} (ml.azure.com → Quota, or the portal's Quotas → Machine learning), "
+                "or choose a size you have quota for"
+            )
+    return problems

@@ -1,0 +1,380 @@
+"""The Azure ML steps `setup_ml.py` and `deploy_model.py` run: dry-run, preflight, train, deploy, teardown.
+
+    python setup_ml.py --backend azure --dry-run dryrun/       # compute/environment/job YAML, no network
+    python setup_ml.py --backend azure                         # get-or-create cluster, submit, stream
+    python deploy_model.py --backend azure                     # register, endpoint, deployment, 100% traffic
+    python deploy_model.py --backend azure --teardown          # delete the endpoint, scale the cluster to 0
+
+Every entity comes from `entities.py`. Operations are get-or-create / update-in-place: nothing here
+deletes an endpoint except `teardown`. Long operations wait and check their final state; expected
+failures raise RuntimeError (or config.ConfigError / FileNotFoundError) with the fix in the message.
+Each public function takes `ml_client=` / `credential=` so tests can inject fakes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import config
+from finetune_phi import common
+from finetune_phi.azure import client, entities, preflight
+
+if TYPE_CHECKING:
+    from azure.ai.ml import MLClient
+    from azure.core.credentials import TokenCredential
+
+log = logging.getLogger(__name__)
+
+MODES = ("command", "catalog")
+SUCCEEDED = "Succeeded"
+JOB_COMPLETED = "Completed"
+
+
+@dataclass(frozen=True)
+class AzureDeployInfo:
+    endpoint_name: str
+    deployment_name: str
+    scoring_uri: str
+    model_id: str
+    job_name: str
+    key: str = field(repr=False)  # never in a log line or a traceback
+
+
+# --- preflight -------------------------------------------------------------------------------------
+
+
+def check(
+    settings: config.Settings,
+    *,
+    ml_client: "MLClient | None" = None,
+    credential: "TokenCredential | None" = None,
+    arm_get: preflight.ArmGet | None = None,
+) -> list[str]:
+    """Read-only: every configuration, credential, workspace, identity and quota problem at once."""
+    return preflight.check(settings, ml_client=ml_client, credential=credential, arm_get=arm_get)
+
+
+# --- training --------------------------------------------------------------------------------------
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise config.ConfigError([f"--mode {mode!r}: use one of {', '.join(MODES)}"])
+
+
+def _warn_placeholders(settings: config.Settings, names: tuple[str, ...]) -> None:
+    for problem in config.missing(settings, names):
+        log.warning("dry-run YAML keeps a placeholder: %s", problem)
+
+
+def dry_run_training(settings: config.Settings, out_dir: Path, mode: str = "command") -> list[Path]:
+    """Write the training entities as YAML into `out_dir` (loadable by azure.ai.ml.load_*); no network."""
+    _check_mode(mode)
+    out_dir = Path(out_dir)
+    paths = [entities.write_yaml(entities.compute(settings), out_dir / "compute.yml")]
+    if mode == "command":
+        paths.append(entities.write_yaml(entities.environment(settings), out_dir / "environment.yml"))
+        paths.append(entities.write_yaml(entities.training_job(settings), out_dir / "job.yml"))
+    else:  # the catalog job brings its own environment
+        paths.append(entities.write_yaml(entities.catalog_job(settings), out_dir / "finetuning_job.yml"))
+    log.info(
+        "to submit by hand: az ml compute create -f %s; %saz ml job create -f %s (add -g <rg> -w <workspace>)",
+        paths[0], f"az ml environment create -f {paths[1]}; " if mode == "command" else "", paths[-1],
+    )  # fmt: skip
+    return paths
+
+
+def _compute_quota_hint(settings: config.Settings) -> str:
+    return (
+        f"Request quota for the VM family of {settings.AZURE_COMPUTE_SIZE} in the workspace's region "
+        "(ml.azure.com → Quota), or set AZURE_COMPUTE_SIZE to a size you have quota for; "
+        "`python setup_ml.py --backend azure --check` shows the family and the numbers"
+    )
+
+
+def ensure_compute(ml_client: "MLClient", settings: config.Settings) -> Any:
+    """Get the cluster, or create it when (and only when) Azure says it does not exist."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    name = settings.AZURE_COMPUTE_NAME
+    with client.azure_errors(f"compute cluster {name}", _compute_quota_hint(settings)):
+        try:
+            existing = ml_client.compute.get(name)
+        except ResourceNotFoundError:
+            log.info("creating compute cluster %s (%s, %d-%d nodes)", name, settings.AZURE_COMPUTE_SIZE,
+                     settings.AZURE_COMPUTE_MIN_INSTANCES, settings.AZURE_COMPUTE_MAX_INSTANCES)  # fmt: skip
+            return ml_client.compute.begin_create_or_update(entities.compute(settings)).result()
+    size = str(getattr(existing, "size", "") or "")
+    if size and size.lower() != settings.AZURE_COMPUTE_SIZE.lower():
+        log.warning(
+            "compute cluster %s exists with size %s, not AZURE_COMPUTE_SIZE=%s: using it as it is "
+            "(set AZURE_COMPUTE_NAME to a new name to get a %s cluster)",
+            name, size, settings.AZURE_COMPUTE_SIZE, settings.AZURE_COMPUTE_SIZE,
+        )  # fmt: skip
+    else:
+        log.info("reusing compute cluster %s (%s)", name, size or settings.AZURE_COMPUTE_SIZE)
+    return existing
+
+
+def _require_data(settings: config.Settings) -> None:
+    for path, name in ((settings.train_data_path, "TRAIN_DATA_PATH"), (settings.test_data_path, "TEST_DATA_PATH")):
+        if not path.is_file():
+            raise FileNotFoundError(f"{name}: {path} does not exist; run `python download_dataset.py` first")
+
+
+def submit_training(
+    settings: config.Settings,
+    mode: str = "command",
+    stream: bool = True,
+    *,
+    ml_client: "MLClient | None" = None,
+    credential: "TokenCredential | None" = None,
+) -> str:
+    """Get-or-create the cluster, register the environment, submit the job, record it, stream its logs."""
+    _check_mode(mode)
+    _require_data(settings)
+    ml_client = client.connect(settings, ml_client=ml_client, credential=credential)
+    ensure_compute(ml_client, settings)
+    if mode == "command":
+        env = entities.environment(settings)
+        with client.azure_errors(f"environment {env.name}"):
+            # Same name and version as last time = the same registration; the image builds once.
+            ml_client.environments.create_or_update(env)
+        job = entities.training_job(settings)
+        output = entities.COMMAND_OUTPUT
+    else:
+        job = entities.catalog_job(settings)
+        output = entities.CATALOG_OUTPUT
+    with client.azure_errors("submitting the training job", _compute_quota_hint(settings)):
+        submitted = ml_client.jobs.create_or_update(job)
+    job_name = submitted.name
+    studio_url = getattr(submitted, "studio_url", None) or ""
+    log.info("submitted %s job %s: %s", mode, job_name, studio_url or "(no studio URL returned)")
+    # Recorded before streaming, so that an interrupted stream still leaves deploy a job to find.
+    common.update_state(
+        settings,
+        "training",
+        {
+            "backend": "azure",
+            "job_name": job_name,
+            "mode": mode,
+            "output": output,
+            "studio_url": studio_url,
+            "experiment_name": settings.AZURE_EXPERIMENT_NAME,
+            "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
+    if stream:
+        _stream_until_done(ml_client, job_name, studio_url)
+    return job_name
+
+
+def _stream_until_done(ml_client: "MLClient", job_name: str, studio_url: str) -> None:
+    from azure.ai.ml.exceptions import JobException
+
+    with client.azure_errors(f"following job {job_name}"):
+        try:
+            ml_client.jobs.stream(job_name)
+        except JobException as exc:
+            raise RuntimeError(f"job {job_name} failed: {str(exc).strip()[:500]} (logs: {studio_url})") from exc
+        status = ml_client.jobs.get(job_name).status
+    if status != JOB_COMPLETED:
+        raise RuntimeError(f"job {job_name} ended with status {status}, not {JOB_COMPLETED} (logs: {studio_url})")
+    log.info("job %s completed", job_name)
+
+
+# --- deployment ------------------------------------------------------------------------------------
+
+
+def recorded_job(settings: config.Settings, job_name: str | None, *, dry_run: bool = False) -> tuple[str, str]:
+    """(job name, its model output): the argument, else the job setup_ml.py recorded."""
+    training = common.read_state(settings).get("training", {})
+    recorded = training.get("job_name") if training.get("backend") == "azure" else None
+    if job_name:
+        output = training.get("output", entities.COMMAND_OUTPUT) if job_name == recorded else entities.COMMAND_OUTPUT
+        return job_name, output
+    if recorded:
+        return recorded, training.get("output", entities.COMMAND_OUTPUT)
+    if dry_run:
+        log.warning(
+            "no Azure training job recorded in %s: model.yml uses the placeholder %r (pass --job-name NAME)",
+            common.state_path(settings), entities.PLACEHOLDER_JOB_NAME,
+        )  # fmt: skip
+        return entities.PLACEHOLDER_JOB_NAME, entities.COMMAND_OUTPUT
+    raise RuntimeError(
+        f"no Azure training job recorded in {common.state_path(settings)}: run "
+        "`python setup_ml.py --backend azure` first, or pass --job-name NAME"
+    )
+
+
+def dry_run_deployment(settings: config.Settings, out_dir: Path, job_name: str | None = None) -> list[Path]:
+    """Write model/endpoint/deployment YAML into `out_dir` (loadable by azure.ai.ml.load_*); no network."""
+    out_dir = Path(out_dir)
+    job_name, output = recorded_job(settings, job_name, dry_run=True)
+    _warn_placeholders(settings, config.AZURE_IDENTITY_FIELDS)
+    paths = [
+        entities.write_yaml(entities.model(settings, job_name, output), out_dir / "model.yml"),
+        entities.write_yaml(entities.endpoint(settings), out_dir / "endpoint.yml"),
+        # A real deploy pins the exact version it just registered; by hand, the latest is that one.
+        entities.write_yaml(
+            entities.deployment(settings, f"azureml:{settings.AZURE_MODEL_NAME}@latest"), out_dir / "deployment.yml"
+        ),
+    ]
+    log.info(
+        "to deploy by hand: az ml model create -f %s; az ml online-endpoint create -f %s; "
+        "az ml online-deployment create -f %s --all-traffic (add -g <rg> -w <workspace>)",
+        *paths,
+    )
+    return paths
+
+
+def _state_of(entity: Any) -> str:
+    return str(getattr(entity, "provisioning_state", "") or "")
+
+
+def _deployment_quota_hint(settings: config.Settings) -> str:
+    return (
+        f"Request quota for the VM family of {settings.AZURE_DEPLOYMENT_INSTANCE_TYPE} (managed online endpoints "
+        "reserve 20% extra for upgrades), or set AZURE_DEPLOYMENT_INSTANCE_TYPE to a size you have quota for; "
+        "`python deploy_model.py --backend azure --check` shows the family and the numbers"
+    )
+
+
+def ensure_endpoint(ml_client: "MLClient", settings: config.Settings) -> Any:
+    """Create the endpoint, or update it in place; never delete it (that would drop its URI and keys)."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    name = settings.AZURE_ENDPOINT_NAME
+    desired = entities.endpoint(settings)
+    with client.azure_errors(f"endpoint {name}"):
+        try:
+            existing = ml_client.online_endpoints.get(name)
+        except ResourceNotFoundError:
+            log.info("creating endpoint %s (key auth, identity %s)", name, settings.AZURE_MANAGED_IDENTITY_NAME)
+        else:
+            # Keep today's routing until the new deployment has succeeded.
+            desired.traffic = dict(getattr(existing, "traffic", None) or {})
+            log.info("updating endpoint %s in place (traffic stays %s for now)", name, desired.traffic)
+        ml_client.online_endpoints.begin_create_or_update(desired).result()
+        current = ml_client.online_endpoints.get(name)
+    if _state_of(current) != SUCCEEDED:
+        raise RuntimeError(
+            f"endpoint {name} is in state {_state_of(current) or 'unknown'}, not {SUCCEEDED}: see it in "
+            f"ml.azure.com → Endpoints, or `az ml online-endpoint show -n {name}`"
+        )
+    return current
+
+
+def deploy(
+    settings: config.Settings,
+    job_name: str | None = None,
+    *,
+    ml_client: "MLClient | None" = None,
+    credential: "TokenCredential | None" = None,
+) -> AzureDeployInfo:
+    """Register the job's MLflow model, create/update endpoint and deployment, route 100% traffic to it."""
+    config.validate(settings, config.AZURE_WORKSPACE_FIELDS + config.AZURE_IDENTITY_FIELDS)
+    job_name, output = recorded_job(settings, job_name)
+    ml_client = client.connect(settings, ml_client=ml_client, credential=credential)
+    endpoint_name, deployment_name = settings.AZURE_ENDPOINT_NAME, settings.AZURE_DEPLOYMENT_NAME
+
+    with client.azure_errors(f"registering model {settings.AZURE_MODEL_NAME} from job {job_name}"):
+        registered = ml_client.models.create_or_update(entities.model(settings, job_name, output))
+    model_ref = f"azureml:{registered.name}:{registered.version}"
+    log.info("registered %s from %s", model_ref, entities.model_path(job_name, output))
+
+    ensure_endpoint(ml_client, settings)
+
+    logs_cmd = (
+        f"az ml online-deployment get-logs --endpoint-name {endpoint_name} --name {deployment_name} "
+        f"-g {settings.AZURE_RESOURCE_GROUP_NAME} -w {settings.AZURE_ML_WORKSPACE_NAME}"
+    )
+    log.info("deploying %s to %s/%s on %s x%d (this takes 10-30 min)", model_ref, endpoint_name, deployment_name,
+             settings.AZURE_DEPLOYMENT_INSTANCE_TYPE, settings.AZURE_DEPLOYMENT_INSTANCE_COUNT)  # fmt: skip
+    with client.azure_errors(f"deployment {deployment_name}", _deployment_quota_hint(settings)):
+        ml_client.online_deployments.begin_create_or_update(entities.deployment(settings, model_ref)).result()
+        done = ml_client.online_deployments.get(name=deployment_name, endpoint_name=endpoint_name)
+    if _state_of(done) != SUCCEEDED:
+        raise RuntimeError(
+            f"deployment {deployment_name} ended in state {_state_of(done) or 'unknown'}, not {SUCCEEDED}; "
+            f"traffic was left as it was. Container logs: {logs_cmd}"
+        )
+
+    with client.azure_errors(f"routing traffic to {deployment_name}"):
+        current = ml_client.online_endpoints.get(endpoint_name)
+        current.traffic = {deployment_name: 100}
+        ml_client.online_endpoints.begin_create_or_update(current).result()
+        routed = ml_client.online_endpoints.get(endpoint_name)
+        keys = ml_client.online_endpoints.get_keys(endpoint_name)
+    if _state_of(routed) != SUCCEEDED:
+        raise RuntimeError(f"endpoint {endpoint_name} is in state {_state_of(routed)} after routing traffic")
+    scoring_uri, key = routed.scoring_uri, keys.primary_key
+    if not scoring_uri or not key:
+        raise RuntimeError(f"endpoint {endpoint_name} returned no scoring URI or key; is its auth_mode 'key'?")
+
+    info = AzureDeployInfo(
+        endpoint_name=endpoint_name,
+        deployment_name=deployment_name,
+        scoring_uri=scoring_uri,
+        model_id=model_ref,
+        job_name=job_name,
+        key=key,
+    )
+    common.update_state(
+        settings,
+        "deployment",
+        {
+            "backend": "azure",
+            "endpoint_name": endpoint_name,
+            "deployment_name": deployment_name,
+            "scoring_uri": scoring_uri,
+            "model": model_ref,
+            "job_name": job_name,
+            "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
+    log.info("endpoint %s serves %s at %s (key %s)", endpoint_name, model_ref, scoring_uri, common.redact(key))
+    return info
+
+
+def teardown(
+    settings: config.Settings,
+    *,
+    ml_client: "MLClient | None" = None,
+    credential: "TokenCredential | None" = None,
+) -> list[str]:
+    """Delete the endpoint (its deployments go with it) and let the cluster scale to 0; one line per action."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    ml_client = client.connect(settings, ml_client=ml_client, credential=credential)
+    lines = []
+    endpoint_name = settings.AZURE_ENDPOINT_NAME
+    with client.azure_errors(f"deleting endpoint {endpoint_name}"):
+        try:
+            ml_client.online_endpoints.get(endpoint_name)
+        except ResourceNotFoundError:
+            lines.append(f"endpoint {endpoint_name}: not found, nothing to delete")
+        else:
+            ml_client.online_endpoints.begin_delete(name=endpoint_name).result()
+            lines.append(f"endpoint {endpoint_name}: deleted, with its deployments (billing for them stops)")
+    compute_name = settings.AZURE_COMPUTE_NAME
+    with client.azure_errors(f"scaling compute cluster {compute_name}"):
+        try:
+            cluster = ml_client.compute.get(compute_name)
+        except ResourceNotFoundError:
+            lines.append(f"compute cluster {compute_name}: not found, nothing to scale")
+        else:
+            if (getattr(cluster, "min_instances", 0) or 0) != 0:
+                cluster.min_instances = 0
+                ml_client.compute.begin_create_or_update(cluster).result()
+                lines.append(f"compute cluster {compute_name}: min instances set to 0 (idle nodes are released)")
+            else:
+                lines.append(f"compute cluster {compute_name}: already scales to 0 when idle")
+    state = common.read_state(settings).get("deployment", {})
+    if state.get("backend") == "azure" and state.get("endpoint_name") == endpoint_name:
+        common.update_state(settings, "deployment", {})
+    return lines
