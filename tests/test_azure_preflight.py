@@ -1,0 +1,177 @@
+"""The read-only preflight: every problem at once, each with the command or setting that fixes it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from azure.ai.ml.entities import Usage, UsageName, VmSize
+from azure.core.exceptions import HttpResponseError
+
+import config
+from fake_mlclient import (
+    FILLED_IN,
+    IDENTITY_CLIENT_ID,
+    IDENTITY_RESOURCE_ID,
+    RESOURCE_GROUP,
+    SUBSCRIPTION,
+    WORKSPACE,
+    FakeMLClient,
+    RefusingCredential,
+    azure_settings,
+)
+from finetune_phi.azure import client, preflight, workflow
+
+REPO = Path(__file__).resolve().parents[1]
+GROUP = f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}"
+STORAGE = f"{GROUP}/providers/Microsoft.Storage/storageAccounts/wsphistorage"
+REGISTRY = f"{GROUP}/providers/Microsoft.ContainerRegistry/registries/wsphiacr"
+PRINCIPAL = "pppppppp-0000-0000-0000-000000000000"
+
+
+def _workspace() -> Any:
+    return SimpleNamespace(name=WORKSPACE, location="eastus2", storage_account=STORAGE, container_registry=REGISTRY)
+
+
+def _sizes_and_usage(a100_limit: int = 96, e_limit: int = 100) -> dict[str, list]:
+    return {
+        "sizes": [
+            VmSize(name="Standard_NC24ads_A100_v4", family="standardNCADSA100v4Family", v_cp_us=24, gpus=1),
+            VmSize(name="Standard_E4s_v3", family="standardESv3Family", v_cp_us=4),
+        ],
+        "usages": [
+            Usage(name=UsageName(value="standardNCADSA100v4Family"), current_value=0, limit=a100_limit, unit="Count"),
+            Usage(name=UsageName(value="standardESv3Family"), current_value=8, limit=e_limit, unit="Count"),
+        ],
+    }
+
+
+def _arm(roles: tuple[str, ...] = (preflight.CONTRIBUTOR, preflight.STORAGE_BLOB_DATA_READER, preflight.ACR_PULL),
+         identity_exists: bool = True, client_id: str = IDENTITY_CLIENT_ID):  # fmt: skip
+    scopes = {preflight.CONTRIBUTOR: GROUP, preflight.STORAGE_BLOB_DATA_READER: STORAGE, preflight.ACR_PULL: REGISTRY}
+    asked: list[str] = []
+
+    def arm_get(path: str, api_version: str) -> dict | None:
+        asked.append(path)
+        if path == IDENTITY_RESOURCE_ID:
+            return {"properties": {"clientId": client_id, "principalId": PRINCIPAL}} if identity_exists else None
+        if "roleAssignments" in path and PRINCIPAL in path:
+            return {"value": [
+                {"properties": {"roleDefinitionId": f"/subscriptions/{SUBSCRIPTION}/providers/Microsoft.Authorization/"
+                                                    f"roleDefinitions/{role}", "scope": scopes[role]}}
+                for role in roles
+            ]}  # fmt: skip
+        raise AssertionError(f"unexpected ARM GET {path}")
+
+    arm_get.asked = asked  # type: ignore[attr-defined]
+    return arm_get
+
+
+def test_everything_in_place_reports_no_problem(tmp_path: Path) -> None:
+    fake = FakeMLClient(workspace=_workspace(), **_sizes_and_usage())
+    assert workflow.check(azure_settings(tmp_path), ml_client=fake, arm_get=_arm()) == []
+    assert not [n for n in fake.names() if "create" in n or "delete" in n]  # read-only
+
+
+def test_placeholders_are_all_listed_at_once_without_any_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_credential(settings: config.Settings) -> None:
+        raise AssertionError("no credential may be built while the workspace values are placeholders")
+
+    monkeypatch.setattr(client, "make_credential", no_credential)
+    problems = workflow.check(azure_settings(tmp_path, filled_in=False, data=False))
+    text = "\n".join(problems)
+    for name in FILLED_IN:
+        assert f"{name} still holds the placeholder" in text, name
+    assert "TRAIN_DATA_PATH" in text and "download_dataset.py" in text
+
+
+def test_check_cli_with_placeholders_exits_1_listing_every_one(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in FILLED_IN and k != "BACKEND"}
+    env["STATE_DIR"] = str(tmp_path / "state")
+    proc = subprocess.run(
+        [sys.executable, "setup_ml.py", "--backend", "azure", "--check"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    for name in FILLED_IN:
+        assert f"{name} still holds the placeholder" in proc.stderr, name
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_values_are_named_with_their_fix(tmp_path: Path) -> None:
+    s = azure_settings(
+        tmp_path,
+        AZURE_MANAGED_IDENTITY_RESOURCE_ID="/subscriptions/x/resourceGroups/y/providers/Microsoft.ManagedIdentity/"
+        "userAssignedIdentities/other-identity",
+        AZURE_ENDPOINT_NAME="9-starts-with-a-digit",
+        AZURE_JOB_INSTANCE_COUNT=4,
+    )
+    text = "\n".join(preflight.config_problems(s))
+    assert "names identity 'other-identity'" in text
+    assert "AZURE_ENDPOINT_NAME='9-starts-with-a-digit'" in text
+    assert "AZURE_JOB_INSTANCE_COUNT=4 nodes exceeds AZURE_COMPUTE_MAX_INSTANCES=1" in text
+
+
+def test_refused_credential_is_reported_fast_and_stops_the_online_checks(tmp_path: Path) -> None:
+    refusing = RefusingCredential()
+    start = time.perf_counter()
+    problems = workflow.check(azure_settings(tmp_path), credential=refusing)
+    assert time.perf_counter() - start < 2
+    assert len(problems) == 1 and problems[0].startswith("credential: Azure refused the credential")
+    assert "az login" in problems[0] and "AZURE_CLIENT_SECRET" in problems[0]
+
+
+def test_workspace_not_found_names_the_three_values(tmp_path: Path) -> None:
+    fake = FakeMLClient(workspace=None)
+    (problem,) = workflow.check(azure_settings(tmp_path), ml_client=fake, arm_get=_arm())
+    assert f"{WORKSPACE!r} not found" in problem and "AZURE_RESOURCE_GROUP_NAME" in problem
+    assert fake.names() == ["workspaces.get"]
+
+
+def test_missing_role_assignments_come_with_the_az_commands(tmp_path: Path) -> None:
+    fake = FakeMLClient(workspace=_workspace(), **_sizes_and_usage())
+    problems = workflow.check(azure_settings(tmp_path), ml_client=fake, arm_get=_arm(roles=(preflight.CONTRIBUTOR,)))
+    assert problems == [
+        f"managed identity phi-endpoint-identity lacks {role} on {scope}: az role assignment create "
+        f'--assignee {IDENTITY_CLIENT_ID} --role "{role}" --scope {scope}'
+        for role, scope in (("Storage Blob Data Reader", STORAGE), ("AcrPull", REGISTRY))
+    ]
+
+
+def test_identity_missing_or_mismatched(tmp_path: Path) -> None:
+    s = azure_settings(tmp_path)
+    fake = FakeMLClient(workspace=_workspace(), **_sizes_and_usage())
+    (missing,) = workflow.check(s, ml_client=fake, arm_get=_arm(identity_exists=False))
+    assert "not found" in missing and f"az identity create --name {s.AZURE_MANAGED_IDENTITY_NAME}" in missing
+    (wrong,) = workflow.check(s, ml_client=fake, arm_get=_arm(client_id="abcdef00-0000-0000-0000-000000000000"))
+    assert "set AZURE_MANAGED_IDENTITY_CLIENT_ID=abcdef00-0000-0000-0000-000000000000" in wrong
+
+
+def test_quota_shortfall_names_the_vm_family_to_request(tmp_path: Path) -> None:
+    fake = FakeMLClient(workspace=_workspace(), **_sizes_and_usage(a100_limit=0))
+    (problem,) = workflow.check(azure_settings(tmp_path), ml_client=fake, arm_get=_arm())
+    assert "standardNCADSA100v4Family needs 24 vCPUs" in problem and "0 of 0 are free" in problem
+    assert "request more for standardNCADSA100v4Family" in problem
+    # Two deployment instances reserve ceil(2 * 1.2) = 3 instances of 4 vCPUs; 92 are free.
+    ok = FakeMLClient(workspace=_workspace(), **_sizes_and_usage())
+    assert workflow.check(azure_settings(tmp_path, AZURE_DEPLOYMENT_INSTANCE_COUNT=2), ml_client=ok, arm_get=_arm()) == []
+    tight = FakeMLClient(workspace=_workspace(), **_sizes_and_usage(e_limit=19))
+    (problem,) = workflow.check(
+        azure_settings(tmp_path, AZURE_DEPLOYMENT_INSTANCE_COUNT=2), ml_client=tight, arm_get=_arm()
+    )
+    assert "standardESv3Family needs 12 vCPUs" in problem and "11 of 19 are free" in problem
+
+
+def test_unreadable_usage_is_a_problem_not_a_crash(tmp_path: Path) -> None:
+    fake = FakeMLClient(workspace=_workspace(), **_sizes_and_usage())
+    fake.errors["compute.list_usage"] = HttpResponseError(message="(AuthorizationFailed) no read access")
+    (problem,) = workflow.check(azure_settings(tmp_path), ml_client=fake, arm_get=_arm())
+    assert problem.startswith("quota: cannot read VM sizes and usage") and "AuthorizationFailed" in problem
