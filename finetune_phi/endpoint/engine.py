@@ -1,0 +1,210 @@
+"""Generation for the local endpoint: chat formatting, stop tokens, sampling params, batching.
+
+One `Engine.generate` call runs ONE `model.generate` over a left-padded batch of conversations, so
+a request with several inputs (and, later, concurrent requests gathered into a micro-batch) costs one
+forward pass per new token rather than one per conversation.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, str]  # {"role": "user" | "system" | "assistant", "content": "..."}
+
+# Defaults a caller gets when a request names no value, and the hard ceiling it cannot exceed:
+# generation is O(tokens) on CPU, so an unbounded max_new_tokens would let one request hog the server.
+DEFAULT_MAX_NEW_TOKENS = 128
+MAX_NEW_TOKENS_CAP = 2048
+
+# Used only when a model was saved without a chat template; it is Phi-3-mini's own template.
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+END_OF_TURN_TOKENS = ("<|end|>",)  # Phi-3 closes every turn with <|end|>, then EOS at the very end
+
+
+class InputTooLong(ValueError):
+    """A conversation leaves no room in the model's context for the requested new tokens."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+
+    @classmethod
+    def resolve(
+        cls,
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        do_sample: bool | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+    ) -> "SamplingParams":
+        """Map request fields onto generate(): temperature 0 or do_sample false means greedy.
+
+        With no do_sample, a positive temperature asks for sampling (as with the OpenAI API and
+        HF pipelines given a temperature); with neither, decoding is greedy and reproducible.
+        """
+        sample = do_sample if do_sample is not None else (temperature is not None and temperature > 0)
+        if temperature is not None and temperature == 0:
+            sample = False
+        return cls(
+            max_new_tokens=max_new_tokens if max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS,
+            do_sample=sample,
+            temperature=temperature if temperature else 1.0,
+            top_p=top_p if top_p is not None else 1.0,
+            top_k=top_k,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+        )
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of turn reached) or "length" (max_new_tokens reached)
+
+
+class Engine:
+    """A loaded causal LM and its tokenizer; thread-safe (one generate at a time)."""
+
+    def __init__(self, model: Any, tokenizer: Any, name: str = "model") -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        # Left padding keeps every prompt's last token at the end of the row, where generation starts.
+        self.tokenizer.padding_side = "left"
+        if not getattr(tokenizer, "chat_template", None):
+            log.warning("the tokenizer has no chat template; formatting prompts with Phi-3's")
+            self.tokenizer.chat_template = PHI3_CHAT_TEMPLATE
+        self.pad_token_id = self._pad_token_id()
+        self.stop_token_ids = self._stop_token_ids()
+        self.max_context = int(
+            getattr(model.config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 4096)
+        )
+        self._lock = threading.Lock()
+        log.info(
+            "engine ready: %s, stop tokens %s, pad %s, context %d",
+            type(model).__name__,
+            self.stop_token_ids,
+            self.pad_token_id,
+            self.max_context,
+        )
+
+    @classmethod
+    def from_mlflow(cls, model_uri: str, name: str | None = None) -> "Engine":
+        """Load a transformers model logged with MLflow (e.g. `models:/NAME/VERSION`)."""
+        import mlflow.transformers
+
+        components = mlflow.transformers.load_model(model_uri, return_type="components")
+        return cls(components["model"], components["tokenizer"], name=name or served_name(model_uri))
+
+    def _pad_token_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (tok.pad_token_id, tok.unk_token_id, tok.eos_token_id):
+            if candidate is not None:
+                return int(candidate)
+        raise ValueError("the tokenizer has no pad, unk or eos token to pad a batch with")
+
+    def _stop_token_ids(self) -> list[int]:
+        ids: list[int] = []
+
+        def add(value: object) -> None:
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for v in values:
+                if isinstance(v, int) and v not in ids:
+                    ids.append(v)
+
+        add(self.tokenizer.eos_token_id)
+        add(getattr(self.model.generation_config, "eos_token_id", None))
+        unk = self.tokenizer.unk_token_id
+        for token in END_OF_TURN_TOKENS:
+            token_id = self.tokenizer.convert_tokens_to_ids(token)
+            if token_id is not None and token_id != unk:
+                add(token_id)
+        if not ids:
+            raise ValueError("the tokenizer defines no end-of-sequence token: generation would never stop")
+        return ids
+
+    def render(self, conversation: Sequence[Message]) -> str:
+        """The prompt text for one conversation, ending with the assistant's turn header."""
+        return self.tokenizer.apply_chat_template(list(conversation), add_generation_prompt=True, tokenize=False)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def generate(self, conversations: Sequence[Sequence[Message]], params: SamplingParams) -> list[Completion]:
+        """One reply per conversation, from a single batched `model.generate` call."""
+        import torch
+
+        if not conversations:
+            return []
+        prompts = [self.render(c) for c in conversations]
+        # The chat template already wrote every special token the model expects.
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        input_len = batch["input_ids"].shape[1]
+        prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
+        if input_len + params.max_new_tokens > self.max_context:
+            raise InputTooLong(
+                f"the prompt is {max(prompt_tokens)} tokens and max_new_tokens is {params.max_new_tokens}, "
+                f"but the model's context holds {self.max_context}: shorten the input or lower max_new_tokens"
+            )
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": params.max_new_tokens,
+            "do_sample": params.do_sample,
+            "eos_token_id": self.stop_token_ids,
+            "pad_token_id": self.pad_token_id,
+        }
+        if params.do_sample:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0)
+        else:
+            # Unset sampling knobs that a saved generation_config may carry, so greedy stays greedy
+            # without transformers warning that they are ignored.
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if params.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = params.repetition_penalty
+        with self._lock, torch.inference_mode():
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            output = self.model.generate(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs
+            )
+        return [self._completion(row[input_len:].tolist(), n) for row, n in zip(output, prompt_tokens)]
+
+    def _completion(self, new_ids: list[int], prompt_tokens: int) -> Completion:
+        stop = next((i for i, t in enumerate(new_ids) if t in self.stop_token_ids), None)
+        if stop is None:
+            kept, counted, reason = new_ids, len(new_ids), "length"
+        else:
+            # The stop token was generated (it counts) but is not part of the reply.
+            kept, counted, reason = new_ids[:stop], stop + 1, "stop"
+        text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+        return Completion(text=text, prompt_tokens=int(prompt_tokens), completion_tokens=counted, finish_reason=reason)
+
+
+def served_name(model_uri: str) -> str:
+    """`models:/NAME/VERSION` -> NAME: the id the OpenAI-style routes report."""
+    if model_uri.startswith("models:/"):
+        return model_uri[len("models:/") :].split("/")[0].split("@")[0] or "model"
+    return model_uri.rstrip("/").split("/")[-1] or "model"

@@ -1,0 +1,375 @@
+"""The local endpoint: Azure ML's /score contract, OpenAI chat completions, health, auth, errors.
+
+A real uvicorn server on a free 127.0.0.1 port (in a thread of this process) serves a tiny random
+Phi-3 loaded from a real MLflow registry; random weights make gibberish, so the tests check the
+contract, the parameters' effects, stop tokens and decoding rather than the words.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import httpx
+import pytest
+
+from finetune_phi.endpoint import KEY_ENV
+from finetune_phi.endpoint.__main__ import EXIT_PORT_BUSY, EXIT_USAGE, bind_socket
+from finetune_phi.endpoint.__main__ import main as endpoint_main
+from finetune_phi.endpoint.engine import Engine, SamplingParams, served_name
+from finetune_phi.endpoint.server import create_app
+from helpers_model import RegisteredModel, registered_tiny_model, tiny_phi3
+
+KEY = "test-key-0123456789abcdefghijklmnop"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> RegisteredModel:
+    return registered_tiny_model(tmp_path_factory.getbasetemp() / "tiny-model")
+
+
+class ThreadServer:
+    """uvicorn on a free loopback port in a daemon thread, bound the way the CLI binds."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        self.sock = bind_socket("127.0.0.1", 0)
+        self.port = self.sock.getsockname()[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "ThreadServer":
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: RegisteredModel) -> Engine:
+    return Engine.from_mlflow(tiny_model.registry_uri)
+
+
+@pytest.fixture(scope="module")
+def server(engine: Engine) -> Iterator[ThreadServer]:
+    with ThreadServer(create_app(KEY, engine=engine)) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server: ThreadServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base, timeout=60) as c:
+        yield c
+
+
+def score(client: httpx.Client, body: dict[str, Any]) -> Any:
+    response = client.post("/score", json=body, headers=AUTH)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def special_tokens(engine: Engine) -> list[str]:
+    return sorted(set(engine.tokenizer.all_special_tokens) | set(engine.tokenizer.get_added_vocab()))
+
+
+# --- the engine on its own -----------------------------------------------------------------------
+
+
+def test_engine_loads_from_registry_with_phi3_stop_tokens(engine: Engine, tiny_model: RegisteredModel) -> None:
+    tok = engine.tokenizer
+    assert engine.name == tiny_model.name
+    assert set(engine.stop_token_ids) == {tok.convert_tokens_to_ids("<|end|>"), tok.eos_token_id}
+    prompt = engine.render([{"role": "user", "content": "Who founded Microsoft?"}])
+    assert prompt.startswith("<|user|>") and prompt.endswith("<|assistant|>\n")
+
+
+def _biased(model: Any, token_id: int) -> Callable[[], None]:
+    """Make `token_id` the model's top choice at every step; returns the undo."""
+
+    def hook(_module: Any, _inputs: Any, logits: Any) -> Any:
+        logits = logits.clone()
+        logits[..., token_id] += 1000.0
+        return logits
+
+    return model.lm_head.register_forward_hook(hook).remove
+
+
+def test_generation_stops_at_end_of_turn_even_if_the_config_names_only_eos() -> None:
+    model, tokenizer = tiny_phi3(end_is_eos=False)
+    engine = Engine(model, tokenizer)
+    end_id = tokenizer.convert_tokens_to_ids("<|end|>")
+    assert end_id in engine.stop_token_ids
+    undo = _biased(model, end_id)
+    try:
+        [done] = engine.generate([[{"role": "user", "content": "hi"}]], SamplingParams(max_new_tokens=20))
+    finally:
+        undo()
+    assert (done.text, done.completion_tokens, done.finish_reason) == ("", 1, "stop")
+
+
+def test_special_tokens_never_reach_the_reply() -> None:
+    model, tokenizer = tiny_phi3()
+    engine = Engine(model, tokenizer)
+    undo = _biased(model, tokenizer.convert_tokens_to_ids("<|assistant|>"))
+    try:
+        [done] = engine.generate([[{"role": "user", "content": "hi"}]], SamplingParams(max_new_tokens=4))
+    finally:
+        undo()
+    # Four <|assistant|> tokens were generated (so the limit was reached) and none shows.
+    assert (done.text, done.completion_tokens, done.finish_reason) == ("", 4, "length")
+
+
+def test_sampling_params_resolution() -> None:
+    assert not SamplingParams.resolve().do_sample
+    assert SamplingParams.resolve(temperature=0.7).do_sample
+    assert not SamplingParams.resolve(temperature=0, do_sample=True).do_sample
+    assert not SamplingParams.resolve(temperature=0.7, do_sample=False).do_sample
+    assert SamplingParams.resolve(max_new_tokens=5).max_new_tokens == 5
+    assert served_name("models:/finetune-phi3-model/3") == "finetune-phi3-model"
+
+
+# --- /score ------------------------------------------------------------------------------------------
+
+
+def test_score_sdk_shape_returns_one_reply_per_input(client: httpx.Client) -> None:
+    replies = score(
+        client,
+        {
+            "input_data": ["Who founded Microsoft?", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]],
+            "params": {"temperature": 0.7, "max_new_tokens": 8, "do_sample": True, "top_p": 0.9},
+        },
+    )
+    assert isinstance(replies, list) and len(replies) == 2
+    assert all(isinstance(r, str) for r in replies)
+
+
+def test_score_studio_shape_returns_output_object(client: httpx.Client) -> None:
+    body = score(
+        client,
+        {
+            "input_data": {
+                "input_string": [{"role": "user", "content": "Who founded Microsoft?"}],
+                "parameters": {"max_new_tokens": 8, "temperature": 0},
+            }
+        },
+    )
+    assert set(body) == {"output"} and isinstance(body["output"], str)
+
+
+def test_greedy_is_reproducible_and_max_new_tokens_is_honoured(client: httpx.Client) -> None:
+    question = ["Who founded Microsoft?"]
+    long_a = score(client, {"input_data": question, "params": {"temperature": 0, "max_new_tokens": 12}})[0]
+    long_b = score(client, {"input_data": question, "params": {"do_sample": False, "max_new_tokens": 12}})[0]
+    short = score(client, {"input_data": question, "params": {"temperature": 0, "max_new_tokens": 1}})[0]
+    assert long_a == long_b
+    # Greedy decoding of 1 token is the first token of greedy decoding of 12.
+    assert len(short) < len(long_a) and long_a.startswith(short)
+
+
+def test_seeded_sampling_is_reproducible_and_differs_from_greedy(client: httpx.Client) -> None:
+    body = {"input_data": ["Hello"], "params": {"do_sample": True, "temperature": 1.0, "max_new_tokens": 12, "seed": 7}}
+    first, second = score(client, body)[0], score(client, body)[0]
+    greedy = score(client, {"input_data": ["Hello"], "params": {"temperature": 0, "max_new_tokens": 12}})[0]
+    assert first == second
+    assert first != greedy
+
+
+def test_replies_echo_no_prompt_and_no_special_tokens(client: httpx.Client, engine: Engine) -> None:
+    question = "Who founded Microsoft?"
+    [reply] = score(client, {"input_data": [question], "params": {"temperature": 0, "max_new_tokens": 12}})
+    [full] = score(client, {"input_data": [question], "params": {"temperature": 0, "max_new_tokens": 12, "return_full_text": True}})
+    assert reply and not reply.startswith(question)
+    assert full == question + reply
+    leaked = [t for t in special_tokens(engine) if t in reply]
+    assert not leaked, f"special tokens in the reply: {leaked}"
+
+
+# --- auth -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong-key"}, {"Authorization": f"Basic {KEY}"}, {"Authorization": KEY}],
+    ids=["missing", "wrong", "basic-scheme", "no-scheme"],
+)
+@pytest.mark.parametrize(
+    "method,path,body",
+    [("POST", "/score", {"input_data": ["hi"]}), ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}), ("GET", "/v1/models", None)],
+    ids=["score", "chat", "models"],
+)
+def test_missing_or_wrong_key_is_401(client: httpx.Client, headers: dict[str, str], method: str, path: str, body: Any) -> None:
+    response = client.request(method, path, json=body, headers=headers)
+    assert response.status_code == 401
+    assert response.json()["error"]["type"] == "authentication_error"
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({}, "input_data"),
+        ({"input_data": []}, "input_data"),
+        ({"input_data": [3]}, "input_data.0"),
+        ({"input_data": [[{"role": "robot", "content": "hi"}]]}, "input_data.0.0.role"),
+        ({"input_data": ["hi"], "params": {"max_new_tokens": 10**6}}, "params.max_new_tokens"),
+        ({"input_data": ["hi"], "params": {"max_new_tokens": 0}}, "params.max_new_tokens"),
+        ({"input_data": ["hi"], "params": {"temperature": -1}}, "params.temperature"),
+        ({"input_data": ["hi"], "params": {"max_tokenz": 5}}, "params.max_tokenz"),
+        ({"input_data": {"input_string": []}}, "input_data.input_string"),
+    ],
+)
+def test_bad_input_is_422_naming_the_field(client: httpx.Client, body: dict[str, Any], param: str) -> None:
+    response = client.post("/score", json=body, headers=AUTH)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert error["message"].startswith(param)
+
+
+def test_non_json_body_and_too_long_prompt_are_client_errors(client: httpx.Client) -> None:
+    response = client.post("/score", content=b"input_data=hi", headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 422
+    # The tiny model's context is 512 tokens: a long prompt plus max_new_tokens cannot fit.
+    body = {"input_data": ["word " * 600], "params": {"max_new_tokens": 16}}
+    response = client.post("/score", json=body, headers=AUTH)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "input_data"
+    assert "context" in response.json()["error"]["message"]
+
+
+# --- OpenAI -------------------------------------------------------------------------------------------
+
+
+def test_openai_client_gets_a_chat_completion(server: ThreadServer, tiny_model: RegisteredModel) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key=KEY, max_retries=0, timeout=60)
+    [card] = client.models.list().data
+    assert card.id == tiny_model.name
+    completion = client.chat.completions.create(
+        model=card.id,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who founded Microsoft?"}],
+        max_tokens=3,
+        temperature=0,
+    )
+    assert completion.object == "chat.completion" and completion.model == card.id
+    [choice] = completion.choices
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert 1 <= completion.usage.completion_tokens <= 3
+    assert completion.usage.prompt_tokens > 0
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+    again = client.chat.completions.create(
+        model=card.id, messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who founded Microsoft?"}], max_tokens=3, temperature=0
+    )
+    assert again.choices[0].message.content == choice.message.content
+
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.base}/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.UnprocessableEntityError, match="n: "):
+        client.chat.completions.create(model=card.id, messages=[{"role": "user", "content": "hi"}], n=2)
+
+
+def test_chat_completions_stop_strings_cut_the_reply(client: httpx.Client) -> None:
+    body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 12, "temperature": 0}
+    full = client.post("/v1/chat/completions", json=body, headers=AUTH).json()["choices"][0]["message"]["content"]
+    assert len(full) > 2
+    cut_at = full[1:3]
+    stopped = client.post("/v1/chat/completions", json={**body, "stop": [cut_at]}, headers=AUTH).json()["choices"][0]
+    assert stopped["message"]["content"] == full[: full.find(cut_at)]
+    assert stopped["finish_reason"] == "stop"
+
+
+# --- health and the API description --------------------------------------------------------------
+
+
+def test_health_routes_and_openapi_document(client: httpx.Client) -> None:
+    for path in ("/", "/health/live"):
+        response = client.get(path)
+        assert response.status_code == 200 and response.json()["status"] == "alive"
+    ready = client.get("/health/ready")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    doc = client.get("/openapi.json").json()
+    assert {"/score", "/v1/chat/completions", "/v1/models", "/health/ready"} <= set(doc["paths"])
+    score_body = doc["paths"]["/score"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert score_body["$ref"].endswith("/ScoreRequest")
+    assert "input_data" in doc["components"]["schemas"]["ScoreRequest"]["properties"]
+    assert {"401", "422"} <= set(doc["paths"]["/score"]["post"]["responses"])
+    assert any("HTTPBearer" in scheme for scheme in doc["components"]["securitySchemes"])
+
+
+def test_readiness_is_503_until_the_model_is_loaded(engine: Engine) -> None:
+    release = threading.Event()
+
+    def slow_loader() -> Engine:
+        release.wait(timeout=30)
+        return engine
+
+    with ThreadServer(create_app(KEY, loader=slow_loader, model_name="slow")) as running:
+        with httpx.Client(base_url=running.base, timeout=30) as c:
+            assert c.get("/health/live").status_code == 200
+            loading = c.get("/health/ready")
+            assert loading.status_code == 503 and loading.json()["status"] == "loading"
+            early = c.post("/score", json={"input_data": ["hi"]}, headers=AUTH)
+            assert early.status_code == 503 and early.json()["error"]["type"] == "service_unavailable"
+            release.set()
+            deadline = time.monotonic() + 10
+            while c.get("/health/ready").status_code != 200:
+                assert time.monotonic() < deadline, "never became ready"
+                time.sleep(0.05)
+            assert c.post("/score", json={"input_data": ["hi"], "params": {"max_new_tokens": 2}}, headers=AUTH).status_code == 200
+
+
+def test_a_failed_load_reports_503_failed_and_calls_back() -> None:
+    failures: list[BaseException] = []
+
+    def broken_loader() -> Engine:
+        raise OSError("no such model")
+
+    with ThreadServer(create_app(KEY, loader=broken_loader, on_load_error=failures.append)) as running:
+        deadline = time.monotonic() + 10
+        while not failures:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        body = httpx.get(f"{running.base}/health/ready", timeout=10)
+    assert body.status_code == 503
+    assert body.json()["status"] == "failed" and "no such model" in body.json()["detail"]
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+
+def test_cli_refuses_to_start_without_a_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    assert endpoint_main(["--model-uri", "models:/x/1", "--port", "1"]) == EXIT_USAGE
+
+
+def test_cli_reports_a_busy_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, KEY)
+    with socket.socket() as foreign:  # bound without SO_REUSEPORT, like any other program
+        foreign.bind(("127.0.0.1", 0))
+        foreign.listen()
+        port = foreign.getsockname()[1]
+        assert endpoint_main(["--model-uri", "models:/x/1", "--port", str(port)]) == EXIT_PORT_BUSY
+
+
+def test_create_app_refuses_an_empty_key(engine: Engine) -> None:
+    with pytest.raises(ValueError, match="key"):
+        create_app("", engine=engine)
+
