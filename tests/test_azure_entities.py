@@ -57,7 +57,9 @@ def test_training_job_runs_the_shared_command_with_a_real_output(tmp_path: Path)
 
 def test_multi_gpu_and_multi_node_use_pytorch_distribution(tmp_path: Path) -> None:
     job = entities.training_job(
-        azure_settings(tmp_path, AZURE_JOB_PROCESSES_PER_NODE=4, AZURE_JOB_INSTANCE_COUNT=2, AZURE_COMPUTE_MAX_INSTANCES=2)
+        azure_settings(
+            tmp_path, AZURE_JOB_PROCESSES_PER_NODE=4, AZURE_JOB_INSTANCE_COUNT=2, AZURE_COMPUTE_MAX_INSTANCES=2
+        )
     )
     assert job.distribution.type == "pytorch" and job.distribution.process_count_per_instance == 4
     assert job.resources.instance_count == 2

@@ -162,7 +162,8 @@ def test_quota_shortfall_names_the_vm_family_to_request(tmp_path: Path) -> None:
     assert "request more for standardNCADSA100v4Family" in problem
     # Two deployment instances reserve ceil(2 * 1.2) = 3 instances of 4 vCPUs; 92 are free.
     ok = FakeMLClient(workspace=_workspace(), **_sizes_and_usage())
-    assert workflow.check(azure_settings(tmp_path, AZURE_DEPLOYMENT_INSTANCE_COUNT=2), ml_client=ok, arm_get=_arm()) == []
+    two = azure_settings(tmp_path, AZURE_DEPLOYMENT_INSTANCE_COUNT=2)
+    assert workflow.check(two, ml_client=ok, arm_get=_arm()) == []
     tight = FakeMLClient(workspace=_workspace(), **_sizes_and_usage(e_limit=19))
     (problem,) = workflow.check(
         azure_settings(tmp_path, AZURE_DEPLOYMENT_INSTANCE_COUNT=2), ml_client=tight, arm_get=_arm()

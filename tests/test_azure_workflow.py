@@ -51,7 +51,9 @@ def test_submit_creates_the_cluster_only_when_it_is_missing(tmp_path: Path) -> N
 def test_submit_records_the_job_before_streaming_and_checks_its_end(tmp_path: Path) -> None:
     s = azure_settings(tmp_path)
     fake = FakeMLClient(computes=_existing_compute(s))
-    fake.errors["jobs.stream"] = JobException(message="Exception : job failed: CUDA out of memory", no_personal_data_message="job failed")
+    fake.errors["jobs.stream"] = JobException(
+        message="Exception : job failed: CUDA out of memory", no_personal_data_message="job failed"
+    )
     with pytest.raises(RuntimeError, match=f"job {JOB} failed.*CUDA out of memory"):
         workflow.submit_training(s, "command", stream=True, ml_client=fake)
     recorded = common.read_state(s)["training"]
@@ -72,7 +74,8 @@ def test_catalog_mode_submits_a_finetuning_job_and_deploys_its_output(tmp_path: 
     workflow.submit_training(s, "catalog", stream=False, ml_client=fake)
     assert "environments.create_or_update" not in fake.names()
     (job_call,) = fake.find("jobs.create_or_update")
-    assert job_call.entity.type == "finetuning" and job_call.entity.hyperparameters == entities.catalog_hyperparameters(s)
+    assert job_call.entity.type == "finetuning"
+    assert job_call.entity.hyperparameters == entities.catalog_hyperparameters(s)
     assert common.read_state(s)["training"]["mode"] == "catalog"
     workflow.deploy(s, ml_client=fake)
     (model_call,) = fake.find("models.create_or_update")

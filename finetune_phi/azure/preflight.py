@@ -84,7 +84,8 @@ def config_problems(settings: config.Settings) -> list[str]:
         if not match:
             problems.append(
                 "AZURE_MANAGED_IDENTITY_RESOURCE_ID must look like /subscriptions/<id>/resourceGroups/<rg>/providers/"
-                "Microsoft.ManagedIdentity/userAssignedIdentities/<name> (`az identity show -g <rg> -n <name> --query id`)"
+                "Microsoft.ManagedIdentity/userAssignedIdentities/<name> "
+                "(`az identity show -g <rg> -n <name> --query id`)"
             )
         elif (
             config.PLACEHOLDER_PREFIX not in settings.AZURE_MANAGED_IDENTITY_NAME
@@ -189,8 +190,8 @@ def identity_problems(settings: config.Settings, workspace: Any, arm_get: ArmGet
     for role, scope in missing:
         problems.append(
             f"managed identity {name} lacks {ROLE_NAMES[role]} on {scope}: "
-            f'az role assignment create --assignee {settings.AZURE_MANAGED_IDENTITY_CLIENT_ID} --role "{ROLE_NAMES[role]}" '
-            f"--scope {scope}"
+            f"az role assignment create --assignee {settings.AZURE_MANAGED_IDENTITY_CLIENT_ID} "
+            f'--role "{ROLE_NAMES[role]}" --scope {scope}'
         )
     return problems
 
@@ -215,10 +216,11 @@ def quota_problems(settings: config.Settings, ml_client: "MLClient") -> list[str
         return [f"quota: cannot read VM sizes and usage ({_first_line(exc)}); check them under ml.azure.com → Quota"]
     needs: dict[str, list[tuple[str, str, int]]] = {}  # family -> (what, size, vCPUs)
     problems = []
+    deployment_instances = math.ceil(settings.AZURE_DEPLOYMENT_INSTANCE_COUNT * DEPLOYMENT_QUOTA_FACTOR)
     wants = [
         ("training", settings.AZURE_COMPUTE_SIZE, settings.AZURE_JOB_INSTANCE_COUNT, "AZURE_COMPUTE_SIZE"),
-        ("the deployment", settings.AZURE_DEPLOYMENT_INSTANCE_TYPE,
-         math.ceil(settings.AZURE_DEPLOYMENT_INSTANCE_COUNT * DEPLOYMENT_QUOTA_FACTOR), "AZURE_DEPLOYMENT_INSTANCE_TYPE"),
+        ("the deployment", settings.AZURE_DEPLOYMENT_INSTANCE_TYPE, deployment_instances,
+         "AZURE_DEPLOYMENT_INSTANCE_TYPE"),
     ]  # fmt: skip
     for what, size_name, count, field in wants:
         size = sizes.get(size_name.lower())
