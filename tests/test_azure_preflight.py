@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -176,3 +177,27 @@ def test_unreadable_usage_is_a_problem_not_a_crash(tmp_path: Path) -> None:
     fake.errors["compute.list_usage"] = HttpResponseError(message="(AuthorizationFailed) no read access")
     (problem,) = workflow.check(azure_settings(tmp_path), ml_client=fake, arm_get=_arm())
     assert problem.startswith("quota: cannot read VM sizes and usage") and "AuthorizationFailed" in problem
+
+
+def test_a_credential_that_hangs_is_reported_after_the_timeout() -> None:
+    release = threading.Event()
+
+    class Hanging:
+        def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+            release.wait(5)  # what a credential waiting on an unreachable host looks like
+            raise AssertionError("released")
+
+    start = time.perf_counter()
+    problem = client.probe_credential(Hanging(), timeout=0.2)
+    release.set()
+    assert problem is not None and problem.startswith("no Azure token within 0.2 s") and "az login" in problem
+    assert time.perf_counter() - start < 1
+
+
+def test_an_unexpected_credential_error_is_not_disguised_as_a_login_problem() -> None:
+    class Broken:
+        def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+            raise ValueError("bad tenant id format")
+
+    with pytest.raises(ValueError, match="bad tenant id format"):
+        client.probe_credential(Broken())

@@ -46,7 +46,7 @@ def probe_credential(credential: "TokenCredential", timeout: float = TOKEN_TIMEO
         try:
             credential.get_token(ARM_SCOPE)
             outcome["error"] = None
-        except ClientAuthenticationError as exc:  # CredentialUnavailableError is one of these
+        except BaseException as exc:  # handed to the calling thread, which re-raises what it does not expect
             outcome["error"] = exc
 
     # A daemon thread, so that a credential stuck on a network call cannot keep the process alive.
@@ -54,10 +54,12 @@ def probe_credential(credential: "TokenCredential", timeout: float = TOKEN_TIMEO
     worker.start()
     worker.join(timeout)
     if worker.is_alive():
-        return f"no Azure token within {timeout:.0f} s (network or login problem): {LOGIN_HINT}"
+        return f"no Azure token within {timeout:g} s (network or login problem): {LOGIN_HINT}"
     error = outcome["error"]
     if error is None:
         return None
+    if not isinstance(error, ClientAuthenticationError):  # CredentialUnavailableError is one of these
+        raise error
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return f"Azure refused the credential ({first_line}): {LOGIN_HINT}"
 
@@ -101,12 +103,14 @@ def is_quota_error(exc: BaseException) -> bool:
 def azure_errors(action: str, quota_hint: str = "") -> Iterator[None]:
     """Turn the Azure failures we expect into RuntimeError naming the step and the fix."""
     from azure.ai.ml.exceptions import ValidationException
-    from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
+    from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ServiceRequestError
 
     try:
         yield
     except ClientAuthenticationError as exc:
         raise RuntimeError(f"{action}: Azure refused the credential: {LOGIN_HINT}") from exc
+    except ServiceRequestError as exc:  # DNS, proxy, no route: the request never reached Azure
+        raise RuntimeError(f"{action}: cannot reach Azure ({_first_line(exc)}); check the network or proxy") from exc
     except HttpResponseError as exc:
         reason = _first_line(exc)
         if is_quota_error(exc):
