@@ -94,7 +94,13 @@ def main(argv: list[str] | None = None) -> int:
             server.should_exit = True
 
     if args.load_before_listen:
-        app = create_app(key, engine=Engine.from_mlflow(args.model_uri, name), model_name=name)
+        try:
+            engine = Engine.from_mlflow(args.model_uri, name)
+        except Exception as exc:  # any load failure ends this process; the deployer shows this log
+            log.error("could not load %s: %s", args.model_uri, exc, exc_info=exc)
+            log.error("not serving: could not load %s (%s)", args.model_uri, exc)
+            return EXIT_LOAD_FAILED
+        app = create_app(key, engine=engine, model_name=name)
     else:
         app = create_app(key, loader=lambda: Engine.from_mlflow(args.model_uri, name), model_name=name, on_load_error=stop)
     config = uvicorn.Config(

@@ -1,0 +1,385 @@
+"""The local backend of deploy_model.py: register the fine-tuned model, run it as a detached endpoint.
+
+    python deploy_model.py              # deploy (or replace in place with the newest version)
+    python deploy_model.py --teardown   # stop it
+
+Each deploy registers the run's model as a new version of AZURE_MODEL_NAME in the local MLflow
+registry and starts `python -m finetune_phi.endpoint` in its own session, so it outlives this
+command. Files live in STATE_DIR/endpoint: `pid`, `key` (0600) and `server.log`.
+
+Re-deploying while an endpoint runs is a hand-over on the same port: the new server binds with
+SO_REUSEPORT, loads the model before it accepts connections, and only once it answers its readiness
+probe is the old one sent SIGTERM (it finishes in-flight requests). If the new one fails, only it is
+killed and the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import config
+from finetune_phi import common
+from finetune_phi.endpoint import KEY_ENV
+from finetune_phi.training import mlflow_env
+
+log = logging.getLogger(__name__)
+
+PID_FILE = "pid"
+KEY_FILE = "key"
+LOG_FILE = "server.log"
+ENDPOINT_MODULE = "finetune_phi.endpoint"
+EXIT_PORT_BUSY = 3  # finetune_phi.endpoint.__main__ exits with this when it cannot bind
+
+# Loading the tiny model takes seconds; Phi-3-mini on a laptop CPU can take a couple of minutes.
+READY_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 30.0
+LOG_TAIL_CHARS = 3000
+
+
+class DeployError(RuntimeError):
+    """A deployment step failed; the message says what to do (deploy_model.py prints it)."""
+
+
+@dataclass(frozen=True)
+class LocalDeployment:
+    scoring_uri: str
+    key: str = field(repr=False)
+    pid: int
+    log_path: Path
+    model_uri: str  # models:/NAME/VERSION
+    model_name: str
+    model_version: str
+    source_uri: str  # the training run's model, e.g. runs:/<id>/model
+    port: int
+    replaced_pid: int | None = None
+
+    @property
+    def base_url(self) -> str:
+        return self.scoring_uri.rsplit("/score", 1)[0]
+
+
+def endpoint_dir(settings: config.Settings) -> Path:
+    return settings.state_dir / "endpoint"
+
+
+def scoring_uri(settings: config.Settings) -> str:
+    host = settings.LOCAL_ENDPOINT_HOST
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{settings.LOCAL_ENDPOINT_PORT}/score"
+
+
+# --- the key ----------------------------------------------------------------------------------
+
+
+def get_or_create_key(settings: config.Settings) -> str:
+    """The endpoint key: generated at the first deploy, reused afterwards so clients keep working."""
+    path = endpoint_dir(settings) / KEY_FILE
+    if path.is_file():
+        key = path.read_text(encoding="utf-8").strip()
+        if key:
+            if path.stat().st_mode & 0o077:
+                os.chmod(path, 0o600)
+            return key
+    key = secrets.token_urlsafe(32)
+    common.atomic_write_text(path, key + "\n", mode=0o600)
+    log.info("generated a new endpoint key %s in %s", common.redact(key), path)
+    return key
+
+
+# --- processes ----------------------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie (exited, not yet reaped) counts as gone."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)  # reaps it if it is our own exited child
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): kill(0) already said it exists
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        proc = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True)
+        return proc.stdout
+
+
+def _is_endpoint(pid: int) -> bool:
+    """Guards against a recycled pid: never signal a process that is not our endpoint."""
+    return _alive(pid) and ENDPOINT_MODULE in _command_line(pid)
+
+
+def _read_pid(settings: config.Settings) -> int | None:
+    path = endpoint_dir(settings) / PID_FILE
+    if not path.is_file():
+        return None
+    text = path.read_text(encoding="utf-8").strip()
+    try:
+        return int(text)
+    except ValueError:
+        log.warning("ignoring %s: %r is not a process id", path, text[:40])
+        return None
+
+
+def running_pid(settings: config.Settings) -> int | None:
+    """The pid of the endpoint this state dir started, if it still runs; clears a stale pid file."""
+    pid = _read_pid(settings)
+    if pid is None:
+        return None
+    if _is_endpoint(pid):
+        return pid
+    path = endpoint_dir(settings) / PID_FILE
+    log.warning("the endpoint recorded in %s (pid %d) is no longer running; removing the stale pid file", path, pid)
+    path.unlink(missing_ok=True)
+    return None
+
+
+def _stop(pid: int, timeout: float = STOP_TIMEOUT_S) -> str:
+    """SIGTERM (uvicorn then finishes in-flight requests), SIGKILL if it is still there after `timeout`."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return "already gone"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return "stopped"
+        time.sleep(0.1)
+    log.warning("pid %d did not stop within %.0f s of SIGTERM; sending SIGKILL", pid, timeout)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return "stopped"
+    while _alive(pid):
+        time.sleep(0.05)
+    return "killed"
+
+
+def _port_answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _log_tail(path: Path, offset: int) -> str:
+    """What the server wrote since `offset` (this attempt only), at most LOG_TAIL_CHARS."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return "(no log)"
+    return text[-LOG_TAIL_CHARS:].rstrip() or "(the log is empty)"
+
+
+def _probe_ready(host: str, port: int) -> dict[str, object] | None:
+    """The readiness body if a server on host:port says it is ready; a new connection each time."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/health/ready", timeout=2.0) as resp:
+            return json.loads(resp.read().decode())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def wait_ready(proc: subprocess.Popen[bytes], host: str, port: int, log_path: Path, offset: int, timeout: float) -> None:
+    """Wait until the server `proc` itself (not an old one sharing the port) reports ready.
+
+    During a hand-over both servers accept connections on the port and the kernel spreads new
+    connections between them, so the probe checks the pid in the answer.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        code = proc.poll()
+        if code is not None:
+            if code == EXIT_PORT_BUSY:
+                raise DeployError(
+                    f"port {port} on {host} is in use by another program: stop it or set LOCAL_ENDPOINT_PORT "
+                    f"to a free port\n--- {log_path} ---\n{_log_tail(log_path, offset)}"
+                )
+            raise DeployError(
+                f"the endpoint exited with status {code} before it was ready; its log ({log_path}) ends with:\n"
+                f"{_log_tail(log_path, offset)}"
+            )
+        body = _probe_ready(host, port)
+        if body is not None and body.get("pid") == proc.pid and body.get("status") == "ready":
+            return
+        time.sleep(0.25)
+    raise DeployError(
+        f"the endpoint was not ready after {timeout:.0f} s; its log ({log_path}) ends with:\n{_log_tail(log_path, offset)}"
+    )
+
+
+def start_server(
+    settings: config.Settings, model_uri: str, key: str, ready_timeout: float = READY_TIMEOUT_S
+) -> subprocess.Popen[bytes]:
+    """Start the endpoint detached and return once it is ready; on any failure it is killed."""
+    folder = endpoint_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    log_path = folder / LOG_FILE
+    host, port = settings.LOCAL_ENDPOINT_HOST, settings.LOCAL_ENDPOINT_PORT
+    argv = [sys.executable, "-m", ENDPOINT_MODULE, "--model-uri", model_uri, "--host", host, "--port", str(port)]
+    argv.append("--load-before-listen")
+    env = {**os.environ, **mlflow_env(settings), KEY_ENV: key}
+    offset = log_path.stat().st_size if log_path.is_file() else 0
+    with log_path.open("ab") as log_file:
+        proc = subprocess.Popen(
+            argv,
+            cwd=config.ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own session: Ctrl-C here, or this shell closing, leaves it running
+        )
+    log.info("started the endpoint (pid %d) for %s on %s:%d; waiting until ready", proc.pid, model_uri, host, port)
+    try:
+        wait_ready(proc, host, port, log_path, offset, ready_timeout)
+    except BaseException:
+        if proc.poll() is None:
+            _stop(proc.pid, timeout=5.0)
+        proc.wait()
+        raise
+    return proc
+
+
+# --- the registry -----------------------------------------------------------------------------------
+
+
+def trained_model_uri(settings: config.Settings) -> str:
+    training = common.read_state(settings).get("training") or {}
+    uri = training.get("model_uri")
+    if not uri:
+        raise DeployError(
+            f"no fine-tuned model is recorded in {common.state_path(settings)}: run python setup_ml.py first"
+        )
+    return str(uri)
+
+
+def register_model(settings: config.Settings, source_uri: str) -> str:
+    """Register `source_uri` as a new version of AZURE_MODEL_NAME; returns the version."""
+    os.environ.update(mlflow_env(settings))
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
+    try:
+        version = mlflow.register_model(source_uri, settings.AZURE_MODEL_NAME)
+    except MlflowException as exc:
+        raise DeployError(
+            f"could not register {source_uri} as {settings.AZURE_MODEL_NAME!r} in {settings.tracking_uri}: "
+            f"{exc.message}. Run python setup_ml.py again to train and record a model."
+        ) from exc
+    return str(version.version)
+
+
+# --- deploy and teardown -------------------------------------------------------------------------------
+
+
+def deploy(settings: config.Settings, ready_timeout: float = READY_TIMEOUT_S) -> LocalDeployment:
+    """Register the newest fine-tuned model and serve it, replacing a running endpoint in place."""
+    source_uri = trained_model_uri(settings)
+    host, port = settings.LOCAL_ENDPOINT_HOST, settings.LOCAL_ENDPOINT_PORT
+    old_pid = running_pid(settings)
+    old_port = (common.read_state(settings).get("deployment") or {}).get("port") if old_pid else None
+    if old_port != port and _port_answers(host, port):
+        raise DeployError(
+            f"port {port} on {host} is in use by another program (not an endpoint this project started): "
+            "stop it or set LOCAL_ENDPOINT_PORT to a free port"
+        )
+    version = register_model(settings, source_uri)
+    model_uri = f"models:/{settings.AZURE_MODEL_NAME}/{version}"
+    log.info("registered %s as %s", source_uri, model_uri)
+    key = get_or_create_key(settings)
+    try:
+        proc = start_server(settings, model_uri, key, ready_timeout)
+    except DeployError as exc:
+        if old_pid is not None:
+            raise DeployError(f"{exc}\nThe previous endpoint (pid {old_pid}) is still serving.") from exc
+        raise
+    folder = endpoint_dir(settings)
+    common.atomic_write_text(folder / PID_FILE, f"{proc.pid}\n")
+    if old_pid is not None:
+        outcome = _stop(old_pid)
+        log.info("previous endpoint (pid %d) %s; pid %d now serves %s", old_pid, outcome, proc.pid, model_uri)
+    info = LocalDeployment(
+        scoring_uri=scoring_uri(settings),
+        key=key,
+        pid=proc.pid,
+        log_path=folder / LOG_FILE,
+        model_uri=model_uri,
+        model_name=settings.AZURE_MODEL_NAME,
+        model_version=version,
+        source_uri=source_uri,
+        port=port,
+        replaced_pid=old_pid,
+    )
+    common.update_state(
+        settings,
+        "deployment",
+        {
+            "backend": "local",
+            "status": "running",
+            "model_name": info.model_name,
+            "model_version": info.model_version,
+            "model_uri": info.model_uri,
+            "source_uri": info.source_uri,
+            "scoring_uri": info.scoring_uri,
+            "openai_base_url": f"{info.base_url}/v1",
+            "host": host,
+            "port": port,
+            "pid": info.pid,
+            "log_path": str(info.log_path),
+            "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
+    return info
+
+
+def teardown(settings: config.Settings, timeout: float = STOP_TIMEOUT_S) -> str:
+    """Stop the local endpoint; a sentence saying what happened."""
+    pid_path = endpoint_dir(settings) / PID_FILE
+    pid = _read_pid(settings)
+    if pid is None:
+        return f"no local endpoint is running (no pid file at {pid_path})"
+    if not _is_endpoint(pid):
+        pid_path.unlink(missing_ok=True)
+        return f"the local endpoint (pid {pid}) was not running; removed the stale pid file {pid_path}"
+    outcome = _stop(pid, timeout)
+    pid_path.unlink(missing_ok=True)
+    deployment = common.read_state(settings).get("deployment") or {}
+    if deployment:
+        common.update_state(
+            settings, "deployment", {**deployment, "status": "stopped", "stopped_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        )
+    where = deployment.get("scoring_uri", f"port {settings.LOCAL_ENDPOINT_PORT}")
+    return f"local endpoint {outcome} (pid {pid}, {deployment.get('model_uri', 'model')} at {where})"

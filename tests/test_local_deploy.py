@@ -1,0 +1,231 @@
+"""local_deploy: register, start a detached endpoint, re-deploy in place, tear down; and the refusals.
+
+The slow tests start REAL detached endpoint processes on a free 127.0.0.1 port, with a state dir
+and an MLflow store under tmp; a finalizer kills whatever they started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+import config
+from finetune_phi import common, local_deploy
+from finetune_phi.local_deploy import DeployError
+from helpers_model import RegisteredModel, registered_tiny_model
+
+READY_TIMEOUT = 120.0
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> RegisteredModel:
+    return registered_tiny_model(tmp_path_factory.getbasetemp() / "tiny-model")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_settings(tmp_path: Path, tracking_uri: str, port: int | None = None) -> config.Settings:
+    return config.load(
+        env={},
+        dotenv_path=tmp_path / "none",
+        STATE_DIR=str(tmp_path / "state"),
+        MLFLOW_TRACKING_URI=tracking_uri,
+        LOCAL_ENDPOINT_PORT=port or free_port(),
+        # A fresh name per test: its versions count from 1 in the shared store.
+        AZURE_MODEL_NAME=f"deploy-test-{uuid.uuid4().hex[:8]}",
+    )
+
+
+def record_training(settings: config.Settings, model_uri: str) -> None:
+    common.update_state(settings, "training", {"backend": "local", "model_uri": model_uri})
+
+
+@pytest.fixture
+def settings(tmp_path: Path, tiny_model: RegisteredModel) -> Iterator[config.Settings]:
+    s = make_settings(tmp_path, tiny_model.tracking_uri)
+    record_training(s, tiny_model.run_model_uri)
+    started: list[int] = []
+    yield s
+    # Whatever a test left running: the recorded endpoint, and any endpoint process in its log.
+    pid = local_deploy._read_pid(s)
+    if pid is not None:
+        started.append(pid)
+    log_path = local_deploy.endpoint_dir(s) / local_deploy.LOG_FILE
+    if log_path.is_file():
+        started += [int(p) for p in _pids_in_log(log_path.read_text(errors="replace"))]
+    for pid in set(started):
+        if local_deploy._is_endpoint(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _pids_in_log(text: str) -> list[str]:
+    return [line.split("Started server process [", 1)[1].split("]", 1)[0] for line in text.splitlines() if "Started server process [" in line]
+
+
+def get(url: str, key: str | None = None, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method="POST" if data else "GET")
+    request.add_header("Content-Type", "application/json")
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def broken_model_uri(tiny_model: RegisteredModel, tmp_path: Path) -> str:
+    """A run whose `model` artifact is not a loadable model: registers fine, fails to load."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tiny_model.tracking_uri)
+    experiment = client.get_experiment_by_name("endpoint-tests")
+    run = client.create_run(experiment.experiment_id)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "MLmodel").write_text("flavors: {}\n")
+    client.log_artifacts(run.info.run_id, str(tmp_path / "broken"), "model")
+    client.set_terminated(run.info.run_id)
+    return f"runs:/{run.info.run_id}/model"
+
+
+# --- refusals (fast) -------------------------------------------------------------------------------
+
+
+def test_deploy_without_a_trained_model_says_run_setup_ml(tmp_path: Path) -> None:
+    s = make_settings(tmp_path, f"sqlite:///{tmp_path / 'empty.db'}")
+    with pytest.raises(DeployError, match="run python setup_ml.py first"):
+        local_deploy.deploy(s)
+
+
+def test_key_is_generated_once_private_and_reused(settings: config.Settings) -> None:
+    key = local_deploy.get_or_create_key(settings)
+    path = local_deploy.endpoint_dir(settings) / local_deploy.KEY_FILE
+    assert len(key) >= 40
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert local_deploy.get_or_create_key(settings) == key
+
+
+def test_port_busy_with_a_foreign_program_is_refused_before_anything_starts(tmp_path: Path, tiny_model: RegisteredModel) -> None:
+    with socket.socket() as foreign:
+        foreign.bind(("127.0.0.1", 0))
+        foreign.listen()
+        s = make_settings(tmp_path, tiny_model.tracking_uri, port=foreign.getsockname()[1])
+        record_training(s, tiny_model.run_model_uri)
+        with pytest.raises(DeployError, match=rf"port {s.LOCAL_ENDPOINT_PORT} .* in use by another program.*LOCAL_ENDPOINT_PORT"):
+            local_deploy.deploy(s)
+    assert not (local_deploy.endpoint_dir(s) / local_deploy.PID_FILE).exists()
+    assert "deployment" not in common.read_state(s)
+
+
+def test_teardown_with_nothing_running(settings: config.Settings) -> None:
+    assert "no local endpoint is running" in local_deploy.teardown(settings)
+
+
+def test_stale_pid_file_is_reported_and_removed(settings: config.Settings) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    pid_path = local_deploy.endpoint_dir(settings) / local_deploy.PID_FILE
+    common.atomic_write_text(pid_path, f"{gone.pid}\n")
+    message = local_deploy.teardown(settings)
+    assert f"(pid {gone.pid}) was not running" in message and "stale pid file" in message
+    assert not pid_path.exists()
+
+
+def test_a_recycled_pid_is_never_signalled(settings: config.Settings) -> None:
+    # A live process that is not our endpoint holds the recorded pid: it must survive teardown.
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        pid_path = local_deploy.endpoint_dir(settings) / local_deploy.PID_FILE
+        common.atomic_write_text(pid_path, f"{bystander.pid}\n")
+        assert local_deploy.running_pid(settings) is None
+        assert not pid_path.exists()
+        common.atomic_write_text(pid_path, f"{bystander.pid}\n")
+        assert "was not running" in local_deploy.teardown(settings)
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+# --- the real thing (slow) -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_deploy_redeploy_in_place_and_teardown(settings: config.Settings, tiny_model: RegisteredModel, tmp_path: Path) -> None:
+    first = local_deploy.deploy(settings, ready_timeout=READY_TIMEOUT)
+    port = settings.LOCAL_ENDPOINT_PORT
+    assert first.scoring_uri == f"http://127.0.0.1:{port}/score"
+    assert first.model_uri == f"models:/{settings.AZURE_MODEL_NAME}/1"
+    assert local_deploy._is_endpoint(first.pid)
+    key_path = local_deploy.endpoint_dir(settings) / local_deploy.KEY_FILE
+    assert key_path.read_text().strip() == first.key and key_path.stat().st_mode & 0o777 == 0o600
+    status, replies = get(first.scoring_uri, first.key, {"input_data": ["Who founded Microsoft?"], "params": {"max_new_tokens": 4}})
+    assert status == 200 and len(replies) == 1 and isinstance(replies[0], str)
+    assert get(first.scoring_uri, "wrong", {"input_data": ["hi"]})[0] == 401
+    state_text = common.state_path(settings).read_text()
+    assert first.key not in state_text
+    deployment = json.loads(state_text)["deployment"]
+    assert (deployment["pid"], deployment["port"], deployment["model_uri"]) == (first.pid, port, first.model_uri)
+    assert first.key not in first.log_path.read_text()
+
+    # A client keeps scoring through both re-deploys below: every request must be answered.
+    answers: list[object] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                answers.append(get(first.scoring_uri, first.key, {"input_data": ["hi"], "params": {"max_new_tokens": 1}})[0])
+            except OSError as exc:
+                answers.append(repr(exc))
+            time.sleep(0.05)
+
+    scorer = threading.Thread(target=client, daemon=True)
+    scorer.start()
+    try:
+        # A deployment that fails (the model cannot load) kills only itself: the old one keeps serving.
+        record_training(settings, broken_model_uri(tiny_model, tmp_path))
+        with pytest.raises(DeployError, match="exited with status 1(?s:.*)could not load(?s:.*)still serving"):
+            local_deploy.deploy(settings, ready_timeout=READY_TIMEOUT)
+        assert local_deploy.running_pid(settings) == first.pid
+        assert get(f"{first.base_url}/health/ready")[1]["pid"] == first.pid
+
+        # Re-deploy: version 3 (2 was the broken one), same port, same key, a new process; the old one is gone.
+        record_training(settings, tiny_model.run_model_uri)
+        second = local_deploy.deploy(settings, ready_timeout=READY_TIMEOUT)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        scorer.join(timeout=30)
+    assert len(answers) > 10 and set(answers) == {200}, answers
+    assert second.model_uri == f"models:/{settings.AZURE_MODEL_NAME}/3"
+    assert (second.port, second.key, second.replaced_pid) == (port, first.key, first.pid)
+    assert second.pid != first.pid and not local_deploy._alive(first.pid)
+    ready = get(f"{second.base_url}/health/ready")[1]
+    assert ready["pid"] == second.pid and ready["status"] == "ready"
+    assert get(second.scoring_uri, second.key, {"input_data": ["hi"], "params": {"max_new_tokens": 2}})[0] == 200
+
+    message = local_deploy.teardown(settings)
+    assert f"pid {second.pid}" in message and "stopped" in message
+    assert not local_deploy._alive(second.pid)
+    assert not (local_deploy.endpoint_dir(settings) / local_deploy.PID_FILE).exists()
+    assert not local_deploy._port_answers("127.0.0.1", port)
+    assert common.read_state(settings)["deployment"]["status"] == "stopped"
