@@ -1,0 +1,508 @@
+"""Supervised fine-tuning of Phi-3 on chat data with TRL, logged to MLflow as a servable chat model.
+
+The same command runs in the Azure ML job (from this folder, uploaded as the job's code) and locally
+(`python setup_ml.py` runs it with the local backend). It joins the MLflow run named by
+MLFLOW_RUN_ID when set, and talks to MLFLOW_TRACKING_URI.
+
+    # Azure ML job (GPU, LoRA on the real model):
+    python fine_tune.py --train-file train.jsonl --eval-file test.jsonl --model_output_dir outputs/model \\
+        --model microsoft/Phi-3-mini-4k-instruct --peft lora --epochs 1
+
+    # local, offline, CPU (a 1M-parameter Phi-3 built on the spot):
+    MLFLOW_TRACKING_URI=sqlite:///mlflow.db python fine_tune.py --train-file ../data/train_data.jsonl \\
+        --eval-file ../data/test_data.jsonl --model_output_dir /tmp/model --model tiny --epochs 30 --learning-rate 3e-3
+
+The model ends up twice, from one serialization: as an MLflow model folder in --model_output_dir
+(Azure registers that job output as an mlflow_model) and as the run's artifacts under "model"
+(`mlflow.pyfunc.load_model("runs:/<run_id>/model")`, `mlflow.register_model(...)`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import shutil
+import stat
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from chat_format import read_chat_rows
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+    from trl import SFTConfig
+
+log = logging.getLogger("fine_tune")
+
+TINY = "tiny"
+DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
+# Phi-3's linear layers (fused qkv and gate/up): LoRA on all of them, as the alignment-handbook recipes do.
+LORA_TARGET_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+MODEL_ARTIFACT_PATH = "model"
+# Generation settings a request may pass as `params`; the defaults are greedy decoding.
+DEFAULT_MAX_NEW_TOKENS = 256
+EXAMPLE_QUESTION = "Who founded Microsoft?"
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data and outputs")
+    data.add_argument("--train-file", type=Path, required=True, help="JSON lines, one {\"messages\": [...]} per row")
+    data.add_argument("--eval-file", type=Path, required=True, help="JSON lines, same format, for eval loss")
+    data.add_argument(
+        "--model_output_dir", "--model-output-dir", dest="model_output_dir", type=Path, required=True,
+        help="where the MLflow model folder is written (must not exist, or be empty)",
+    )  # fmt: skip
+    data.add_argument(
+        "--checkpoint-dir", type=Path, default=None,
+        help="Trainer checkpoints (only with --save-steps > 0; default: a temporary folder)",
+    )  # fmt: skip
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model", default=DEFAULT_MODEL,
+        help=f"hub id or local folder of a Phi-3 causal LM, or '{TINY}' for a 1M-parameter stand-in (default: %(default)s)",
+    )  # fmt: skip
+    model.add_argument(
+        "--peft", choices=("auto", "lora", "full"), default="auto",
+        help="lora adapters (merged before saving) or full fine-tuning; auto = full for tiny, lora otherwise",
+    )  # fmt: skip
+    model.add_argument("--lora-r", type=int, default=16)
+    model.add_argument("--lora-alpha", type=int, default=32)
+    model.add_argument("--lora-dropout", type=float, default=0.05)
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=float, default=1.0)
+    train.add_argument("--max-steps", type=int, default=-1, help="> 0 overrides --epochs")
+    train.add_argument("--learning-rate", type=float, default=5e-5)
+    train.add_argument("--batch-size", type=int, default=4, help="per device")
+    train.add_argument("--grad-accum", type=int, default=1)
+    train.add_argument("--max-seq-length", type=int, default=1024, help="longer conversations are truncated")
+    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps; 0 = no checkpoints")
+    train.add_argument(
+        "--assistant-only-loss", action=argparse.BooleanOptionalAction, default=True,
+        help="learn only from assistant turns (and their <|end|>), not from user or system text",
+    )  # fmt: skip
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    return parser
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Every bad flag at once, each with its fix."""
+    problems = []
+    positive = {
+        "--learning-rate": args.learning_rate, "--batch-size": args.batch_size, "--grad-accum": args.grad_accum,
+        "--max-seq-length": args.max_seq_length, "--lora-r": args.lora_r, "--lora-alpha": args.lora_alpha,
+    }  # fmt: skip
+    problems += [f"{flag} must be > 0 (got {value})" for flag, value in positive.items() if not value > 0]
+    if args.max_steps <= 0 and not args.epochs > 0:
+        problems.append(f"--epochs must be > 0 when --max-steps is not set (got {args.epochs})")
+    if not 0 <= args.lora_dropout < 1:
+        problems.append(f"--lora-dropout must be in [0, 1) (got {args.lora_dropout})")
+    if args.save_steps < 0:
+        problems.append(f"--save-steps must be >= 0 (got {args.save_steps})")
+    out = args.model_output_dir
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        problems.append(f"--model_output_dir {out} already holds files; pass a new or empty folder")
+    if args.model != TINY and "/" not in args.model and not Path(args.model).exists():
+        problems.append(f"--model {args.model!r} is neither '{TINY}', a local folder, nor a hub id like {DEFAULT_MODEL}")
+    if problems:
+        raise SystemExit("fine_tune.py: bad arguments:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def resolve_peft(peft: str, model: str) -> str:
+    if peft != "auto":
+        return peft
+    return "full" if model == TINY else "lora"
+
+
+def is_local_model(model: str) -> bool:
+    return model == TINY or Path(model).exists()
+
+
+# --- model and data ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Device:
+    cuda: bool
+    bf16: bool
+
+    @property
+    def name(self) -> str:
+        return "cuda" if self.cuda else "cpu"
+
+
+def detect_device() -> Device:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return Device(cuda=cuda, bf16=cuda and torch.cuda.is_bf16_supported())
+
+
+def load_model_and_tokenizer(
+    args: argparse.Namespace, device: Device, peft: str
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from chat_format import ensure_pad_token, stop_token_ids
+
+    if args.model == TINY:
+        from tiny_model import build_tiny
+
+        model, tokenizer = build_tiny(args.train_file, args.seed)
+    else:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        # LoRA keeps the frozen base in bf16 (half the memory); full fine-tuning keeps fp32 master
+        # weights and lets bf16 autocast do the compute.
+        dtype = torch.bfloat16 if device.bf16 and peft == "lora" else torch.float32
+        log.info("loading %s (%s)", args.model, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+        model.config.use_cache = False  # incompatible with gradient checkpointing; re-enabled before saving
+    ensure_pad_token(tokenizer)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # Generation must stop at <|end|>, the token every assistant turn is trained to end with.
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer)
+    return model, tokenizer
+
+
+def load_datasets(train_file: Path, eval_file: Path) -> tuple[Dataset, Dataset]:
+    from datasets import Dataset
+
+    train = Dataset.from_list([{"messages": m} for m in read_chat_rows(train_file)])
+    evaluation = Dataset.from_list([{"messages": m} for m in read_chat_rows(eval_file)])
+    return train, evaluation
+
+
+def planned_steps(n_rows: int, args: argparse.Namespace) -> int:
+    if args.max_steps > 0:
+        return args.max_steps
+    per_epoch = max(1, math.ceil(math.ceil(n_rows / args.batch_size) / args.grad_accum))
+    return max(1, math.ceil(per_epoch * args.epochs))
+
+
+def sft_config(args: argparse.Namespace, device: Device, checkpoint_dir: Path, total_steps: int) -> SFTConfig:
+    from trl import SFTConfig
+
+    tiny = args.model == TINY
+    return SFTConfig(
+        output_dir=str(checkpoint_dir),
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,  # a float < 1 is a fraction of the training steps
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        max_length=args.max_seq_length,
+        packing=False,
+        assistant_only_loss=args.assistant_only_loss,
+        # ~50 loss points and ~4 evaluations whatever the run length.
+        logging_strategy="steps",
+        logging_steps=max(1, total_steps // 50),
+        eval_strategy="steps",
+        eval_steps=max(1, total_steps // 4),
+        save_strategy="steps" if args.save_steps > 0 else "no",
+        save_steps=args.save_steps if args.save_steps > 0 else 500,
+        save_only_model=True,
+        report_to="none",  # metrics go to MLflow through MlflowMetrics, inside our one run
+        seed=args.seed,
+        data_seed=args.seed,
+        use_cpu=not device.cuda,
+        bf16=device.bf16,  # on CPU bf16 autocast is slower and uses twice the memory
+        gradient_checkpointing=device.cuda and not tiny,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        dataloader_num_workers=0,
+    )
+
+
+def lora_config(args: argparse.Namespace) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=LORA_TARGET_MODULES,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def make_metrics_callback() -> TrainerCallback:
+    """Trainer logs to MLflow, in the run that is already active (report_to="mlflow" would open its own)."""
+    import mlflow
+    from transformers import TrainerCallback
+
+    renames = {"loss": "train_loss", "train_loss": "train_loss_avg"}
+
+    class MlflowMetrics(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+            if not state.is_world_process_zero or not logs:
+                return
+            metrics = {
+                renames.get(k, k): float(v)
+                for k, v in logs.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            }
+            if metrics:
+                mlflow.log_metrics(metrics, step=state.global_step)
+
+    return MlflowMetrics()
+
+
+def run_params(args: argparse.Namespace, peft: str, device: Device, model: PreTrainedModel, n_train: int, n_eval: int) -> dict[str, Any]:
+    """What a reader of the run needs to reproduce it; Azure ML refuses runs with > 200 params."""
+    import torch
+    import transformers
+    import trl
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    params = {
+        "base_model": args.model,
+        "peft": peft,
+        "epochs": args.epochs,
+        "max_steps": args.max_steps,
+        "learning_rate": args.learning_rate,
+        "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum,
+        "max_seq_length": args.max_seq_length,
+        "seed": args.seed,
+        "assistant_only_loss": args.assistant_only_loss,
+        "train_rows": n_train,
+        "eval_rows": n_eval,
+        "parameters": model.num_parameters(),
+        "trainable_parameters_before_peft": trainable,
+        "device": device.name,
+        "bf16": device.bf16,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+    }
+    if peft == "lora":
+        params |= {"lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
+                   "lora_target_modules": ",".join(LORA_TARGET_MODULES)}  # fmt: skip
+    return params
+
+
+# --- the MLflow model ----------------------------------------------------------------------------
+
+
+def pip_requirements() -> list[str]:
+    """Explicit: inference of requirements imports every module and fails looking for torchvision."""
+    import accelerate
+    import mlflow
+    import tokenizers
+    import torch
+    import transformers
+
+    def pin(name: str, version: str) -> str:
+        return f"{name}=={version.split('+')[0]}"  # drop "+cpu": the serving host picks its own build
+
+    return [
+        pin("mlflow", mlflow.__version__),
+        pin("torch", torch.__version__),
+        pin("transformers", transformers.__version__),
+        pin("tokenizers", tokenizers.__version__),
+        pin("accelerate", accelerate.__version__),
+    ]
+
+
+def generation_params_schema() -> Any:
+    """Request `params` the endpoint honours; without a params schema MLflow drops them with a warning.
+
+    Defaults are greedy decoding and equal to transformers' own, so a request that sends none
+    behaves like `generate()` with the model's generation config.
+    """
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    return ParamSchema([
+        ParamSpec("max_new_tokens", "long", DEFAULT_MAX_NEW_TOKENS),
+        ParamSpec("do_sample", "boolean", False),
+        ParamSpec("temperature", "double", 1.0),
+        ParamSpec("top_p", "double", 1.0),
+        ParamSpec("top_k", "long", 50),
+        ParamSpec("repetition_penalty", "double", 1.0),
+    ])  # fmt: skip
+
+
+def save_mlflow_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path, run_id: str | None) -> None:
+    """Write an MLflow chat model folder (MLmodel at its root) at `path`.
+
+    Task llm/v1/chat rather than text-generation: clients send OpenAI-style `messages` and get
+    chat-completion objects back, and the model applies its own Phi-3 chat template (the exact one
+    it was trained with) instead of trusting every client to format prompts by hand. The chat task
+    returns only the generated text (the equivalent of return_full_text=False) and reads
+    max_tokens/temperature/top_p from the request body; the params schema added below also
+    lets a request pass generation settings such as do_sample and max_new_tokens as `params`.
+    """
+    import mlflow
+    from mlflow.models import Model, ModelSignature, set_signature
+
+    mlflow.transformers.save_model(
+        transformers_model={"model": model, "tokenizer": tokenizer},
+        path=str(path),
+        task="llm/v1/chat",
+        pip_requirements=pip_requirements(),
+        input_example={"messages": [{"role": "user", "content": EXAMPLE_QUESTION}], "max_tokens": 32},
+        model_config={"max_new_tokens": DEFAULT_MAX_NEW_TOKENS},
+        mlflow_model=Model(run_id=run_id, artifact_path=MODEL_ARTIFACT_PATH),
+    )
+    # The chat task fixes the input/output schema and refuses a user signature at save time, so
+    # the params schema is added to the saved signature with MLflow's own API.
+    chat_signature = Model.load(str(path)).signature
+    set_signature(
+        str(path),
+        ModelSignature(inputs=chat_signature.inputs, outputs=chat_signature.outputs, params=generation_params_schema()),
+    )
+    make_readable(path)
+
+
+def make_readable(root: Path) -> None:
+    """transformers 5 writes weights with mode 0600; the serving process may run as another user."""
+    for path in [root, *root.rglob("*")]:
+        extra = stat.S_IRGRP | stat.S_IROTH | (stat.S_IXGRP | stat.S_IXOTH if path.is_dir() else 0)
+        path.chmod(path.stat().st_mode | extra)
+
+
+def write_model_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, run_id: str | None) -> None:
+    """Save into a sibling temp folder and rename, so a crash never leaves half a model behind.
+
+    An existing empty folder (Azure ML mounts the job output before the job starts) cannot be
+    replaced by a rename, so it is written in place.
+    """
+    if out.is_dir():  # validate_args checked it is empty
+        save_mlflow_model(model, tokenizer, out, run_id)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_mlflow_model(model, tokenizer, tmp, run_id)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --- the job -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FineTuneResult:
+    run_id: str
+    eval_loss_before: float
+    eval_loss_after: float
+    model_output_dir: Path
+    model_uri: str
+    seconds: float
+
+
+def set_quiet_offline_env(model: str) -> None:
+    """Set before transformers/mlflow are imported: both read these at import time."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if is_local_model(model):
+        # Nothing to download; without this MLflow retries the hub for ~47 s looking for a model card.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def fine_tune(args: argparse.Namespace) -> FineTuneResult:
+    start = time.perf_counter()
+    peft = resolve_peft(args.peft, args.model)
+    set_quiet_offline_env(args.model)
+    # Read both files before the slow imports, so a bad file fails in a second.
+    n_train, n_eval = len(read_chat_rows(args.train_file)), len(read_chat_rows(args.eval_file))
+
+    import mlflow
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    set_seed(args.seed)
+    device = detect_device()
+    if args.model == TINY and not device.cuda:
+        import torch
+
+        # Its matrices are too small to split: one thread trained 42 steps in 2.3 s, two threads
+        # took 6.1 s on a 2-core machine shared with other jobs (thread hand-offs dominate).
+        torch.set_num_threads(1)
+    model, tokenizer = load_model_and_tokenizer(args, device, peft)
+    train_ds, eval_ds = load_datasets(args.train_file, args.eval_file)
+    total_steps = planned_steps(n_train, args)
+    log.info("device %s (bf16=%s), %s, %d train / %d eval rows, %d steps", device.name, device.bf16, peft, n_train, n_eval, total_steps)
+
+    with tempfile.TemporaryDirectory(prefix="fine_tune_ckpt_") as scratch:
+        checkpoint_dir = args.checkpoint_dir or Path(scratch)
+        # One run around everything: joins MLFLOW_RUN_ID when set (the local backend and Azure ML set it).
+        with mlflow.start_run() as run:
+            run_id = run.info.run_id
+            mlflow.log_params(run_params(args, peft, device, model, n_train, n_eval))
+            trainer = SFTTrainer(
+                model=model,
+                args=sft_config(args, device, checkpoint_dir, total_steps),
+                train_dataset=train_ds,
+                eval_dataset=eval_ds,
+                processing_class=tokenizer,
+                peft_config=lora_config(args) if peft == "lora" else None,
+                callbacks=[make_metrics_callback()],
+            )
+            before = trainer.evaluate()["eval_loss"]
+            mlflow.log_metric("eval_loss_before", before, step=0)
+            log.info("eval loss before training: %.4f", before)
+            trainer.train()
+            after = trainer.evaluate()["eval_loss"]
+            mlflow.log_metric("eval_loss_after", after, step=trainer.state.global_step)
+            log.info("eval loss after training: %.4f", after)
+
+            trained = trainer.model
+            if peft == "lora":
+                # Serve one plain model: a PEFT-wrapped model would need the base from the hub at
+                # load time, and MLflow saves it broken (the base reloads with random weights).
+                trained = trained.merge_and_unload()
+            trained.config.use_cache = True
+            trained.eval()
+            write_model_folder(trained, tokenizer, args.model_output_dir, run_id)
+            # Same folder, uploaded as the run's "model": runs:/<run_id>/model loads and registers.
+            mlflow.log_artifacts(str(args.model_output_dir), artifact_path=MODEL_ARTIFACT_PATH)
+    return FineTuneResult(
+        run_id=run_id,
+        eval_loss_before=before,
+        eval_loss_after=after,
+        model_output_dir=args.model_output_dir,
+        model_uri=f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}",
+        seconds=time.perf_counter() - start,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    validate_args(args)
+    result = fine_tune(args)
+    print(
+        f"fine-tune done in {result.seconds:.0f}s: MLflow run {result.run_id}, eval loss "
+        f"{result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f}, model at {result.model_uri} "
+        f"and {result.model_output_dir}",
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
