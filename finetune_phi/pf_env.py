@@ -87,6 +87,10 @@ def promptflow_env(settings: config.Settings) -> dict[str, str]:
         # keyring sets backend properties from KEYRING_PROPERTY_<NAME> (keyring/backend.py).
         "KEYRING_PROPERTY_FILE_PATH": str(home / KEYRING_FILE),
         "PF_DISABLE_TRACING": "true",
+        # pf builds its Azure Monitor log exporter even with telemetry off, and the exporter
+        # (azure-monitor-opentelemetry-exporter 1.0.0b4x) then polls settings.sdk.monitor.azure.com.
+        "APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED": "true",
+        "APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL": "true",
     }
 
 

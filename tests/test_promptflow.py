@@ -1,0 +1,551 @@
+"""Prompt flow, end to end: the real `pf` CLI, the real local endpoint serving a tiny Phi-3, headless Chromium.
+
+Every pf process runs with the project's Prompt flow environment (an isolated home in a temporary
+STATE_DIR, HOME pointed at a temporary folder) and a `sitecustomize` that refuses and records any
+connection or name lookup outside 127.0.0.1: each test ends by checking that record is empty.
+Between the flows and the endpoint sits a recording pass-through proxy, so the tests can compare
+what the flow answered with what the endpoint said, and see the request shapes and the key used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import requests
+import yaml
+
+import config
+from finetune_phi import pf_connection, pf_env
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "flow-test-key-0123456789abcdefghij"
+PF = str(Path(sys.executable).parent / "pf")
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+
+NET_GUARD = '''
+"""Test guard: this process may talk to loopback addresses only; anything else is refused and logged."""
+import ipaddress, os, socket, traceback
+
+_LOG = os.environ.get("PF_TEST_NET_GUARD_LOG")
+
+
+def _local(host):
+    if host in (None, "", "localhost") or isinstance(host, bytes) and host == b"localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.decode() if isinstance(host, bytes) else host).is_loopback
+    except ValueError:
+        return False
+
+
+def _refuse(what):
+    with open(_LOG, "a", encoding="utf-8") as fh:
+        fh.write(f"pid {os.getpid()}: {what}\\n" + "".join(traceback.format_stack(limit=6)) + "\\n")
+    raise OSError(101, f"network blocked by test guard: {what}")
+
+
+if _LOG:
+    _connect, _connect_ex, _getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+
+    def connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and not _local(address[0]):
+            _refuse(f"connect {address!r}")
+        return _connect(self, address)
+
+    def connect_ex(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and not _local(address[0]):
+            _refuse(f"connect_ex {address!r}")
+        return _connect_ex(self, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        if not _local(host):
+            _refuse(f"getaddrinfo {host!r}")
+        return _getaddrinfo(host, *args, **kwargs)
+
+    socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, connect_ex, getaddrinfo
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, deadline_s: float, proc: subprocess.Popen | None = None) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{proc.args!r} exited with {proc.returncode} before {url} answered")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer 200 within {deadline_s} s")
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a process started with start_new_session=True, children included (pf forks its serve app)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # a forked child that outlived its parent
+    except ProcessLookupError:
+        pass
+
+
+# --- a recording pass-through proxy in front of the real endpoint --------------------------------------
+
+
+@dataclass
+class Exchange:
+    request: Any
+    authorization: str
+    status: int
+    response: Any
+
+
+@dataclass
+class RecordingProxy:
+    upstream: str
+    exchanges: list[Exchange] = field(default_factory=list)
+    url: str = ""
+
+    def start(self) -> "RecordingProxy":
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")}
+                upstream = requests.post(proxy.upstream, data=raw, headers=headers, timeout=120)
+                try:
+                    decoded = upstream.json()
+                except ValueError:
+                    decoded = upstream.text
+                proxy.exchanges.append(
+                    Exchange(json.loads(raw), self.headers.get("Authorization", ""), upstream.status_code, decoded)
+                )
+                self.send_response(upstream.status_code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(upstream.content)))
+                self.end_headers()
+                self.wfile.write(upstream.content)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/score"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def since(self, n: int) -> list[Exchange]:
+        return self.exchanges[n:]
+
+
+# --- fixtures -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class FlowRig:
+    settings: config.Settings
+    env: dict[str, str]
+    proxy: RecordingProxy
+    guard_log: Path
+    tmp: Path
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowRig]:
+    from helpers_model import registered_tiny_model
+
+    tmp = tmp_path_factory.mktemp("pf")
+    model = registered_tiny_model(tmp_path_factory.getbasetemp() / "tiny-model")
+    port = free_port()
+    endpoint_log = (tmp / "endpoint.log").open("w")
+    endpoint = subprocess.Popen(
+        [sys.executable, "-m", "finetune_phi.endpoint", "--model-uri", model.registry_uri,
+         "--host", "127.0.0.1", "--port", str(port)],
+        env={**os.environ, "MLFLOW_TRACKING_URI": model.tracking_uri, "FINETUNE_PHI_ENDPOINT_KEY": KEY},
+        cwd=tmp, stdout=endpoint_log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    proxy = RecordingProxy(f"http://127.0.0.1:{port}/score").start()
+    settings = config.load(env={}, dotenv_path=tmp / "no.env", STATE_DIR=str(tmp / "state"))
+    guard_dir = tmp / "guard"
+    guard_dir.mkdir()
+    (guard_dir / "sitecustomize.py").write_text(NET_GUARD, encoding="utf-8")
+    (tmp / "home").mkdir()
+    env = pf_env.subprocess_env(settings)
+    env.update(
+        HOME=str(tmp / "home"),  # whatever pf would write under ~ lands here, and is checked below
+        PYTHONPATH=os.pathsep.join(p for p in (str(guard_dir), env.get("PYTHONPATH", "")) if p),
+        PF_TEST_NET_GUARD_LOG=str(tmp / "network-attempts.log"),
+        AZURE_ML_ENDPOINT=proxy.url,  # the SDK variant reads these (environment beats .env)
+        AZURE_ML_API_KEY=KEY,
+    )
+    rig = FlowRig(settings, env, proxy, tmp / "network-attempts.log", tmp)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health/ready", 120, endpoint)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("HOME", env["HOME"])  # the connection's child process inherits it
+            pf_connection.upsert_connection(settings, endpoint=proxy.url, key=KEY)
+        yield rig
+    finally:
+        subprocess.run([PF, "service", "stop"], env=env, capture_output=True, timeout=60)
+        proxy.stop()
+        stop_group(endpoint)
+        endpoint_log.close()
+    leftovers = sorted(str(p.relative_to(tmp / "home")) for p in (tmp / "home").rglob("*"))
+    assert leftovers == [], f"Prompt flow wrote into HOME despite PF_HOME_DIRECTORY: {leftovers}"
+
+
+@pytest.fixture
+def flow(rig: FlowRig) -> Iterator[FlowRig]:
+    yield rig
+    attempts = rig.guard_log.read_text(encoding="utf-8") if rig.guard_log.exists() else ""
+    assert attempts == "", f"a pf process tried to reach beyond 127.0.0.1:\n{attempts[:3000]}"
+
+
+def pf(rig: FlowRig, *args: str, stdin: str | None = None, env: dict[str, str] | None = None,
+       ok: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [PF, *args], input=stdin, capture_output=True, text=True, cwd=REPO,
+        env=env or rig.env, timeout=180,
+    )
+    if ok:
+        assert proc.returncode == 0, f"pf {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def flow_outputs(stdout: str) -> dict[str, Any]:
+    """`pf flow test` prints the outputs as the last JSON object of its output."""
+    start = stdout.rfind("{")
+    while start != -1:
+        try:
+            return json.loads(stdout[start:])
+        except json.JSONDecodeError:
+            start = stdout.rfind("{", 0, start)
+    raise AssertionError(f"no JSON outputs in pf output:\n{stdout[-2000:]}")
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[A-Za-z0-9]{3,}", text)
+
+
+# --- Prompt flow's environment (no subprocess) ----------------------------------------------------------
+
+
+def test_pf_env_prepares_an_offline_isolated_home(tmp_path: Path) -> None:
+    settings = config.load(env={}, dotenv_path=tmp_path / "no.env", STATE_DIR=str(tmp_path / "state"))
+    home = pf_env.promptflow_home(settings)
+    home.mkdir(parents=True)
+    (home / "pf.yaml").write_text("cli:\n  installation_id: abc\ntrace:\n  destination: local\n")
+    env = pf_env.promptflow_env(settings)
+    again = pf_env.promptflow_env(settings)
+    assert env == again
+    assert env["PF_HOME_DIRECTORY"] == str(tmp_path / "state" / "promptflow")
+    assert env["PYTHON_KEYRING_BACKEND"] == "keyrings.alt.file.PlaintextKeyring"
+    assert env["KEYRING_PROPERTY_FILE_PATH"].startswith(env["PF_HOME_DIRECTORY"])
+    assert env["APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED"] == "true"
+    cfg = yaml.safe_load((home / "pf.yaml").read_text())
+    # Telemetry turned off, an explicit choice already there (local traces) and other keys kept.
+    assert cfg == {"cli": {"installation_id": "abc"}, "telemetry": {"enabled": False}, "trace": {"destination": "local"}}
+    check = json.loads((home / "pf_version_check.json").read_text())
+    assert check["last_check_time"].startswith("2999")
+    assert (home / "keyring_pass.cfg").stat().st_mode & 0o077 == 0
+    assert home.stat().st_mode & 0o077 == 0
+
+
+def test_project_pf_yaml_keeps_pf_offline_from_the_checkout() -> None:
+    cfg = yaml.safe_load((REPO / "pf.yaml").read_text())
+    assert cfg["telemetry"]["enabled"] is False and cfg["trace"]["destination"] == "none"
+
+
+def test_flow_definitions_match_the_contract() -> None:
+    dag = yaml.safe_load((REPO / "flow.dag.yml").read_text())
+    assert dag["inputs"] == {"input_data": {"type": "string", "default": "Who founded Microsoft?"}}
+    assert [n["name"] for n in dag["nodes"]] == ["integrate_with_promptflow"]
+    assert set(dag["outputs"]) == {"answer"}
+    chat = yaml.safe_load((REPO / "chat_flow" / "flow.dag.yaml").read_text())
+    assert chat["$schema"].endswith("Flow.schema.json")
+    assert chat["inputs"]["chat_history"]["is_chat_history"] is True
+    assert chat["inputs"]["question"]["is_chat_input"] is True
+    assert chat["outputs"]["answer"]["is_chat_output"] is True
+    (node,) = chat["nodes"]
+    assert node["inputs"]["connection"] == config.Settings().PROMPTFLOW_CONNECTION_NAME
+    for line in (REPO / "chat_flow" / "data.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        assert set(row) == {"question", "chat_history"}
+
+
+def test_importing_the_tool_configures_no_logging() -> None:
+    code = (
+        "import logging, integrate_with_promptflow as t; "
+        "assert logging.getLogger().handlers == [], logging.getLogger().handlers; print(t.integrate_with_promptflow)"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = config.load(env={}, dotenv_path=Path(tmp) / "no.env", STATE_DIR=tmp)
+        env = {**pf_env.subprocess_env(settings), "HOME": tmp}
+        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# --- the CustomConnection ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_connection_upsert_creates_updates_and_keeps_the_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))  # the children inherit it: ~/.promptflow would land here
+    settings = config.load(env={}, dotenv_path=tmp_path / "no.env", STATE_DIR=str(tmp_path / "state"))
+
+    first = pf_connection.upsert_connection(settings, endpoint="http://127.0.0.1:5001/score", key="key-one-aaaaaaaaaaaaaaaa")
+    assert first == {"name": "phi3_endpoint", "configs": {"endpoint": "http://127.0.0.1:5001/score"}}
+    pf_connection.upsert_connection(settings, endpoint="http://127.0.0.1:5002/score", key="key-two-bbbbbbbbbbbbbbbb")
+    stored = pf_connection.read_connection(settings, with_secret=True)
+    assert stored["configs"] == {"endpoint": "http://127.0.0.1:5002/score"}
+    assert stored["secrets"] == {"key": "key-two-bbbbbbbbbbbbbbbb"}
+    assert "secrets" not in pf_connection.read_connection(settings)
+
+    # Encrypted at rest: the sqlite store does not hold the key in clear.
+    store = (pf_env.promptflow_home(settings) / "pf.sqlite").read_bytes()
+    assert b"key-two-bbbbbbbbbbbbbbbb" not in store
+    assert list(home.iterdir()) == [], "nothing may be written under HOME (~/.promptflow, keyrings)"
+
+    with pytest.raises(config.ConfigError, match="not an http"):
+        pf_connection.upsert_connection(settings, endpoint="", key="k")
+    with pytest.raises(config.ConfigError, match="PROMPTFLOW_CONNECTION_NAME"):
+        pf_connection.upsert_connection(settings.with_overrides(PROMPTFLOW_CONNECTION_NAME="bad name!"),
+                                        endpoint="http://127.0.0.1:1/score", key="k")
+
+
+# --- the flows through the real pf CLI -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_standard_flow_answers_with_the_endpoints_reply(flow: FlowRig) -> None:
+    n = len(flow.proxy.exchanges)
+    default = flow_outputs(pf(flow, "flow", "test", "--flow", ".").stdout)
+    custom = flow_outputs(pf(flow, "flow", "test", "--flow", ".", "--inputs", "input_data=What is Phi-3?").stdout)
+    first, second = flow.proxy.since(n)
+    assert first.request["input_data"] == ["Who founded Microsoft?"]  # the flow's default input
+    assert second.request["input_data"] == ["What is Phi-3?"]
+    assert first.authorization == f"Bearer {KEY}" and first.status == 200
+    assert default == {"answer": first.response[0]}
+    assert custom == {"answer": second.response[0]}
+
+
+@pytest.mark.slow
+def test_standard_flow_errors_name_the_fix_and_hide_the_key(flow: FlowRig) -> None:
+    wrong = pf(flow, "flow", "test", "--flow", ".", env={**flow.env, "AZURE_ML_API_KEY": "wrong-key-zzzzzzzzzzzzzzzz"}, ok=False)
+    out = wrong.stdout + wrong.stderr
+    assert wrong.returncode != 0
+    assert f"endpoint {flow.proxy.url} rejected the key (HTTP 401)" in out
+    assert "wrong-key-zzzzzzzzzzzzzzzz" not in out and KEY not in out
+    missing = pf(flow, "flow", "test", "--flow", ".", env={**flow.env, "AZURE_ML_ENDPOINT": ""}, ok=False)
+    assert missing.returncode != 0
+    assert "run python deploy_model.py first" in missing.stdout + missing.stderr
+
+
+@pytest.mark.slow
+def test_chat_flow_interactive_sends_the_history(flow: FlowRig) -> None:
+    n = len(flow.proxy.exchanges)
+    proc = pf(flow, "flow", "test", "--flow", "chat_flow", "--interactive",
+              stdin="Who founded Microsoft?\nAnd when?\n")
+    first, second = flow.proxy.since(n)
+    assert first.authorization == f"Bearer {KEY}"  # the key came from the connection's secret
+    assert first.request["input_data"]["input_string"] == [{"role": "user", "content": "Who founded Microsoft?"}]
+    assert second.request["input_data"]["input_string"] == [
+        {"role": "user", "content": "Who founded Microsoft?"},
+        {"role": "assistant", "content": first.response["output"]},
+        {"role": "user", "content": "And when?"},
+    ]
+    assert proc.stdout.count("Bot:") == 2
+    for exchange in (first, second):
+        assert exchange.response["output"].strip() and exchange.response["output"].strip() in proc.stdout
+
+
+async def _chat_in_browser(url: str, questions: list[str], user_data_dir: Path) -> str:
+    """Open the chat page in headless Chromium over the DevTools protocol, ask, return the message list text."""
+    import aiohttp
+
+    browser = subprocess.Popen(
+        ["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={user_data_dir}",
+         "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        port_file = user_data_dir / "DevToolsActivePort"
+        for _ in range(150):
+            if port_file.exists() and len(port_file.read_text().split()) >= 2:
+                break
+            await asyncio.sleep(0.1)
+        port = port_file.read_text().split()[0]
+        async with aiohttp.ClientSession() as http:
+            targets = await (await http.get(f"http://127.0.0.1:{port}/json")).json()
+            page = next(t for t in targets if t["type"] == "page")
+            async with http.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+                ids = iter(range(1, 1_000_000))
+
+                async def call(method: str, **params: Any) -> Any:
+                    mid = next(ids)
+                    await ws.send_json({"id": mid, "method": method, "params": params})
+                    while True:
+                        msg = await ws.receive_json(timeout=60)
+                        if msg.get("id") == mid:
+                            assert "error" not in msg, msg
+                            return msg["result"]
+
+                async def js(expression: str) -> Any:
+                    result = await call("Runtime.evaluate", expression=expression, returnByValue=True)
+                    return result["result"].get("value")
+
+                async def until(expression: str, seconds: float) -> Any:
+                    end = time.monotonic() + seconds
+                    while time.monotonic() < end:
+                        value = await js(expression)
+                        if value:
+                            return value
+                        await asyncio.sleep(0.2)
+                    page_text = await js("document.body.innerText")
+                    raise AssertionError(f"chat page: {expression} stayed false for {seconds} s; page:\n{page_text[-1500:]}")
+
+                messages = "document.querySelector('[data-chatbox-locator=chatbox-message-list]')"
+                await call("Page.navigate", url=url)
+                await until("!!document.querySelector('[data-lexical-editor]')", 60)
+                editor = "document.querySelector('[data-lexical-editor]')"
+                send_enabled = "!document.querySelector('button[title=Send]').disabled"
+                for i, question in enumerate(questions, start=1):
+                    # The editor can exist before its handlers are attached: type until Send enables.
+                    for _ in range(20):
+                        await js(f"{editor}.focus()")
+                        if not (await js(f"{editor}.innerText")).strip():
+                            await call("Input.insertText", text=question)
+                        await asyncio.sleep(0.5)
+                        if await js(send_enabled):
+                            break
+                    await until(send_enabled, 1)
+                    await js("document.querySelector('button[title=Send]').click()")
+                    # An answered turn shows its reply and a "View trace" link; one in progress
+                    # shows the link beside "Generating chat output for you".
+                    await until(
+                        f"!{messages}.innerText.includes('Generating chat output')"
+                        f" && ({messages}.innerText.match(/View trace/g) || []).length >= {i}",
+                        90,
+                    )
+                return await js(f"{messages}.innerText")
+    finally:
+        browser.terminate()
+        try:
+            browser.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            browser.kill()
+
+
+@pytest.mark.slow
+def test_chat_flow_ui_answers_in_headless_chromium(flow: FlowRig) -> None:
+    if shutil.which("chromium") is None:
+        pytest.fail("chromium not found: run `apt-get install -y chromium` (scripts/ensure-chromium.sh does it)")
+    # A copy of the flow: the chat page keeps its conversation in <flow>/.promptflow/ux.inputs.json,
+    # and the test must start from an empty one without touching a user's.
+    chat_flow = flow.tmp / "chat_flow"
+    shutil.rmtree(chat_flow, ignore_errors=True)
+    shutil.copytree(REPO / "chat_flow", chat_flow, ignore=shutil.ignore_patterns(".promptflow", "__pycache__"))
+    port = free_port()
+    log_path = flow.tmp / "ui.log"
+    with log_path.open("w") as log:
+        ui = subprocess.Popen(
+            [PF, "flow", "test", "--flow", str(chat_flow), "--ui", "--skip-open-browser", "--port", str(port)],
+            cwd=REPO, env=flow.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    n = len(flow.proxy.exchanges)
+    try:
+        end = time.monotonic() + 60
+        url = None
+        while url is None and time.monotonic() < end and ui.poll() is None:
+            found = re.search(r"http://127\.0\.0\.1:\d+/v1\.0/ui/chat\?\S+", log_path.read_text())
+            url = found.group(0) if found else None
+            time.sleep(0.2)
+        assert url, f"pf --ui printed no chat URL:\n{log_path.read_text()[-3000:]}"
+        wait_http(f"http://127.0.0.1:{port}/health", 60, ui)
+        text = asyncio.run(_chat_in_browser(url, ["Who founded Microsoft?", "And when?"], flow.tmp / "chromium"))
+    finally:
+        stop_group(ui)
+    first, second = flow.proxy.since(n)
+    assert len(second.request["input_data"]["input_string"]) == 3  # the page kept the history
+    assert "Who founded Microsoft?" in text and "And when?" in text
+    for exchange in (first, second):
+        reply_words = words(exchange.response["output"])[:8]
+        assert reply_words and all(w in text for w in reply_words), (reply_words, text[-1500:])
+
+
+@pytest.mark.slow
+def test_flow_serve_answers_post_score(flow: FlowRig) -> None:
+    port = free_port()
+    serve = subprocess.Popen(
+        [PF, "flow", "serve", "--source", ".", "--host", "127.0.0.1", "--port", str(port), "--skip-open-browser"],
+        cwd=REPO, env=flow.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", 60, serve)
+        n = len(flow.proxy.exchanges)
+        reply = requests.post(f"http://127.0.0.1:{port}/score", json={"input_data": "Served question?"}, timeout=60)
+    finally:
+        stop_group(serve)
+    (exchange,) = flow.proxy.since(n)
+    assert reply.status_code == 200
+    assert exchange.request["input_data"] == ["Served question?"]
+    assert reply.json() == {"answer": exchange.response[0]}
+
+
+@pytest.mark.slow
+def test_batch_run_over_test_data_writes_one_answer_per_row(flow: FlowRig, ultrachat_20: Path) -> None:
+    rows = [json.loads(line) for line in ultrachat_20.read_text(encoding="utf-8").splitlines()[:3]]
+    data = flow.tmp / "test_data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    n = len(flow.proxy.exchanges)
+    pf(flow, "run", "create", "--flow", ".", "--data", str(data), "--name", "batch_test_run",
+       "--column-mapping", "input_data=${data.prompt}")
+    run_dir = pf_env.promptflow_home(flow.settings) / ".runs" / "batch_test_run"
+    outputs = [json.loads(line) for line in (run_dir / "flow_outputs" / "output.jsonl").read_text().splitlines()]
+    by_question = {e.request["input_data"][0]: e.response[0] for e in flow.proxy.since(n)}
+    assert sorted(o["line_number"] for o in outputs) == [0, 1, 2]
+    for out in outputs:
+        assert out["answer"] == by_question[rows[out["line_number"]]["prompt"]]
+    snapshot = run_dir / "snapshot"
+    assert (snapshot / "integrate_with_promptflow.py").is_file()
+    for heavy_or_secret in (".venv", ".git", ".env", ".finetune_phi", "data"):
+        assert not (snapshot / heavy_or_secret).exists(), f"{heavy_or_secret} copied into the run snapshot"
