@@ -399,6 +399,15 @@ def write_model_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
 
 
 @dataclass(frozen=True)
+class Trained:
+    model: PreTrainedModel  # a plain transformers model: LoRA adapters already merged
+    tokenizer: PreTrainedTokenizerBase
+    eval_loss_before: float
+    eval_loss_after: float
+    steps: int
+
+
+@dataclass(frozen=True)
 class FineTuneResult:
     run_id: str
     eval_loss_before: float
@@ -419,17 +428,13 @@ def set_quiet_offline_env(model: str) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def fine_tune(args: argparse.Namespace) -> FineTuneResult:
-    start = time.perf_counter()
-    peft = resolve_peft(args.peft, args.model)
-    set_quiet_offline_env(args.model)
-    # Read both files before the slow imports, so a bad file fails in a second.
-    n_train, n_eval = len(read_chat_rows(args.train_file)), len(read_chat_rows(args.eval_file))
-
+def train(args: argparse.Namespace, checkpoint_dir: Path) -> Trained:
+    """Fine-tune inside the active MLflow run (params and metrics go to it); evaluate before and after."""
     import mlflow
     from transformers import set_seed
     from trl import SFTTrainer
 
+    peft = resolve_peft(args.peft, args.model)
     set_seed(args.seed)
     device = detect_device()
     if args.model == TINY and not device.cuda:
@@ -440,48 +445,69 @@ def fine_tune(args: argparse.Namespace) -> FineTuneResult:
         torch.set_num_threads(1)
     model, tokenizer = load_model_and_tokenizer(args, device, peft)
     train_ds, eval_ds = load_datasets(args.train_file, args.eval_file)
-    total_steps = planned_steps(n_train, args)
-    log.info("device %s (bf16=%s), %s, %d train / %d eval rows, %d steps", device.name, device.bf16, peft, n_train, n_eval, total_steps)
+    total_steps = planned_steps(len(train_ds), args)
+    log.info(
+        "device %s (bf16=%s), %s, %d train / %d eval rows, %d steps",
+        device.name, device.bf16, peft, len(train_ds), len(eval_ds), total_steps,
+    )  # fmt: skip
+    mlflow.log_params(run_params(args, peft, device, model, len(train_ds), len(eval_ds)))
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(args, device, checkpoint_dir, total_steps),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=lora_config(args) if peft == "lora" else None,
+        callbacks=[make_metrics_callback()],
+    )
+    before = trainer.evaluate()["eval_loss"]
+    mlflow.log_metric("eval_loss_before", before, step=0)
+    log.info("eval loss before training: %.4f", before)
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    mlflow.log_metric("eval_loss_after", after, step=trainer.state.global_step)
+    log.info("eval loss after training: %.4f", after)
+
+    trained = trainer.model
+    if peft == "lora":
+        # Serve one plain model: a PEFT-wrapped model would need the base from the hub at load
+        # time, and MLflow saves it broken (the base reloads with random weights).
+        trained = trained.merge_and_unload()
+    trained.config.use_cache = True
+    trained.eval()
+    return Trained(trained, tokenizer, before, after, trainer.state.global_step)
+
+
+def save_and_log(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, run_id: str) -> str:
+    """Serialize once into `out`, then upload that folder as the run's "model"; returns its runs:/ URI."""
+    import mlflow
+
+    write_model_folder(model, tokenizer, out, run_id)
+    # Plain run artifacts rather than an MLflow 3 LoggedModel: runs:/<run_id>/model loads and
+    # registers from them in every store, Azure ML's included.
+    mlflow.log_artifacts(str(out), artifact_path=MODEL_ARTIFACT_PATH)
+    return f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}"
+
+
+def fine_tune(args: argparse.Namespace) -> FineTuneResult:
+    start = time.perf_counter()
+    set_quiet_offline_env(args.model)
+    # Read both files before the slow imports, so a bad file fails in a second.
+    read_chat_rows(args.train_file), read_chat_rows(args.eval_file)
+
+    import mlflow
 
     with tempfile.TemporaryDirectory(prefix="fine_tune_ckpt_") as scratch:
-        checkpoint_dir = args.checkpoint_dir or Path(scratch)
         # One run around everything: joins MLFLOW_RUN_ID when set (the local backend and Azure ML set it).
         with mlflow.start_run() as run:
-            run_id = run.info.run_id
-            mlflow.log_params(run_params(args, peft, device, model, n_train, n_eval))
-            trainer = SFTTrainer(
-                model=model,
-                args=sft_config(args, device, checkpoint_dir, total_steps),
-                train_dataset=train_ds,
-                eval_dataset=eval_ds,
-                processing_class=tokenizer,
-                peft_config=lora_config(args) if peft == "lora" else None,
-                callbacks=[make_metrics_callback()],
-            )
-            before = trainer.evaluate()["eval_loss"]
-            mlflow.log_metric("eval_loss_before", before, step=0)
-            log.info("eval loss before training: %.4f", before)
-            trainer.train()
-            after = trainer.evaluate()["eval_loss"]
-            mlflow.log_metric("eval_loss_after", after, step=trainer.state.global_step)
-            log.info("eval loss after training: %.4f", after)
-
-            trained = trainer.model
-            if peft == "lora":
-                # Serve one plain model: a PEFT-wrapped model would need the base from the hub at
-                # load time, and MLflow saves it broken (the base reloads with random weights).
-                trained = trained.merge_and_unload()
-            trained.config.use_cache = True
-            trained.eval()
-            write_model_folder(trained, tokenizer, args.model_output_dir, run_id)
-            # Same folder, uploaded as the run's "model": runs:/<run_id>/model loads and registers.
-            mlflow.log_artifacts(str(args.model_output_dir), artifact_path=MODEL_ARTIFACT_PATH)
+            trained = train(args, args.checkpoint_dir or Path(scratch))
+            model_uri = save_and_log(trained.model, trained.tokenizer, args.model_output_dir, run.info.run_id)
     return FineTuneResult(
-        run_id=run_id,
-        eval_loss_before=before,
-        eval_loss_after=after,
+        run_id=run.info.run_id,
+        eval_loss_before=trained.eval_loss_before,
+        eval_loss_after=trained.eval_loss_after,
         model_output_dir=args.model_output_dir,
-        model_uri=f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}",
+        model_uri=model_uri,
         seconds=time.perf_counter() - start,
     )
 

@@ -1,0 +1,318 @@
+"""fine_tune.py: the loss mask, the LoRA merge, and a real end-to-end run into a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FINETUNING_DIR = REPO / "finetuning_dir"
+sys.path.insert(0, str(FINETUNING_DIR))  # the job's code folder imports its siblings by bare name
+
+import chat_format  # noqa: E402
+import fine_tune  # noqa: E402
+import tiny_model  # noqa: E402
+
+# The tiny demo settings this file verifies (the lead copies them into the demo's defaults).
+DEMO_EPOCHS = 15
+DEMO_LEARNING_RATE = 3e-3
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def split_ultrachat(ultrachat_20: Path, tmp_path: Path) -> tuple[Path, Path]:
+    lines = ultrachat_20.read_text(encoding="utf-8").splitlines(keepends=True)
+    train, evaluation = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join(lines[:16]), encoding="utf-8")
+    evaluation.write_text("".join(lines[16:]), encoding="utf-8")
+    return train, evaluation
+
+
+def qa_rows(pairs: list[tuple[str, str]]) -> str:
+    return "".join(
+        json.dumps({"prompt": q, "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+        for q, a in pairs
+    )
+
+
+def args_for(train: Path, evaluation: Path, out: Path, *extra: str):
+    return fine_tune.make_parser().parse_args(
+        ["--train-file", str(train), "--eval-file", str(evaluation), "--model_output_dir", str(out), *extra]
+    )
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A real sqlite tracking store with its artifacts in tmp_path; yields (uri, experiment_id)."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    experiment_id = mlflow.MlflowClient().create_experiment("ft", artifact_location=(tmp_path / "artifacts").as_uri())
+    yield uri, experiment_id
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(previous)
+
+
+# --- cheap checks ------------------------------------------------------------------------------
+
+
+def test_help_is_fast_and_imports_nothing_heavy():
+    code = (
+        "import sys; sys.argv = ['fine_tune.py', '--help']; import fine_tune\n"
+        "heavy = [m for m in ('torch', 'transformers', 'trl', 'mlflow') if m in sys.modules]\n"
+        "print('heavy:', heavy)\n"
+        "fine_tune.main()\n"
+    )
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=FINETUNING_DIR, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert time.perf_counter() - start < 5
+    assert "heavy: []" in proc.stdout
+    for flag in ("--model_output_dir", "--model-output-dir", "--peft", "--max-seq-length", "--lora-dropout", "--save-steps"):
+        assert flag in proc.stdout
+
+
+def test_accepts_exactly_the_flags_the_shared_command_builder_passes(tmp_path):
+    import config
+    from finetune_phi.training import fine_tune_args
+
+    argv = fine_tune_args(
+        config.Settings(), train_file="t.jsonl", eval_file="e.jsonl", model_output_dir=str(tmp_path / "m"), model="tiny"
+    )
+    args = fine_tune.make_parser().parse_args(argv)
+    assert args.model == "tiny" and args.model_output_dir == tmp_path / "m"
+    assert fine_tune.resolve_peft(args.peft, args.model) == "full"
+    assert fine_tune.resolve_peft("auto", "microsoft/Phi-3-mini-4k-instruct") == "lora"
+
+
+def test_bad_arguments_are_all_named_with_their_fix(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "leftover").write_text("x")
+    args = args_for(tmp_path / "t.jsonl", tmp_path / "e.jsonl", out, "--learning-rate", "0", "--model", "phi3", "--lora-dropout", "1.5")
+    with pytest.raises(SystemExit) as excinfo:
+        fine_tune.validate_args(args)
+    message = str(excinfo.value)
+    for expected in ("--learning-rate must be > 0", "--lora-dropout must be in [0, 1)", "already holds files", "--model 'phi3'"):
+        assert expected in message
+
+
+def test_a_file_without_messages_fails_naming_file_and_line(tmp_path):
+    bad = tmp_path / "train.jsonl"
+    bad.write_text(qa_rows([("q", "a")]) + '{"messages": [{"role": "user", "content": "no answer"}]}\n', encoding="utf-8")
+    with pytest.raises(chat_format.DataError, match=r"train.jsonl:2: has no assistant message"):
+        chat_format.read_chat_rows(bad)
+
+
+# --- what the model is trained on ---------------------------------------------------------------
+
+
+def _supervised_spans(input_ids: list[int], labels: list[int]) -> list[list[int]]:
+    spans: list[list[int]] = []
+    previous = False
+    for token, label in zip(input_ids, labels):
+        if label != -100:
+            assert label == token
+            if not previous:
+                spans.append([])
+            spans[-1].append(token)
+        previous = label != -100
+    return spans
+
+
+@pytest.mark.parametrize("which", ["real", "tiny"])
+def test_only_assistant_turns_and_their_end_tokens_are_supervised(which, tmp_path, phi3_tokenizer_dir, ultrachat_20):
+    """A real ultrachat row through the trainer's own tokenization and collator."""
+    from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
+    from trl import SFTTrainer
+
+    train, evaluation = split_ultrachat(ultrachat_20, tmp_path)
+    args = args_for(train, evaluation, tmp_path / "out", "--max-seq-length", "4096")
+    if which == "real":
+        tokenizer = AutoTokenizer.from_pretrained(phi3_tokenizer_dir)
+        assert tokenizer.pad_token == tokenizer.eos_token  # the trap ensure_pad_token exists for
+    else:
+        tokenizer = tiny_model.build_tokenizer(tiny_model.corpus_from_rows(chat_format.read_chat_rows(train)))
+    chat_format.ensure_pad_token(tokenizer)
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    model = Phi3ForCausalLM(
+        Phi3Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                   num_attention_heads=2, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    )  # fmt: skip
+    train_ds, eval_ds = fine_tune.load_datasets(train, evaluation)
+    assert train_ds.column_names == ["messages"]  # ultrachat's `prompt` would make trl expect `completion`
+    trainer = SFTTrainer(
+        model=model,
+        args=fine_tune.sft_config(args, fine_tune.Device(cuda=False, bf16=False), tmp_path / "ckpt", 10),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+    )
+    # Padding in a batch of two must not hide the shorter row's final EOS.
+    rows = [trainer.train_dataset[0], trainer.train_dataset[1]]
+    batch = trainer.data_collator(rows)
+    messages = train_ds[0]["messages"]
+    assistant = [m["content"] for m in messages if m["role"] == "assistant"]
+    for i, row_messages in enumerate((messages, train_ds[1]["messages"])):
+        ids, labels = batch["input_ids"][i].tolist(), batch["labels"][i].tolist()
+        spans = _supervised_spans(ids, labels)
+        row_assistant = [m["content"] for m in row_messages if m["role"] == "assistant"]
+        assert len(spans) == len(row_assistant)
+        end_id, eos_id = tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.eos_token_id
+        for n, (span, content) in enumerate(zip(spans, row_assistant)):
+            text = tokenizer.decode(span)
+            expected_end = "<|end|>" + ("\n<|endoftext|>" if n == len(spans) - 1 else "\n")
+            # The real tokenizer folds the newline after <|end|> into the special token.
+            assert text.replace("<|end|>\n", "<|end|>").strip() == (content + expected_end).replace("<|end|>\n", "<|end|>").strip()
+            assert end_id in span
+        assert spans[-1][-1] == eos_id
+        # Nothing the user wrote is a target, and neither are the role markers.
+        supervised = {t for span in spans for t in span}
+        for marker in ("<|user|>", "<|assistant|>"):
+            assert tokenizer.convert_tokens_to_ids(marker) not in supervised
+        # Every user turn, from <|user|> through its closing <|end|>, is masked out.
+        user = [m["content"] for m in row_messages if m["role"] == "user"]
+        user_id = tokenizer.convert_tokens_to_ids("<|user|>")
+        starts = [j for j, t in enumerate(ids) if t == user_id]
+        assert len(starts) == len(user)
+        for start, content in zip(starts, user):
+            stop = ids.index(end_id, start)
+            assert tokenizer.decode(ids[start + 1 : stop]).strip() == content.strip()
+            assert all(label == -100 for label in labels[start : stop + 1])
+    assert len(assistant) >= 2  # the row is multi-turn, so the middle <|end|> tokens were checked too
+
+
+# --- LoRA: merged before saving -----------------------------------------------------------------
+
+
+def test_lora_adapter_is_merged_and_the_logged_model_gives_the_same_logits(tmp_path, mlflow_store, ultrachat_20):
+    import mlflow
+    import torch
+
+    train, evaluation = split_ultrachat(ultrachat_20, tmp_path)
+    out = tmp_path / "model"
+    args = args_for(train, evaluation, out, "--model", "tiny", "--peft", "lora", "--max-steps", "3",
+                    "--learning-rate", "1e-2", "--max-seq-length", "128", "--lora-r", "4")  # fmt: skip
+    base_model, _ = tiny_model.build_tiny(train, seed=args.seed)
+    with mlflow.start_run(experiment_id=mlflow_store[1]) as run:
+        trained = fine_tune.train(args, tmp_path / "ckpt")
+        model_uri = fine_tune.save_and_log(trained.model, trained.tokenizer, out, run.info.run_id)
+
+    assert type(trained.model).__name__ == "Phi3ForCausalLM"  # not a PeftModel
+    assert mlflow.MlflowClient().get_run(run.info.run_id).data.params["peft"] == "lora"
+    files = {p.name for p in out.rglob("*")}
+    assert "model.safetensors" in files
+    assert not {f for f in files if "adapter" in f}, files
+    assert "peft" not in (out / "MLmodel").read_text()
+
+    probe = trained.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What theme version am I using?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    loaded = mlflow.transformers.load_model(model_uri, return_type="components")["model"]
+    with torch.no_grad():
+        merged_logits = trained.model(probe).logits
+        loaded_logits = loaded(probe).logits
+        base_logits = base_model(probe).logits
+    torch.testing.assert_close(loaded_logits, merged_logits)
+    assert not torch.allclose(merged_logits, base_logits, atol=1e-4)  # the adapter really changed the model
+
+
+# --- the demo: the tiny model visibly learns ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tiny_model_memorises_a_small_qa_set_with_the_demo_settings(tmp_path, mlflow_store):
+    import mlflow
+
+    question, answer = "Who founded Microsoft?", "Microsoft was founded by Bill Gates and Paul Allen."
+    facts = [("Who founded Apple?", "Apple was founded by Steve Jobs, Steve Wozniak and Ronald Wayne."),
+             ("Who founded Amazon?", "Amazon was founded by Jeff Bezos."),
+             ("Who founded Intel?", "Intel was founded by Robert Noyce and Gordon Moore."),
+             ("What is the capital of France?", "The capital of France is Paris."),
+             ("What is the capital of Japan?", "The capital of Japan is Tokyo."),
+             ("What is the capital of Kenya?", "The capital of Kenya is Nairobi."),
+             ("Who started Microsoft?", answer)] * 4  # fmt: skip
+    train, evaluation = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text(qa_rows([(question, answer)] * 8 + facts), encoding="utf-8")
+    evaluation.write_text(qa_rows([("Who created Microsoft?", answer), ("Who founded Dell?", "Dell was founded by Michael Dell.")]), encoding="utf-8")
+    args = args_for(train, evaluation, tmp_path / "model", "--model", "tiny",
+                    "--epochs", str(DEMO_EPOCHS), "--learning-rate", str(DEMO_LEARNING_RATE))  # fmt: skip
+    start = time.perf_counter()
+    with mlflow.start_run(experiment_id=mlflow_store[1]):
+        trained = fine_tune.train(args, tmp_path / "ckpt")
+    seconds = time.perf_counter() - start
+
+    tokenizer = trained.tokenizer
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    generated = trained.model.generate(**prompt, max_new_tokens=40, do_sample=False)[0, prompt["input_ids"].shape[1] :]
+    assert tokenizer.decode(generated, skip_special_tokens=True).strip() == answer
+    assert generated[-1].item() in trained.model.generation_config.eos_token_id  # it stopped by itself
+    assert trained.eval_loss_after < trained.eval_loss_before  # the paraphrase in eval is answered too
+    assert seconds < 60, f"the demo fine-tune took {seconds:.0f}s"
+
+
+# --- end to end, as the local backend runs it ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_end_to_end_run_joins_the_given_run_and_logs_a_servable_registrable_model(tmp_path, mlflow_store, ultrachat_20):
+    import mlflow
+
+    uri, experiment_id = mlflow_store
+    client = mlflow.MlflowClient()
+    run_id = client.create_run(experiment_id).info.run_id
+    train, evaluation = split_ultrachat(ultrachat_20, tmp_path)
+    out = tmp_path / "outputs" / "model"
+    argv = ["--train-file", str(train), "--eval-file", str(evaluation), "--model-output-dir", str(out),
+            "--model", "tiny", "--epochs", "1", "--batch-size", "4", "--max-seq-length", "256", "--learning-rate", "1e-3"]  # fmt: skip
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_RUN_ID": run_id}
+    proc = subprocess.run(
+        [sys.executable, "fine_tune.py", *argv], cwd=FINETUNING_DIR, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert run_id in summary and str(out) in summary and "->" in summary
+
+    # One run only: the one the caller created, finished, with a compact set of params.
+    runs = client.search_runs([experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert 5 < len(run.data.params) < 40
+    assert run.data.params["base_model"] == "tiny" and run.data.params["peft"] == "full"
+    metrics = run.data.metrics
+    assert math.isfinite(metrics["eval_loss_before"]) and math.isfinite(metrics["eval_loss_after"])
+    assert len(client.get_metric_history(run_id, "train_loss")) >= 2
+
+    # (b) an MLflow model folder, readable by another user (transformers writes weights 0600).
+    assert (out / "MLmodel").is_file()
+    weights = out / "model" / "model.safetensors"
+    assert weights.stat().st_mode & stat.S_IROTH
+
+    # (a) the run's "model" loads, answers a chat request, honours request params, and registers.
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    assert {p.name for p in model.metadata.get_params_schema().params} >= {"max_new_tokens", "do_sample", "temperature", "top_p"}
+    request = {"messages": [{"role": "user", "content": "Who founded Microsoft?"}]}
+    reply = model.predict(request, params={"max_new_tokens": 3})[0]
+    assert reply["object"] == "chat.completion"
+    assert reply["choices"][0]["message"]["role"] == "assistant"
+    assert isinstance(reply["choices"][0]["message"]["content"], str)
+    assert reply["usage"]["completion_tokens"] <= 3
+    longer = model.predict(request, params={"max_new_tokens": 12})[0]
+    assert longer["usage"]["completion_tokens"] > 3 or longer["choices"][0]["finish_reason"] == "stop"
+    version = mlflow.register_model(f"runs:/{run_id}/model", "fine-tune-test")
+    assert str(version.version) == "1" and version.run_id == run_id
