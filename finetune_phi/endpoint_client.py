@@ -140,7 +140,7 @@ def score(
         raise EndpointError(f"endpoint {endpoint} kept refusing the request: {exc}", endpoint=endpoint) from exc
     except requests.exceptions.ConnectionError as exc:
         raise EndpointError(
-            f"cannot reach endpoint {endpoint} (connection failed after {RETRIES} retries): "
+            f"cannot reach endpoint {endpoint} (connection failed, also on retry): "
             f"is it running? {NOT_DEPLOYED_HINT}",
             endpoint=endpoint,
         ) from exc
@@ -159,7 +159,7 @@ def score(
         )
     if status in RETRY_STATUSES:
         raise EndpointError(
-            f"endpoint {endpoint} is busy or not ready (HTTP {status}) after {RETRIES} retries: "
+            f"endpoint {endpoint} is busy or not ready (HTTP {status}), also on retry: "
             f"{_error_detail(response, key)}",
             endpoint=endpoint,
             status=status,

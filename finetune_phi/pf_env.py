@@ -105,28 +105,6 @@ def subprocess_env(settings: config.Settings, base: dict[str, str] | None = None
     return env
 
 
-def pf_executable() -> str:
-    """The `pf` CLI installed beside this interpreter."""
-    pf = Path(sys.executable).parent / ("pf.exe" if os.name == "nt" else "pf")
-    if not pf.exists():
-        raise FileNotFoundError(f"{pf} not found: install the project first (make install, or pip install -e .)")
-    return str(pf)
-
-
-def check_imported_home(settings: config.Settings) -> None:
-    """Fail clearly when promptflow was already imported in this process with another home."""
-    constants = sys.modules.get("promptflow._sdk._constants")
-    if constants is None:
-        return
-    actual = Path(constants.HOME_PROMPT_FLOW_DIR).resolve()
-    wanted = promptflow_home(settings).resolve()
-    if actual != wanted:
-        raise RuntimeError(
-            f"promptflow was imported with home {actual}, not {wanted}: set {HOME_ENV} "
-            "(finetune_phi.pf_env.promptflow_env) before anything imports promptflow"
-        )
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     settings = config.load()
