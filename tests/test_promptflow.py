@@ -321,16 +321,29 @@ def test_flow_definitions_match_the_contract() -> None:
         assert set(row) == {"question", "chat_history"}
 
 
-def test_importing_the_tool_configures_no_logging() -> None:
-    code = (
-        "import logging, integrate_with_promptflow as t; "
-        "assert logging.getLogger().handlers == [], logging.getLogger().handlers; print(t.integrate_with_promptflow)"
-    )
+def test_tool_imports_quietly_and_takes_the_studio_connection() -> None:
+    code = """
+import logging
+import integrate_with_promptflow as t
+from promptflow.connections import CustomConnection
+from finetune_phi.endpoint_client import EndpointError
+
+assert logging.getLogger().handlers == [], logging.getLogger().handlers  # importing configured nothing
+conn = CustomConnection(configs={"endpoint": "http://127.0.0.1:9/score"}, secrets={"key": "studio-key"})
+assert t.endpoint_and_key(conn) == ("http://127.0.0.1:9/score", "studio-key")
+try:
+    t.endpoint_and_key(CustomConnection(configs={}, secrets={"key": "k"}))
+except EndpointError as exc:
+    assert "deploy_model.py" in str(exc)
+else:
+    raise AssertionError("a connection without an endpoint was accepted")
+print("ok")
+"""
     with tempfile.TemporaryDirectory() as tmp:
         settings = config.load(env={}, dotenv_path=Path(tmp) / "no.env", STATE_DIR=tmp)
         env = {**pf_env.subprocess_env(settings), "HOME": tmp}
         proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 # --- the CustomConnection ------------------------------------------------------------------------------
