@@ -104,20 +104,18 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return ids
 
 
-def training_chat_template(tokenizer: PreTrainedTokenizerBase) -> str:
-    """The `{% generation %}`-marked template trl masks assistant tokens with.
+def require_maskable_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Fail before training, not after, when assistant-only loss cannot be computed.
 
-    Raises instead of silently training on the whole conversation when the template is unknown.
+    trl masks with a `{% generation %}`-marked twin of the template; it ships one for Phi-3's
+    template (matched byte for byte) and refuses templates it does not know.
     """
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+    from trl.chat_template_utils import get_training_chat_template
 
-    template = tokenizer.chat_template
-    if has_generation_markers(template):
-        return template
-    patched = get_training_chat_template(tokenizer)
-    if patched is None:
+    try:
+        get_training_chat_template(tokenizer)
+    except ValueError as exc:
         raise ValueError(
-            "the tokenizer's chat template has no {% generation %} markers and trl knows no training twin for it; "
-            "use a Phi-3 tokenizer or pass --no-assistant-only-loss"
-        )
-    return patched
+            f"assistant-only loss needs a chat template trl can mark up ({exc}); use a Phi-3 tokenizer, "
+            "or pass --no-assistant-only-loss to learn from every token"
+        ) from exc

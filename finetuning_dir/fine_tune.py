@@ -10,7 +10,7 @@ MLFLOW_RUN_ID when set, and talks to MLFLOW_TRACKING_URI.
 
     # local, offline, CPU (a 1M-parameter Phi-3 built on the spot):
     MLFLOW_TRACKING_URI=sqlite:///mlflow.db python fine_tune.py --train-file ../data/train_data.jsonl \\
-        --eval-file ../data/test_data.jsonl --model_output_dir /tmp/model --model tiny --epochs 30 --learning-rate 3e-3
+        --eval-file ../data/test_data.jsonl --model_output_dir /tmp/model --model tiny --epochs 15 --learning-rate 3e-3
 
 The model ends up twice, from one serialization: as an MLflow model folder in --model_output_dir
 (Azure registers that job output as an mlflow_model) and as the run's artifacts under "model"
@@ -46,8 +46,8 @@ DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
 # Phi-3's linear layers (fused qkv and gate/up): LoRA on all of them, as the alignment-handbook recipes do.
 LORA_TARGET_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 MODEL_ARTIFACT_PATH = "model"
-# Generation settings a request may pass as `params`; the defaults are greedy decoding.
-DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_CHECKPOINT_DIR = Path("outputs") / "checkpoints"
+DEFAULT_MAX_NEW_TOKENS = 256  # per answer unless a request says otherwise
 EXAMPLE_QUESTION = "Who founded Microsoft?"
 
 
@@ -62,7 +62,8 @@ def make_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     data.add_argument(
         "--checkpoint-dir", type=Path, default=None,
-        help="Trainer checkpoints (only with --save-steps > 0; default: a temporary folder)",
+        help="where --save-steps > 0 writes Trainer checkpoints (default: outputs/checkpoints, which Azure ML "
+        "uploads with the job)",
     )  # fmt: skip
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -149,7 +150,7 @@ def detect_device() -> Device:
 def load_model_and_tokenizer(
     args: argparse.Namespace, device: Device, peft: str
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    from chat_format import ensure_pad_token, stop_token_ids
+    from chat_format import ensure_pad_token, require_maskable_template, stop_token_ids
 
     if args.model == TINY:
         from tiny_model import build_tiny
@@ -167,12 +168,17 @@ def load_model_and_tokenizer(
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
         model.config.use_cache = False  # incompatible with gradient checkpointing; re-enabled before saving
     ensure_pad_token(tokenizer)
+    if args.assistant_only_loss:
+        require_maskable_template(tokenizer)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    # Generation must stop at <|end|>, the token every assistant turn is trained to end with.
-    model.generation_config.eos_token_id = stop_token_ids(tokenizer)
+    # Generation must stop at <|end|>, the token every assistant turn is trained to end with
+    # (the hub's Phi-3 config already lists it, with <|endoftext|> and <|assistant|>; keep those).
+    configured = model.generation_config.eos_token_id
+    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    model.generation_config.eos_token_id = list(dict.fromkeys(stop_token_ids(tokenizer) + configured))
     return model, tokenizer
 
 
@@ -268,7 +274,7 @@ def run_params(args: argparse.Namespace, peft: str, device: Device, model: PreTr
     import transformers
     import trl
 
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # after PEFT wrapping
     params = {
         "base_model": args.model,
         "peft": peft,
@@ -283,7 +289,7 @@ def run_params(args: argparse.Namespace, peft: str, device: Device, model: PreTr
         "train_rows": n_train,
         "eval_rows": n_eval,
         "parameters": model.num_parameters(),
-        "trainable_parameters_before_peft": trainable,
+        "trainable_parameters": trainable,
         "device": device.name,
         "bf16": device.bf16,
         "torch": torch.__version__,
@@ -450,7 +456,6 @@ def train(args: argparse.Namespace, checkpoint_dir: Path) -> Trained:
         "device %s (bf16=%s), %s, %d train / %d eval rows, %d steps",
         device.name, device.bf16, peft, len(train_ds), len(eval_ds), total_steps,
     )  # fmt: skip
-    mlflow.log_params(run_params(args, peft, device, model, len(train_ds), len(eval_ds)))
     trainer = SFTTrainer(
         model=model,
         args=sft_config(args, device, checkpoint_dir, total_steps),
@@ -460,12 +465,17 @@ def train(args: argparse.Namespace, checkpoint_dir: Path) -> Trained:
         peft_config=lora_config(args) if peft == "lora" else None,
         callbacks=[make_metrics_callback()],
     )
+    main_process = trainer.is_world_process_zero()  # several GPUs: one process logs
+    if main_process:
+        mlflow.log_params(run_params(args, peft, device, trainer.model, len(train_ds), len(eval_ds)))
     before = trainer.evaluate()["eval_loss"]
-    mlflow.log_metric("eval_loss_before", before, step=0)
+    if main_process:
+        mlflow.log_metric("eval_loss_before", before, step=0)
     log.info("eval loss before training: %.4f", before)
     trainer.train()
     after = trainer.evaluate()["eval_loss"]
-    mlflow.log_metric("eval_loss_after", after, step=trainer.state.global_step)
+    if main_process:
+        mlflow.log_metric("eval_loss_after", after, step=trainer.state.global_step)
     log.info("eval loss after training: %.4f", after)
 
     trained = trainer.model
@@ -500,8 +510,11 @@ def fine_tune(args: argparse.Namespace) -> FineTuneResult:
     with tempfile.TemporaryDirectory(prefix="fine_tune_ckpt_") as scratch:
         # One run around everything: joins MLFLOW_RUN_ID when set (the local backend and Azure ML set it).
         with mlflow.start_run() as run:
-            trained = train(args, args.checkpoint_dir or Path(scratch))
-            model_uri = save_and_log(trained.model, trained.tokenizer, args.model_output_dir, run.info.run_id)
+            checkpoint_dir = args.checkpoint_dir or (DEFAULT_CHECKPOINT_DIR if args.save_steps > 0 else Path(scratch))
+            trained = train(args, checkpoint_dir)
+            model_uri = f"runs:/{run.info.run_id}/{MODEL_ARTIFACT_PATH}"
+            if int(os.environ.get("RANK", "0")) == 0:  # torchrun / Azure ML set RANK per GPU process
+                model_uri = save_and_log(trained.model, trained.tokenizer, args.model_output_dir, run.info.run_id)
     return FineTuneResult(
         run_id=run.info.run_id,
         eval_loss_before=trained.eval_loss_before,

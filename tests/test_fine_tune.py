@@ -50,21 +50,33 @@ def args_for(train: Path, evaluation: Path, out: Path, *extra: str):
     )
 
 
-@pytest.fixture
-def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A real sqlite tracking store with its artifacts in tmp_path; yields (uri, experiment_id)."""
+@pytest.fixture(scope="module")
+def _sqlite_store(tmp_path_factory: pytest.TempPathFactory):
+    """One real sqlite tracking store for the module (creating its schema takes seconds)."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
     previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    experiment_id = mlflow.MlflowClient().create_experiment("ft", artifact_location=(tmp_path / "artifacts").as_uri())
-    yield uri, experiment_id
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(previous)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.delenv("MLFLOW_RUN_ID", raising=False)
+        mlflow.set_tracking_uri(uri)
+        yield uri, root
+        while mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture
+def mlflow_store(_sqlite_store, request: pytest.FixtureRequest):
+    """(tracking uri, a fresh experiment id) in the module's store, artifacts under its folder."""
+    import mlflow
+
+    uri, root = _sqlite_store
+    name = request.node.name
+    experiment_id = mlflow.MlflowClient().create_experiment(name, artifact_location=(root / name).as_uri())
+    return uri, experiment_id
 
 
 # --- cheap checks ------------------------------------------------------------------------------
@@ -116,6 +128,14 @@ def test_a_file_without_messages_fails_naming_file_and_line(tmp_path):
     bad.write_text(qa_rows([("q", "a")]) + '{"messages": [{"role": "user", "content": "no answer"}]}\n', encoding="utf-8")
     with pytest.raises(chat_format.DataError, match=r"train.jsonl:2: has no assistant message"):
         chat_format.read_chat_rows(bad)
+
+
+def test_a_chat_template_trl_cannot_mask_is_refused_before_training():
+    tokenizer = tiny_model.build_tokenizer(["some text to learn a few merges from"])
+    chat_format.require_maskable_template(tokenizer)  # the Phi-3 template: accepted
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(ValueError, match="--no-assistant-only-loss"):
+        chat_format.require_maskable_template(tokenizer)
 
 
 # --- what the model is trained on ---------------------------------------------------------------
@@ -213,7 +233,9 @@ def test_lora_adapter_is_merged_and_the_logged_model_gives_the_same_logits(tmp_p
         model_uri = fine_tune.save_and_log(trained.model, trained.tokenizer, out, run.info.run_id)
 
     assert type(trained.model).__name__ == "Phi3ForCausalLM"  # not a PeftModel
-    assert mlflow.MlflowClient().get_run(run.info.run_id).data.params["peft"] == "lora"
+    params = mlflow.MlflowClient().get_run(run.info.run_id).data.params
+    assert params["peft"] == "lora" and params["lora_target_modules"] == "qkv_proj,o_proj,gate_up_proj,down_proj"
+    assert 0 < int(params["trainable_parameters"]) < int(params["parameters"]) / 5  # only the adapters train
     files = {p.name for p in out.rglob("*")}
     assert "model.safetensors" in files
     assert not {f for f in files if "adapter" in f}, files
@@ -314,5 +336,14 @@ def test_end_to_end_run_joins_the_given_run_and_logs_a_servable_registrable_mode
     assert reply["usage"]["completion_tokens"] <= 3
     longer = model.predict(request, params={"max_new_tokens": 12})[0]
     assert longer["usage"]["completion_tokens"] > 3 or longer["choices"][0]["finish_reason"] == "stop"
-    version = mlflow.register_model(f"runs:/{run_id}/model", "fine-tune-test")
+    # Served (MLflow's own scoring app): generation params sit beside `messages` in the request.
+    from mlflow.pyfunc import scoring_server
+    from starlette.testclient import TestClient
+
+    http = TestClient(scoring_server.init(model))
+    for body in ({**request, "max_new_tokens": 2}, {**request, "max_tokens": 2}):
+        response = http.post("/invocations", json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()[0]["usage"]["completion_tokens"] <= 2
+    version = mlflow.register_model(f"runs:/{run_id}/model", f"fine-tune-test-{run_id}")
     assert str(version.version) == "1" and version.run_id == run_id
