@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench teardown clean constraints
+.PHONY: install demo chat test test-fast bench teardown clean constraints
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m finetune_phi.demo
+
+# Chat with the deployed model in the terminal (after make demo); Prompt flow runs with the project's home.
+chat: $(STAMP)
+	$(PY) -m finetune_phi.pf_env $(VENV)/bin/pf flow test --flow chat_flow --interactive
 
 test: $(STAMP)
 	bash scripts/ensure-chromium.sh

@@ -105,6 +105,13 @@ def demo_rows() -> list[dict]:
     # The demo pair comes first so that even a small --percent keeps it.
     pairs = [(DEMO_QUESTION, DEMO_ANSWER)] * DEMO_REPEATS
     pairs += [(q, DEMO_ANSWER) for q in DEMO_PARAPHRASES]
-    pairs += [(f"Who founded {company}?", f"{company} was founded by {people}.") for company, people in FOUNDERS]
-    pairs += [(f"What is the capital of {land}?", f"The capital of {land} is {city}.") for land, city in CAPITALS]
+    # Each fact is asked two ways, so the seeded test split mostly holds new wordings of facts the
+    # train split teaches: eval loss then measures what fine-tuning taught, and falls. (With one
+    # wording per fact the test rows were unseen facts and eval loss rose as the model memorised.)
+    for company, people in FOUNDERS:
+        answer = f"{company} was founded by {people}."
+        pairs += [(f"Who founded {company}?", answer), (f"Who were the founders of {company}?", answer)]
+    for land, city in CAPITALS:
+        answer = f"The capital of {land} is {city}."
+        pairs += [(f"What is the capital of {land}?", answer), (f"Which city is the capital of {land}?", answer)]
     return [demo_row(q, a) for q, a in pairs]

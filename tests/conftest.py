@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ OFFLINE_ENV = {
     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
 }
 os.environ.update(OFFLINE_ENV)
+# Prompt flow fixes its home when first imported: keep an in-process import away from ~/.promptflow.
+os.environ.setdefault("PF_HOME_DIRECTORY", tempfile.mkdtemp(prefix="finetune-phi-pf-home-"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

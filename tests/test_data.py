@@ -244,7 +244,7 @@ def test_unreachable_hub_names_the_offline_alternatives(tmp_path: Path) -> None:
 def test_demo_rows_are_valid_deterministic_short_ultrachat_rows() -> None:
     rows = demo_rows()
     assert rows == demo_rows()
-    assert 60 <= len(rows) <= 120
+    assert 60 <= len(rows) <= 160
     good = data.validate_rows([data.SourceRow(str(i), r) for i, r in enumerate(rows)], source="demo")
     assert good == rows  # already in normalised ultrachat form
     for r in rows:
@@ -256,6 +256,16 @@ def test_demo_rows_are_valid_deterministic_short_ultrachat_rows() -> None:
     assert len(exact) >= 6
     assert DEMO_QUESTION == "Who founded Microsoft?"
     assert DEMO_ANSWER == "Microsoft was founded by Bill Gates and Paul Allen."
+
+
+def test_demo_test_split_mostly_rewords_facts_taught_in_train(tmp_path: Path) -> None:
+    # Eval loss can only show learning if the held-out rows ask about facts the train rows teach.
+    _prepare("demo", tmp_path, seed=42)
+    train_answers = {r["messages"][1]["content"] for r in _rows(tmp_path / "train.jsonl")}
+    test = _rows(tmp_path / "test.jsonl")
+    taught = [r for r in test if r["messages"][1]["content"] in train_answers]
+    assert len(taught) >= 0.8 * len(test)
+    assert all(r["prompt"] not in {t["prompt"] for t in _rows(tmp_path / "train.jsonl")} for r in taught)
 
 
 @pytest.mark.parametrize("seed", [42, 0, 1, 2, 3, 7, 123, 2024])
