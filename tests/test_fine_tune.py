@@ -8,7 +8,6 @@ import os
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -82,17 +81,15 @@ def mlflow_store(_sqlite_store, request: pytest.FixtureRequest):
 # --- cheap checks ------------------------------------------------------------------------------
 
 
-def test_help_is_fast_and_imports_nothing_heavy():
+def test_help_imports_nothing_heavy():
     code = (
         "import sys; sys.argv = ['fine_tune.py', '--help']; import fine_tune\n"
         "heavy = [m for m in ('torch', 'transformers', 'trl', 'mlflow') if m in sys.modules]\n"
         "print('heavy:', heavy)\n"
         "fine_tune.main()\n"
     )
-    start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], cwd=FINETUNING_DIR, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert time.perf_counter() - start < 5
     assert "heavy: []" in proc.stdout
     for flag in ("--model_output_dir", "--model-output-dir", "--peft", "--max-seq-length", "--lora-dropout", "--save-steps"):
         assert flag in proc.stdout
@@ -273,18 +270,25 @@ def test_tiny_model_memorises_a_small_qa_set_with_the_demo_settings(tmp_path, ml
     evaluation.write_text(qa_rows([("Who created Microsoft?", answer), ("Who founded Dell?", "Dell was founded by Michael Dell.")]), encoding="utf-8")
     args = args_for(train, evaluation, tmp_path / "model", "--model", "tiny",
                     "--epochs", str(DEMO_EPOCHS), "--learning-rate", str(DEMO_LEARNING_RATE))  # fmt: skip
-    start = time.perf_counter()
     with mlflow.start_run(experiment_id=mlflow_store[1]):
         trained = fine_tune.train(args, tmp_path / "ckpt")
-    seconds = time.perf_counter() - start
 
-    tokenizer = trained.tokenizer
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    generated = trained.model.generate(**prompt, max_new_tokens=40, do_sample=False)[0, prompt["input_ids"].shape[1] :]
-    assert tokenizer.decode(generated, skip_special_tokens=True).strip() == answer
-    assert generated[-1].item() in trained.model.generation_config.eos_token_id  # it stopped by itself
+    def greedy_reply(model, tokenizer) -> tuple[str, int]:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        out = model.generate(**prompt, max_new_tokens=40, do_sample=False)[0, prompt["input_ids"].shape[1] :]
+        return tokenizer.decode(out, skip_special_tokens=True).strip(), out[-1].item()
+
+    # The same tiny model before fine-tuning (same seed, same tokenizer) does not know the answer...
+    base_model, base_tokenizer = fine_tune.load_model_and_tokenizer(args, fine_tune.detect_device(), "full")
+    base_reply, _ = greedy_reply(base_model.eval(), base_tokenizer)
+    assert "Bill Gates" not in base_reply
+    # ...and after it, greedy decoding gives the answer and stops by itself at end of turn.
+    reply, last_token = greedy_reply(trained.model, trained.tokenizer)
+    assert reply == answer
+    assert last_token in trained.model.generation_config.eos_token_id
     assert trained.eval_loss_after < trained.eval_loss_before  # the paraphrase in eval is answered too
-    assert seconds < 60, f"the demo fine-tune took {seconds:.0f}s"
 
 
 # --- end to end, as the local backend runs it ---------------------------------------------------------
