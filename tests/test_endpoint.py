@@ -132,6 +132,19 @@ def test_special_tokens_never_reach_the_reply() -> None:
     assert (done.text, done.completion_tokens, done.finish_reason) == ("", 4, "length")
 
 
+def test_max_new_tokens_is_clamped_to_the_context_left() -> None:
+    model, tokenizer = tiny_phi3()
+    engine = Engine(model, tokenizer)
+    undo = _biased(model, tokenizer.convert_tokens_to_ids("<|placeholder1|>"))  # never a stop token
+    try:
+        [done] = engine.generate([[{"role": "user", "content": "hi"}]], SamplingParams(max_new_tokens=2048))
+    finally:
+        undo()
+    # The tiny model's context is 512 tokens: generation runs until it is full, not past it.
+    assert done.prompt_tokens + done.completion_tokens == engine.max_context == 512
+    assert done.finish_reason == "length"
+
+
 def test_sampling_params_resolution() -> None:
     assert not SamplingParams.resolve().do_sample
     assert SamplingParams.resolve(temperature=0.7).do_sample
@@ -232,6 +245,10 @@ def test_missing_or_wrong_key_is_401(client: httpx.Client, headers: dict[str, st
         ({"input_data": ["hi"], "params": {"temperature": -1}}, "params.temperature"),
         ({"input_data": ["hi"], "params": {"max_tokenz": 5}}, "params.max_tokenz"),
         ({"input_data": {"input_string": []}}, "input_data.input_string"),
+        # Strict types: JSON false is not a seed, "5" is not a token count.
+        ({"input_data": ["hi"], "params": {"seed": False}}, "params.seed"),
+        ({"input_data": ["hi"], "params": {"max_new_tokens": "5"}}, "params.max_new_tokens"),
+        ({"input_data": ["hi"], "params": {"top_k": 2.5}}, "params.top_k"),
     ],
 )
 def test_bad_input_is_422_naming_the_field(client: httpx.Client, body: dict[str, Any], param: str) -> None:
@@ -242,9 +259,37 @@ def test_bad_input_is_422_naming_the_field(client: httpx.Client, body: dict[str,
     assert error["message"].startswith(param)
 
 
-def test_non_json_body_and_too_long_prompt_are_client_errors(client: httpx.Client) -> None:
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+        ({"messages": [{"role": "user", "content": "hi"}], "stream": True}, "stream"),
+        ({"messages": [{"role": "user", "content": "hi"}], "stream": 0}, "stream"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "temperature"),
+    ],
+)
+def test_bad_chat_completion_is_422_naming_the_field(client: httpx.Client, body: dict[str, Any], param: str) -> None:
+    response = client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_integral_floats_count_as_integers(client: httpx.Client) -> None:
+    # JSON Schema's "integer" includes 2.0; schema-driven clients may send it.
+    assert len(score(client, {"input_data": ["hi"], "params": {"max_new_tokens": 2.0, "top_k": 5.0, "do_sample": True}})) == 1
+
+
+def test_framework_errors_use_the_same_error_shape(client: httpx.Client) -> None:
+    response = client.post("/score", content=b"\xff{not json", headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code in (400, 422) and "error" in response.json()
     response = client.post("/score", content=b"input_data=hi", headers={**AUTH, "Content-Type": "application/json"})
-    assert response.status_code == 422
+    assert response.status_code == 422 and "error" in response.json()
+    missing = client.get("/nowhere")
+    assert missing.status_code == 404 and missing.json()["error"]["message"] == "Not Found"
+
+
+def test_too_long_prompt_is_a_client_error(client: httpx.Client) -> None:
     # The tiny model's context is 512 tokens: a long prompt plus max_new_tokens cannot fit.
     body = {"input_data": ["word " * 600], "params": {"max_new_tokens": 16}}
     response = client.post("/score", json=body, headers=AUTH)

@@ -30,6 +30,9 @@ PHI3_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
+# Dividing logits by a temperature near 0 overflows to inf and NaN probabilities; that close to 0,
+# sampling is greedy decoding anyway.
+MIN_TEMPERATURE = 0.01
 END_OF_TURN_TOKENS = ("<|end|>",)  # Phi-3 closes every turn with <|end|>, then EOS at the very end
 
 
@@ -59,18 +62,18 @@ class SamplingParams:
         repetition_penalty: float | None = None,
         seed: int | None = None,
     ) -> "SamplingParams":
-        """Map request fields onto generate(): temperature 0 or do_sample false means greedy.
+        """Map request fields onto generate(): temperature 0 (below MIN_TEMPERATURE) or do_sample false means greedy.
 
         With no do_sample, a positive temperature asks for sampling (as with the OpenAI API and
         HF pipelines given a temperature); with neither, decoding is greedy and reproducible.
         """
         sample = do_sample if do_sample is not None else (temperature is not None and temperature > 0)
-        if temperature is not None and temperature == 0:
+        if temperature is not None and temperature < MIN_TEMPERATURE:
             sample = False
         return cls(
             max_new_tokens=max_new_tokens if max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS,
             do_sample=sample,
-            temperature=temperature if temperature else 1.0,
+            temperature=temperature if temperature and temperature >= MIN_TEMPERATURE else 1.0,
             top_p=top_p if top_p is not None else 1.0,
             top_k=top_k,
             repetition_penalty=repetition_penalty,
@@ -165,13 +168,15 @@ class Engine:
         batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         input_len = batch["input_ids"].shape[1]
         prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
-        if input_len + params.max_new_tokens > self.max_context:
+        if input_len >= self.max_context:
             raise InputTooLong(
-                f"the prompt is {max(prompt_tokens)} tokens and max_new_tokens is {params.max_new_tokens}, "
-                f"but the model's context holds {self.max_context}: shorten the input or lower max_new_tokens"
+                f"the prompt is {max(prompt_tokens)} tokens but the model's context holds {self.max_context}: "
+                "shorten the input"
             )
+        # max_new_tokens is a ceiling: the context's end stops generation too (finish_reason "length").
+        max_new_tokens = min(params.max_new_tokens, self.max_context - input_len)
         kwargs: dict[str, Any] = {
-            "max_new_tokens": params.max_new_tokens,
+            "max_new_tokens": max_new_tokens,
             "do_sample": params.do_sample,
             "eos_token_id": self.stop_token_ids,
             "pad_token_id": self.pad_token_id,

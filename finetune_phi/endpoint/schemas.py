@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from finetune_phi.endpoint.engine import MAX_NEW_TOKENS_CAP
 
@@ -14,8 +14,34 @@ MAX_MESSAGES = 256
 MAX_CONTENT_CHARS = 100_000
 
 
+# Strict: JSON `false` is not a seed and "5" is not a token count; pydantic's lax mode would coerce them.
+STRICT_FORBID = ConfigDict(extra="forbid", strict=True)
+STRICT_IGNORE = ConfigDict(extra="ignore", strict=True)
+
+
+def _integer(value: object) -> object:
+    """JSON Schema's integer includes 5.0 but not true or "5"; strict mode alone would refuse 5.0."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool):
+        raise ValueError("must be an integer, not a boolean")
+    return value
+
+
+def _boolean(value: object) -> object:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+# The bounds sit inside, next to int, so that /openapi.json shows them as minimum/maximum.
+TokenCount = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS_CAP), BeforeValidator(_integer)]
+TopK = Annotated[int, Field(ge=1, le=1000), BeforeValidator(_integer)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1), BeforeValidator(_integer)]
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_FORBID
 
     role: Literal["system", "user", "assistant"]
     content: str = Field(max_length=MAX_CONTENT_CHARS)
@@ -28,22 +54,23 @@ Prompt = Annotated[str, Field(max_length=MAX_CONTENT_CHARS)]
 class GenerationParams(BaseModel):
     """The `params` / `parameters` of an Azure ML scoring request (HF generate names)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_FORBID
 
-    max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS_CAP)
+    max_new_tokens: TokenCount | None = None
     temperature: float | None = Field(default=None, ge=0, le=5)
     do_sample: bool | None = None
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=1, le=1000)
-    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
-    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    top_k: TopK | None = None
+    # Below ~0.1 the penalty divides logits by almost nothing: inf, then NaN probabilities.
+    repetition_penalty: float | None = Field(default=None, ge=0.1, le=10)
+    seed: Seed | None = None
     return_full_text: bool = False
 
 
 class StudioInput(BaseModel):
     """The Azure ML Studio / model-catalog chat shape: one conversation and its parameters."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_FORBID
 
     input_string: Conversation
     parameters: GenerationParams | None = None
@@ -56,6 +83,7 @@ class ScoreRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {"input_data": ["Who founded Microsoft?"], "params": {"temperature": 0.7, "max_new_tokens": 64}},
@@ -83,13 +111,15 @@ class StudioOutput(BaseModel):
 
 
 class TextPart(BaseModel):
+    model_config = STRICT_IGNORE
+
     type: Literal["text"]
     text: str = Field(max_length=MAX_CONTENT_CHARS)
 
 
 class OpenAIMessage(BaseModel):
     # OpenAI clients send fields this server has no use for (name, tool_calls...): ignore them.
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT_IGNORE
 
     role: Literal["system", "user", "assistant", "developer"]
     content: Annotated[str, Field(max_length=MAX_CONTENT_CHARS)] | list[TextPart]
@@ -101,18 +131,18 @@ class OpenAIMessage(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT_IGNORE
 
     model: str | None = Field(default=None, description="accepted and reported back; one model is served")
     messages: list[OpenAIMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS_CAP)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS_CAP)
+    max_tokens: TokenCount | None = None
+    max_completion_tokens: TokenCount | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int = Field(default=1, ge=1, le=1, description="only 1 is supported")
-    stream: bool = Field(default=False, description="streaming is not supported: leave it false")
+    n: Annotated[int, Field(ge=1, le=1), BeforeValidator(_integer)] = Field(default=1, description="only 1 is supported")
+    stream: Annotated[Literal[False], BeforeValidator(_boolean)] = Field(default=False, description="streaming is not supported: leave it false")
     stop: str | list[str] | None = Field(default=None, description="cut the reply at the first of these strings")
-    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    seed: Seed | None = None
 
 
 class AssistantMessage(BaseModel):

@@ -28,6 +28,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from finetune_phi.endpoint import schemas
 from finetune_phi.endpoint.engine import Completion, Engine, InputTooLong, Message, SamplingParams
@@ -41,9 +42,12 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param = status, message, type_, param
 
 
-def _error_response(status: int, message: str, type_: str, param: str | None = None, **extra: Any) -> JSONResponse:
+def _error_response(
+    status: int, message: str, type_: str, param: str | None = None, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
     body = schemas.ErrorResponse(error=schemas.ErrorBody(message=message, type=type_, param=param))
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return JSONResponse({**body.model_dump(), **extra}, status_code=status, headers=headers)
 
 
@@ -69,13 +73,15 @@ class Runtime:
             raise ApiError(503, f"the model is not loaded{detail}", "service_unavailable")
         return self.engine
 
-    async def generate(self, conversations: Sequence[Sequence[Message]], params: SamplingParams) -> list[Completion]:
+    async def generate(
+        self, conversations: Sequence[Sequence[Message]], params: SamplingParams, param: str = "input_data"
+    ) -> list[Completion]:
         engine = self.ready_engine()
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self.executor, engine.generate, conversations, params)
         except InputTooLong as exc:
-            raise ApiError(400, str(exc), "invalid_request_error", "input_data") from exc
+            raise ApiError(400, str(exc), "invalid_request_error", param) from exc
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -137,6 +143,13 @@ def create_app(
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
         return _error_response(exc.status, exc.message, exc.type, exc.param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Framework errors (unparseable body, unknown route, wrong method) in the same shape as ours.
+        return _error_response(
+            exc.status_code, str(exc.detail), "invalid_request_error", headers=exc.headers, detail=exc.detail
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -207,8 +220,6 @@ def create_app(
         tags=["openai"],
     )
     async def chat_completions(request: schemas.ChatCompletionRequest) -> schemas.ChatCompletion:
-        if request.stream:
-            raise ApiError(400, "stream=true is not supported: request the whole reply", "invalid_request_error", "stream")
         params = SamplingParams.resolve(
             max_new_tokens=request.max_completion_tokens or request.max_tokens,
             # OpenAI's default temperature is 1: sample unless the caller asks for 0.
@@ -217,7 +228,7 @@ def create_app(
             seed=request.seed,
         )
         conversation = [m.as_message() for m in request.messages]
-        [done] = await runtime.generate([conversation], params)
+        [done] = await runtime.generate([conversation], params, param="messages")
         text, finish = _apply_stop(done.text, request.stop, done.finish_reason)
         return schemas.ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}",
