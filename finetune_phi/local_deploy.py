@@ -45,7 +45,7 @@ EXIT_PORT_BUSY = 3  # finetune_phi.endpoint.__main__ exits with this when it can
 
 # Loading the tiny model takes seconds; Phi-3-mini on a laptop CPU can take a couple of minutes.
 READY_TIMEOUT_S = 300.0
-STOP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 40.0  # the server allows 30 s for in-flight requests after SIGTERM
 LOG_TAIL_CHARS = 3000
 
 
