@@ -68,7 +68,7 @@ class Settings:
     AZURE_DEPLOYMENT_NAME: str = "finetune-phi3-deployment"
     AZURE_DEPLOYMENT_INSTANCE_TYPE: str = "Standard_E4s_v3"
     AZURE_DEPLOYMENT_INSTANCE_COUNT: int = 1
-    # Written by deploy_model.py into .env; the flows read them from there.
+    # Written by deploy_model.py into ENV_FILE; the flows read them from there.
     AZURE_ML_ENDPOINT: str = ""
     AZURE_ML_API_KEY: str = ""
 
@@ -105,8 +105,15 @@ class Settings:
     LOCAL_ENDPOINT_HOST: str = "127.0.0.1"
     LOCAL_ENDPOINT_PORT: int = 5001
     PROMPTFLOW_CONNECTION_NAME: str = "phi3_endpoint"
+    # The .env file read here and written by deploy_model.py. Only the environment can move it
+    # (a .env cannot name itself); tests point it at a temp file so a user's .env is never touched.
+    ENV_FILE: str = ".env"
 
     # -- derived values ----------------------------------------------------------------------------
+    @property
+    def env_file(self) -> Path:
+        return _resolve(self.ENV_FILE)
+
     @property
     def state_dir(self) -> Path:
         return _resolve(self.STATE_DIR)
@@ -184,12 +191,14 @@ def load(
     Type errors in overrides are all collected and raised together as ConfigError.
     """
     env = os.environ if env is None else env
-    dotenv = read_dotenv(dotenv_path if dotenv_path is not None else ROOT / ".env")
+    if dotenv_path is None:
+        dotenv_path = _resolve(env.get("ENV_FILE", Settings.ENV_FILE))
+    dotenv = read_dotenv(dotenv_path)
     hints = get_type_hints(Settings)
     values: dict[str, object] = {}
     problems: list[str] = []
     for f in fields(Settings):
-        raw = env.get(f.name, dotenv.get(f.name))
+        raw = env.get(f.name) if f.name == "ENV_FILE" else env.get(f.name, dotenv.get(f.name))
         if raw is not None:
             value = _cast(f.name, raw, hints[f.name], problems)
             if value is not None:

@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def publish(settings: config.Settings, scoring_uri: str, key: str, connection: bool = True) -> None:
     """Hand the endpoint to the flows: .env for the SDK variant, a CustomConnection for the Studio variant."""
-    common.write_dotenv(config.ROOT / ".env", {"AZURE_ML_ENDPOINT": scoring_uri, "AZURE_ML_API_KEY": key})
-    log.info("wrote AZURE_ML_ENDPOINT=%s and AZURE_ML_API_KEY=%s to .env", scoring_uri, common.redact(key))
+    common.write_dotenv(settings.env_file, {"AZURE_ML_ENDPOINT": scoring_uri, "AZURE_ML_API_KEY": key})
+    log.info("wrote AZURE_ML_ENDPOINT=%s and AZURE_ML_API_KEY=%s to %s", scoring_uri, common.redact(key), settings.env_file)
     if connection:
         from finetune_phi.pf_connection import upsert_connection
 

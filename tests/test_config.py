@@ -78,3 +78,11 @@ def test_relative_paths_resolve_against_the_repo(tmp_path: Path) -> None:
     assert s.train_data_path == config.ROOT / "data" / "train_data.jsonl"
     assert s.state_dir == tmp_path / "st"
     assert str(tmp_path / "st" / "mlflow.db") in s.tracking_uri
+
+
+def test_env_file_moves_the_dotenv_that_is_read(tmp_path: Path) -> None:
+    other = tmp_path / "other.env"
+    other.write_text("SEED=99\nENV_FILE=ignored.env\n")
+    s = config.load(env={"ENV_FILE": str(other)})
+    assert s.SEED == 99
+    assert s.env_file == other  # a .env cannot move itself
