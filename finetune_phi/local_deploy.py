@@ -5,17 +5,27 @@
 
 Each deploy registers the run's model as a new version of AZURE_MODEL_NAME in the local MLflow
 registry and starts `python -m finetune_phi.endpoint` in its own session, so it outlives this
-command. Files live in STATE_DIR/endpoint: `pid`, `key` (0600) and `server.log`.
+command. Files live in STATE_DIR/endpoint: `pid`, `key` (0600), `server.log`, `spawned` (every
+endpoint pid a deploy started and has not yet seen stopped) and `deploy.lock`.
 
 Re-deploying while an endpoint runs is a hand-over on the same port: the new server binds with
 SO_REUSEPORT, loads the model before it accepts connections, and only once it answers its readiness
 probe is the old one sent SIGTERM (it finishes in-flight requests). If the new one fails, only it is
 killed and the old one keeps serving.
+
+Recovery: an endpoint that died (kill -9, OOM, reboot) leaves a pid file naming a dead process; the
+next deploy says so and starts a fresh one. A deploy that was itself killed part-way can leave a
+half-started or a replaced server running; the next deploy or teardown finds it through `spawned`
+and stops it. Deploys and teardowns of one STATE_DIR take `deploy.lock` (flock: the kernel drops it
+when its holder dies, so a killed deploy never leaves a stale lock); a second one fails at once,
+naming the holder, rather than queueing behind a deploy that can take minutes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -29,6 +39,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import config
 from finetune_phi import common
@@ -40,6 +51,8 @@ log = logging.getLogger(__name__)
 PID_FILE = "pid"
 KEY_FILE = "key"
 LOG_FILE = "server.log"
+SPAWNED_FILE = "spawned"
+LOCK_FILE = "deploy.lock"
 ENDPOINT_MODULE = "finetune_phi.endpoint"
 EXIT_PORT_BUSY = 3  # finetune_phi.endpoint.__main__ exits with this when it cannot bind
 
@@ -79,6 +92,72 @@ def scoring_uri(settings: config.Settings) -> str:
     host = settings.LOCAL_ENDPOINT_HOST
     host = f"[{host}]" if ":" in host else host
     return f"http://{host}:{settings.LOCAL_ENDPOINT_PORT}/score"
+
+
+# --- one deploy at a time ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def deploy_lock(settings: config.Settings) -> Iterator[None]:
+    """Hold STATE_DIR/endpoint/deploy.lock, or raise DeployError naming the process that holds it.
+
+    Two deploys at once would both see the same old endpoint, both start a new one on the port and
+    each stop the old one: one new server would be left running with no pid file naming it.
+    """
+    folder = endpoint_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    # Not atomic_write_text: the lock lives on this inode, so it must be opened in place. The fd is
+    # not inheritable (PEP 446), so the endpoint this deploy starts does not keep the lock alive.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise DeployError(
+                f"another deploy or teardown (pid {holder}) is running for {settings.state_dir}: wait for it "
+                f"to finish, then run this again ({path} is locked until that process exits)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _read_spawned(settings: config.Settings) -> list[int]:
+    path = endpoint_dir(settings) / SPAWNED_FILE
+    if not path.is_file():
+        return []
+    return [int(word) for word in path.read_text(encoding="utf-8").split() if word.isdigit()]
+
+
+def _write_spawned(settings: config.Settings, pids: list[int]) -> None:
+    common.atomic_write_text(endpoint_dir(settings) / SPAWNED_FILE, "".join(f"{pid}\n" for pid in dict.fromkeys(pids)))
+
+
+def stop_strays(settings: config.Settings, keep: int | None) -> list[int]:
+    """Stop endpoints an interrupted deploy left behind (every live spawned pid but `keep`).
+
+    Call with the lock held: then no other deploy is starting one, and only the pid file names the
+    server that should run.
+    """
+    stopped = []
+    for pid in _read_spawned(settings):
+        if pid != keep and _is_endpoint(pid):
+            log.warning(
+                "an interrupted deploy left endpoint pid %d running (a half-started or replaced server); stopping it",
+                pid,
+            )
+            _stop(pid)
+            stopped.append(pid)
+    _write_spawned(settings, [keep] if keep is not None and _is_endpoint(keep) else [])
+    return stopped
 
 
 # --- the key ----------------------------------------------------------------------------------
@@ -156,7 +235,8 @@ def running_pid(settings: config.Settings) -> int | None:
     if _is_endpoint(pid):
         return pid
     path = endpoint_dir(settings) / PID_FILE
-    log.warning("the endpoint recorded in %s (pid %d) is no longer running; removing the stale pid file", path, pid)
+    # Callers say what it means for them (deploy: "had died; starting a fresh one").
+    log.debug("the endpoint recorded in %s (pid %d) is no longer running; removing the stale pid file", path, pid)
     path.unlink(missing_ok=True)
     return None
 
@@ -260,6 +340,8 @@ def start_server(
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own session: Ctrl-C here, or this shell closing, leaves it running
         )
+    # Recorded before waiting: if this deploy is killed now, the next one finds the server here.
+    _write_spawned(settings, [*_read_spawned(settings), proc.pid])
     log.info("started the endpoint (pid %d) for %s on %s:%d; waiting until ready", proc.pid, model_uri, host, port)
     try:
         wait_ready(proc, host, port, log_path, offset, ready_timeout)
@@ -267,6 +349,7 @@ def start_server(
         if proc.poll() is None:
             _stop(proc.pid, timeout=5.0)
         proc.wait()
+        _write_spawned(settings, [pid for pid in _read_spawned(settings) if pid != proc.pid])
         raise
     return proc
 
@@ -306,10 +389,25 @@ def register_model(settings: config.Settings, source_uri: str) -> str:
 
 
 def deploy(settings: config.Settings, ready_timeout: float = READY_TIMEOUT_S) -> LocalDeployment:
-    """Register the newest fine-tuned model and serve it, replacing a running endpoint in place."""
+    """Register the newest fine-tuned model and serve it, replacing a running endpoint in place.
+
+    Raises DeployError at once if another deploy or teardown of this STATE_DIR is running.
+    """
+    with deploy_lock(settings):
+        return _deploy_locked(settings, ready_timeout)
+
+
+def _deploy_locked(settings: config.Settings, ready_timeout: float) -> LocalDeployment:
     source_uri = trained_model_uri(settings)
     host, port = settings.LOCAL_ENDPOINT_HOST, settings.LOCAL_ENDPOINT_PORT
+    recorded_pid = _read_pid(settings)
     old_pid = running_pid(settings)
+    stop_strays(settings, keep=old_pid)
+    if recorded_pid is not None and old_pid is None:
+        log.warning(
+            "the previous endpoint (pid %d) had died (killed or crashed; its log is %s); starting a fresh one",
+            recorded_pid, endpoint_dir(settings) / LOG_FILE,
+        )
     old_port = (common.read_state(settings).get("deployment") or {}).get("port") if old_pid else None
     if old_port != port and _port_answers(host, port):
         raise DeployError(
@@ -331,6 +429,7 @@ def deploy(settings: config.Settings, ready_timeout: float = READY_TIMEOUT_S) ->
     if old_pid is not None:
         outcome = _stop(old_pid)
         log.info("previous endpoint (pid %d) %s; pid %d now serves %s", old_pid, outcome, proc.pid, model_uri)
+    _write_spawned(settings, [proc.pid])
     info = LocalDeployment(
         scoring_uri=scoring_uri(settings),
         key=key,
@@ -366,20 +465,31 @@ def deploy(settings: config.Settings, ready_timeout: float = READY_TIMEOUT_S) ->
 
 
 def teardown(settings: config.Settings, timeout: float = STOP_TIMEOUT_S) -> str:
-    """Stop the local endpoint; a sentence saying what happened."""
+    """Stop the local endpoint; a sentence saying what happened.
+
+    Raises DeployError at once if a deploy or another teardown of this STATE_DIR is running.
+    """
+    with deploy_lock(settings):
+        return _teardown_locked(settings, timeout)
+
+
+def _teardown_locked(settings: config.Settings, timeout: float) -> str:
     pid_path = endpoint_dir(settings) / PID_FILE
     pid = _read_pid(settings)
+    strays = stop_strays(settings, keep=pid)
+    also = f"; stopped {len(strays)} endpoint(s) an interrupted deploy left running (pids {strays})" if strays else ""
     if pid is None:
-        return f"no local endpoint is running (no pid file at {pid_path})"
+        return f"no local endpoint is running (no pid file at {pid_path}){also}"
     if not _is_endpoint(pid):
         pid_path.unlink(missing_ok=True)
-        return f"the local endpoint (pid {pid}) was not running; removed the stale pid file {pid_path}"
+        return f"the local endpoint (pid {pid}) was not running; removed the stale pid file {pid_path}{also}"
     outcome = _stop(pid, timeout)
     pid_path.unlink(missing_ok=True)
+    _write_spawned(settings, [])
     deployment = common.read_state(settings).get("deployment") or {}
     if deployment:
         common.update_state(
             settings, "deployment", {**deployment, "status": "stopped", "stopped_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         )
     where = deployment.get("scoring_uri", f"port {settings.LOCAL_ENDPOINT_PORT}")
-    return f"local endpoint {outcome} (pid {pid}, {deployment.get('model_uri', 'model')} at {where})"
+    return f"local endpoint {outcome} (pid {pid}, {deployment.get('model_uri', 'model')} at {where}){also}"

@@ -7,7 +7,9 @@ and an MLflow store under tmp; a finalizer kills whatever they started.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -67,6 +69,7 @@ def settings(tmp_path: Path, tiny_model: RegisteredModel) -> Iterator[config.Set
     pid = local_deploy._read_pid(s)
     if pid is not None:
         started.append(pid)
+    started += local_deploy._read_spawned(s)
     log_path = local_deploy.endpoint_dir(s) / local_deploy.LOG_FILE
     if log_path.is_file():
         started += [int(p) for p in _pids_in_log(log_path.read_text(errors="replace"))]
@@ -77,6 +80,13 @@ def settings(tmp_path: Path, tiny_model: RegisteredModel) -> Iterator[config.Set
 
 def _pids_in_log(text: str) -> list[str]:
     return [line.split("Started server process [", 1)[1].split("]", 1)[0] for line in text.splitlines() if "Started server process [" in line]
+
+
+def started_pid(caplog: pytest.LogCaptureFixture) -> int:
+    """The pid of the server the last deploy started, from its own log line."""
+    pids = re.findall(r"started the endpoint \(pid (\d+)\)", caplog.text)
+    assert pids, caplog.text
+    return int(pids[-1])
 
 
 def get(url: str, key: str | None = None, body: dict[str, Any] | None = None) -> tuple[int, Any]:
@@ -165,16 +175,98 @@ def test_a_recycled_pid_is_never_signalled(settings: config.Settings) -> None:
         bystander.wait()
 
 
+# --- one deploy at a time, and what an interrupted one leaves (fast: no model is served) ------------
+
+
+LOCK_HOLDER = """
+import sys, time
+from pathlib import Path
+import config
+from finetune_phi import local_deploy
+s = config.load(env={}, dotenv_path=Path(sys.argv[2]), STATE_DIR=sys.argv[1])
+with local_deploy.deploy_lock(s):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_deploy_or_teardown_fails_at_once_naming_the_one_running(settings: config.Settings, tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(settings.state_dir), str(tmp_path / "none")],
+        cwd=config.ROOT, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        start = time.monotonic()
+        for attempt in (local_deploy.deploy, local_deploy.teardown):
+            with pytest.raises(DeployError, match=rf"another deploy or teardown \(pid {holder.pid}\) is running(?s:.*)wait for it"):
+                attempt(settings)
+        assert time.monotonic() - start < 5  # refused at once, not queued
+        # Refused before anything happened: nothing registered, started or recorded.
+        assert not (local_deploy.endpoint_dir(settings) / local_deploy.PID_FILE).exists()
+        assert local_deploy._read_spawned(settings) == []
+        assert "deployment" not in common.read_state(settings)
+    finally:
+        holder.kill()  # SIGKILL: the holder gets no chance to release anything itself
+        holder.wait()
+    # The kernel dropped the lock with its holder: no stale lock to clean up by hand.
+    with local_deploy.deploy_lock(settings):
+        assert (local_deploy.endpoint_dir(settings) / local_deploy.LOCK_FILE).read_text().strip() == str(os.getpid())
+    assert "no local endpoint is running" in local_deploy.teardown(settings)
+
+
+def fake_endpoint() -> subprocess.Popen[bytes]:
+    """A live process whose command line names the endpoint module, as a half-started server's does."""
+    return subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)", local_deploy.ENDPOINT_MODULE], start_new_session=True
+    )
+
+
+def test_teardown_stops_what_an_interrupted_deploy_left_and_spares_other_processes(settings: config.Settings) -> None:
+    stray, bystander = fake_endpoint(), subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    try:
+        # As a deploy killed while its new server was loading leaves it: spawned, never in the pid file.
+        local_deploy._write_spawned(settings, [gone.pid, stray.pid, bystander.pid])
+        message = local_deploy.teardown(settings)
+        assert "no local endpoint is running" in message
+        assert f"stopped 1 endpoint(s) an interrupted deploy left running (pids [{stray.pid}])" in message
+        stray.wait(timeout=10)  # stopped (the deployer reaped it, so its status is not ours to read)
+        assert bystander.poll() is None  # a recycled pid that is not our endpoint is never signalled
+        assert local_deploy._read_spawned(settings) == []
+    finally:
+        for proc in (stray, bystander):
+            proc.kill()
+            proc.wait()
+
+
+def test_the_serving_endpoint_is_not_a_stray(settings: config.Settings) -> None:
+    serving = fake_endpoint()
+    try:
+        common.atomic_write_text(local_deploy.endpoint_dir(settings) / local_deploy.PID_FILE, f"{serving.pid}\n")
+        local_deploy._write_spawned(settings, [serving.pid])
+        assert local_deploy.stop_strays(settings, keep=local_deploy.running_pid(settings)) == []
+        assert serving.poll() is None and local_deploy._read_spawned(settings) == [serving.pid]
+    finally:
+        serving.kill()
+        serving.wait()
+
+
 # --- the real thing (slow) -------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_deploy_redeploy_in_place_and_teardown(settings: config.Settings, tiny_model: RegisteredModel, tmp_path: Path) -> None:
+def test_deploy_redeploy_in_place_and_teardown(
+    settings: config.Settings, tiny_model: RegisteredModel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="finetune_phi.local_deploy")
     first = local_deploy.deploy(settings, ready_timeout=READY_TIMEOUT)
     port = settings.LOCAL_ENDPOINT_PORT
     assert first.scoring_uri == f"http://127.0.0.1:{port}/score"
     assert first.model_uri == f"models:/{settings.AZURE_MODEL_NAME}/1"
     assert local_deploy._is_endpoint(first.pid)
+    assert local_deploy._read_spawned(settings) == [first.pid]
     key_path = local_deploy.endpoint_dir(settings) / local_deploy.KEY_FILE
     assert key_path.read_text().strip() == first.key and key_path.stat().st_mode & 0o777 == 0o600
     status, replies = get(first.scoring_uri, first.key, {"input_data": ["Who founded Microsoft?"], "params": {"max_new_tokens": 4}})
@@ -198,6 +290,16 @@ def test_deploy_redeploy_in_place_and_teardown(settings: config.Settings, tiny_m
                 answers.append(repr(exc))
             time.sleep(0.05)
 
+    def still_first(failed_pid: int) -> None:
+        """After a failed deploy: the failed server is gone and every record still names the first one."""
+        assert failed_pid != first.pid and not local_deploy._alive(failed_pid)
+        assert local_deploy.running_pid(settings) == first.pid
+        assert local_deploy._read_spawned(settings) == [first.pid]
+        assert get(f"{first.base_url}/health/ready")[1]["pid"] == first.pid
+        recorded = common.read_state(settings)["deployment"]
+        assert (recorded["pid"], recorded["model_uri"], recorded["status"]) == (first.pid, first.model_uri, "running")
+        assert local_deploy.get_or_create_key(settings) == first.key
+
     scorer = threading.Thread(target=client, daemon=True)
     scorer.start()
     try:
@@ -205,18 +307,24 @@ def test_deploy_redeploy_in_place_and_teardown(settings: config.Settings, tiny_m
         record_training(settings, broken_model_uri(tiny_model, tmp_path))
         with pytest.raises(DeployError, match="exited with status 1(?s:.*)could not load(?s:.*)still serving"):
             local_deploy.deploy(settings, ready_timeout=READY_TIMEOUT)
-        assert local_deploy.running_pid(settings) == first.pid
-        assert get(f"{first.base_url}/health/ready")[1]["pid"] == first.pid
+        still_first(started_pid(caplog))
 
-        # Re-deploy: version 3 (2 was the broken one), same port, same key, a new process; the old one is gone.
+        # A new server that is alive but not ready in time (still loading a good model) is killed by
+        # the deployer itself, not left to share the port: the old one keeps serving.
         record_training(settings, tiny_model.run_model_uri)
+        caplog.clear()
+        with pytest.raises(DeployError, match="not ready after 0 s(?s:.*)still serving"):
+            local_deploy.deploy(settings, ready_timeout=0.2)
+        still_first(started_pid(caplog))
+
+        # Re-deploy: version 4 (2 was the broken one, 3 timed out), same port, same key, a new process; the old one is gone.
         second = local_deploy.deploy(settings, ready_timeout=READY_TIMEOUT)
         time.sleep(0.3)
     finally:
         stop.set()
         scorer.join(timeout=30)
     assert len(answers) > 10 and set(answers) == {200}, answers
-    assert second.model_uri == f"models:/{settings.AZURE_MODEL_NAME}/3"
+    assert second.model_uri == f"models:/{settings.AZURE_MODEL_NAME}/4"
     assert (second.port, second.key, second.replaced_pid) == (port, first.key, first.pid)
     assert second.pid != first.pid and not local_deploy._alive(first.pid)
     ready = get(f"{second.base_url}/health/ready")[1]
