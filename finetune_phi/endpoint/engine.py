@@ -1,8 +1,8 @@
 """Generation for the local endpoint: chat formatting, stop tokens, sampling params, batching.
 
-One `Engine.generate` call runs ONE `model.generate` over a left-padded batch of conversations, so
-a request with several inputs (and, later, concurrent requests gathered into a micro-batch) costs one
-forward pass per new token rather than one per conversation.
+One `Engine.generate_ids` call runs ONE `model.generate` over a left-padded batch of prompts, so a
+request with several inputs, and concurrent requests gathered into a micro-batch by batcher.py, cost
+one forward pass per new token rather than one per conversation.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -157,29 +157,80 @@ class Engine:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def generate(self, conversations: Sequence[Sequence[Message]], params: SamplingParams) -> list[Completion]:
-        """One reply per conversation, from a single batched `model.generate` call."""
-        import torch
-
-        if not conversations:
-            return []
+    def prepare(self, conversations: Sequence[Sequence[Message]]) -> list[list[int]]:
+        """Prompt token ids for each conversation (CPU work the server runs off its event loop)."""
         prompts = [self.render(c) for c in conversations]
         # The chat template already wrote every special token the model expects.
-        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        input_len = batch["input_ids"].shape[1]
-        prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
-        if input_len >= self.max_context:
+        encoded: list[list[int]] = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        longest = max((len(ids) for ids in encoded), default=0)
+        if longest >= self.max_context:
             raise InputTooLong(
-                f"the prompt is {max(prompt_tokens)} tokens but the model's context holds {self.max_context}: "
-                "shorten the input"
+                f"the prompt is {longest} tokens but the model's context holds {self.max_context}: shorten the input"
             )
-        # max_new_tokens is a ceiling: the context's end stops generation too (finish_reason "length").
-        max_new_tokens = min(params.max_new_tokens, self.max_context - input_len)
+        return encoded
+
+    def row_limit(self, prompt_len: int, params: SamplingParams) -> int:
+        """New tokens a prompt may get: max_new_tokens, but never past the end of the context."""
+        return max(0, min(params.max_new_tokens, self.max_context - prompt_len))
+
+    def generate(self, conversations: Sequence[Sequence[Message]], params: SamplingParams) -> list[Completion]:
+        """One reply per conversation, from a single batched `model.generate` call."""
+        if not conversations:
+            return []
+        rows = self.prepare(conversations)
+        limits = [self.row_limit(len(r), params) for r in rows]
+        new_ids = self.generate_ids(rows, limits, params)
+        return [self.completion(ids, len(r), n) for ids, r, n in zip(new_ids, rows, limits)]
+
+    def generate_ids(
+        self,
+        rows: Sequence[Sequence[int]],
+        limits: Sequence[int],
+        params: SamplingParams,
+        cancelled: Callable[[], Sequence[bool]] | None = None,
+    ) -> list[list[int]]:
+        """The new token ids for each prompt row, from ONE `model.generate` over the left-padded rows.
+
+        Row i stops after `limits[i]` new tokens (rows of different requests may ask for different
+        lengths); `cancelled()`, polled once per step, marks rows whose caller has gone, so a batch
+        whose callers all left stops early. Each row's result is cut at its own limit: what a row
+        holds after it finished (padding) is never returned. Greedy rows come out the same as when
+        generated alone: left padding plus the attention mask, from which generate() derives
+        position ids, make padding invisible to the model.
+        """
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        if len(rows) != len(limits):
+            raise ValueError("one limit per row")
+        if not rows:
+            return []
+        width = max(len(r) for r in rows)
+        # Positions stay within each row's own length, but the padded tensor must still fit the context.
+        steps = min(max(limits), self.max_context - width)
+        if steps <= 0:
+            return [[] for _ in rows]
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            if row:
+                input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+                attention_mask[i, width - len(row) :] = 1
+        row_limits = torch.tensor(limits, dtype=torch.long)
+
+        class RowDone(StoppingCriteria):
+            def __call__(self, ids: Any, scores: Any, **kwargs: Any) -> Any:
+                done = (ids.shape[1] - width) >= row_limits
+                if cancelled is not None:
+                    done = done | torch.tensor(list(cancelled()), dtype=torch.bool)
+                return done
+
         kwargs: dict[str, Any] = {
-            "max_new_tokens": max_new_tokens,
+            "max_new_tokens": steps,
             "do_sample": params.do_sample,
             "eos_token_id": self.stop_token_ids,
             "pad_token_id": self.pad_token_id,
+            "stopping_criteria": StoppingCriteriaList([RowDone()]),
         }
         if params.do_sample:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0)
@@ -192,12 +243,13 @@ class Engine:
         with self._lock, torch.inference_mode():
             if params.seed is not None:
                 torch.manual_seed(params.seed)
-            output = self.model.generate(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs
-            )
-        return [self._completion(row[input_len:].tolist(), n) for row, n in zip(output, prompt_tokens)]
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return [output[i, width : width + limits[i]].tolist() for i in range(len(rows))]
 
-    def _completion(self, new_ids: list[int], prompt_tokens: int) -> Completion:
+    def completion(self, new_ids: list[int], prompt_tokens: int, limit: int | None = None) -> Completion:
+        """Decode one row's new ids; `limit` cuts what generate() appended after the row was done."""
+        if limit is not None:
+            new_ids = new_ids[:limit]
         stop = next((i for i, t in enumerate(new_ids) if t in self.stop_token_ids), None)
         if stop is None:
             kept, counted, reason = new_ids, len(new_ids), "length"

@@ -1,0 +1,263 @@
+"""Micro-batching (finetune_phi/endpoint/batcher.py): shared generate calls, exact greedy results,
+cancellation, the queue bound, and the HTTP statuses the server maps them to.
+
+The tiny random Phi-3 (real Phi-3 tokenizer) is the model; a spy around its `generate` records each
+call's batch size and, where a test needs requests to pile up, holds the first call at a gate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from finetune_phi.endpoint.batcher import Batcher, QueueFull, batch_key
+from finetune_phi.endpoint.engine import Engine, SamplingParams
+from helpers_model import tiny_phi3
+
+GREEDY = SamplingParams(max_new_tokens=12)
+
+
+class Spy:
+    """Wraps model.generate: records (rows, steps run) per call; `gate` holds calls until set."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.original = model.generate
+        self.calls: list[tuple[int, int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        model.generate = self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.entered.set()
+        assert self.gate.wait(timeout=30), "the test never opened the gate"
+        output = self.original(*args, **kwargs)
+        self.calls.append((output.shape[0], output.shape[1] - kwargs["input_ids"].shape[1]))
+        return output
+
+    def hold(self) -> None:
+        """Make the next call wait at the gate; `entered` tells when it got there."""
+        self.entered.clear()
+        self.gate.clear()
+
+    def undo(self) -> None:
+        self.model.generate = self.original
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    model, tokenizer = tiny_phi3()
+    return Engine(model, tokenizer)
+
+
+@pytest.fixture
+def spy(engine: Engine) -> Iterator[Spy]:
+    watcher = Spy(engine.model)
+    yield watcher
+    watcher.undo()
+
+
+@pytest.fixture
+def batcher(engine: Engine) -> Iterator[Batcher]:
+    b = Batcher(engine, max_batch_rows=16, max_queue=8)
+    yield b
+    b.close()
+
+
+def prompts(ultrachat_20: Path) -> list[list[dict[str, str]]]:
+    """Mixed lengths: a few words up to a few hundred tokens of a real ultrachat prompt."""
+    rows = [json.loads(line)["messages"] for line in ultrachat_20.read_text().splitlines()[:3]]
+    texts = ["Hi", "Who founded Microsoft?", *(r[0]["content"][:n] for r, n in zip(rows, (120, 900, 400)))]
+    return [[{"role": "user", "content": t}] for t in texts]
+
+
+def _biased(model: Any, token_id: int) -> Callable[[], None]:
+    """Make `token_id` the top choice at every step (generation never stops early); returns the undo."""
+
+    def hook(_module: Any, _inputs: Any, logits: Any) -> Any:
+        logits = logits.clone()
+        logits[..., token_id] += 1000.0
+        return logits
+
+    return model.lm_head.register_forward_hook(hook).remove
+
+
+async def _wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition never held"
+        await asyncio.sleep(0.005)
+
+
+def test_greedy_batched_equals_one_at_a_time(engine: Engine, batcher: Batcher, spy: Spy, ultrachat_20: Path) -> None:
+    conversations = prompts(ultrachat_20)
+    lengths = {len(ids) for ids in engine.prepare(conversations)}
+    assert len(lengths) == len(conversations) and max(lengths) > 5 * min(lengths), lengths
+    alone = [engine.generate([c], GREEDY)[0] for c in conversations]
+    assert len(spy.calls) == len(conversations)
+
+    async def together() -> list[Any]:
+        spy.hold()  # the first request generates alone; the rest pile up behind it
+        first = asyncio.create_task(batcher.submit([conversations[0]], GREEDY))
+        await asyncio.to_thread(spy.entered.wait, 10)
+        rest = [asyncio.create_task(batcher.submit([c], GREEDY)) for c in conversations[1:]]
+        await _wait_for(lambda: batcher.queued == len(rest))
+        spy.gate.set()
+        return [(await first)[0], *[(await t)[0] for t in rest]]
+
+    batched = asyncio.run(together())
+    assert spy.calls[len(conversations) :][1][0] == len(conversations) - 1, spy.calls
+    assert [c.text for c in batched] == [c.text for c in alone]
+    assert batched == alone  # token counts and finish reasons too
+    # One request with several inputs (left-padded in one call) gives the same replies as well.
+    assert engine.generate(conversations, GREEDY) == alone
+
+
+def test_concurrent_requests_share_one_generate_call(batcher: Batcher, spy: Spy) -> None:
+    greedy = [SamplingParams(max_new_tokens=n) for n in (4, 9, 6, 9, 2)]
+    sampled = SamplingParams(max_new_tokens=4, do_sample=True, temperature=0.8)
+
+    async def scenario() -> list[list[Any]]:
+        spy.hold()
+        blocker = asyncio.create_task(batcher.submit([[{"role": "user", "content": "first"}]], GREEDY))
+        await asyncio.to_thread(spy.entered.wait, 10)
+        tasks = [
+            asyncio.create_task(batcher.submit([[{"role": "user", "content": f"question {i}"}]], p))
+            for i, p in enumerate(greedy)
+        ]
+        # Two inputs in one request travel together; a sampled request needs its own call.
+        tasks.append(asyncio.create_task(batcher.submit([[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]], GREEDY)))
+        tasks.append(asyncio.create_task(batcher.submit([[{"role": "user", "content": "warm"}]], sampled)))
+        await _wait_for(lambda: batcher.queued == len(tasks))
+        spy.gate.set()
+        await blocker
+        return [await t for t in tasks]
+
+    results = asyncio.run(scenario())
+    # The blocker alone, then all greedy requests (5 + 2 rows) in ONE call, then the sampled one.
+    assert [rows for rows, _ in spy.calls] == [1, 7, 1], spy.calls
+    assert (batcher.batches, batcher.batched_requests) == (3, 8)
+    # Each request still gets its own max_new_tokens, though its rows ran in a longer batch.
+    for params, [completion] in zip(greedy, results[:5]):
+        assert completion.completion_tokens <= params.max_new_tokens
+        if completion.finish_reason == "length":
+            assert completion.completion_tokens == params.max_new_tokens
+    assert len(results[5]) == 2 and len(results[6]) == 1
+
+
+def test_batch_keys_group_only_compatible_requests() -> None:
+    assert batch_key(SamplingParams(max_new_tokens=3)) == batch_key(SamplingParams(max_new_tokens=50, temperature=0.3))
+    assert batch_key(SamplingParams(do_sample=True, temperature=0.7)) != batch_key(SamplingParams(do_sample=True, temperature=0.9))
+    assert batch_key(SamplingParams(do_sample=True)) != batch_key(SamplingParams())
+    # A seeded request's draws must not depend on its neighbours: it never shares a call.
+    assert batch_key(SamplingParams(do_sample=True, seed=1)) != batch_key(SamplingParams(do_sample=True, seed=1))
+
+
+def test_cancelled_queued_work_is_dropped_before_generation(batcher: Batcher, spy: Spy) -> None:
+    async def scenario() -> str:
+        spy.hold()
+        running = asyncio.create_task(batcher.submit([[{"role": "user", "content": "running"}]], GREEDY))
+        await asyncio.to_thread(spy.entered.wait, 10)
+        abandoned = asyncio.create_task(batcher.submit([[{"role": "user", "content": "abandoned"}]], GREEDY))
+        await _wait_for(lambda: batcher.queued == 1)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(abandoned, timeout=0.05)  # what the server's 408 timeout does
+        assert batcher.queued == 0
+        spy.gate.set()
+        [done] = await running
+        # A later request runs in a call of its own: nothing of the abandoned one is left.
+        await batcher.submit([[{"role": "user", "content": "next"}]], GREEDY)
+        return done.text
+
+    asyncio.run(scenario())
+    assert [rows for rows, _ in spy.calls] == [1, 1], spy.calls
+    assert batcher.dropped == 1 and batcher.batched_requests == 2
+
+
+def test_cancelling_every_caller_stops_a_running_batch_early(engine: Engine, batcher: Batcher, spy: Spy) -> None:
+    undo = _biased(engine.model, engine.tokenizer.convert_tokens_to_ids("<|placeholder1|>"))  # never a stop token
+    long = SamplingParams(max_new_tokens=400)
+
+    async def scenario() -> None:
+        tasks = [asyncio.create_task(batcher.submit([[{"role": "user", "content": f"q{i}"}]], long)) for i in range(2)]
+        await asyncio.to_thread(spy.entered.wait, 10)
+        await asyncio.sleep(0.1)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.to_thread(lambda: _poll(lambda: len(spy.calls) == 1))
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        undo()
+    [(rows, steps)] = spy.calls
+    assert rows == 2 and 1 <= steps < 400, spy.calls
+
+
+def _poll(condition: Callable[[], bool], timeout: float = 20) -> None:
+    done = threading.Event()
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        done.wait(0.01)
+    raise AssertionError("condition never held")
+
+
+def test_queue_bound_is_enforced(engine: Engine, spy: Spy) -> None:
+    small = Batcher(engine, max_batch_rows=16, max_queue=2)
+
+    async def scenario() -> None:
+        spy.hold()
+        running = asyncio.create_task(small.submit([[{"role": "user", "content": "running"}]], GREEDY))
+        await asyncio.to_thread(spy.entered.wait, 10)
+        waiting = [asyncio.create_task(small.submit([[{"role": "user", "content": f"w{i}"}]], GREEDY)) for i in range(2)]
+        await _wait_for(lambda: small.queued == 2)
+        assert small.queue_full()
+        with pytest.raises(QueueFull, match="retry"):
+            await small.submit([[{"role": "user", "content": "one too many"}]], GREEDY)
+        spy.gate.set()
+        await asyncio.gather(running, *waiting)
+        assert not small.queue_full()
+        await small.submit([[{"role": "user", "content": "room again"}]], GREEDY)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        small.close()
+    assert sum(rows for rows, _ in spy.calls) == 4
+
+
+def test_runtime_maps_queue_full_to_429_and_long_input_to_400(engine: Engine, spy: Spy) -> None:
+    from finetune_phi.endpoint.server import ApiError, Runtime
+
+    runtime = Runtime("tiny", engine)
+    runtime.batcher = Batcher(engine, max_queue=1)
+
+    async def scenario() -> None:
+        spy.hold()
+        running = asyncio.create_task(runtime.generate([[{"role": "user", "content": "running"}]], GREEDY))
+        await asyncio.to_thread(spy.entered.wait, 10)
+        queued = asyncio.create_task(runtime.generate([[{"role": "user", "content": "queued"}]], GREEDY))
+        await _wait_for(lambda: runtime.batcher is not None and runtime.batcher.queued == 1)
+        with pytest.raises(ApiError) as full:
+            await runtime.generate([[{"role": "user", "content": "refused"}]], GREEDY)
+        assert full.value.status == 429 and full.value.headers == {"Retry-After": "1"}
+        spy.gate.set()
+        await asyncio.gather(running, queued)
+        with pytest.raises(ApiError) as too_long:
+            await runtime.generate([[{"role": "user", "content": "word " * 600}]], GREEDY, param="messages")
+        assert (too_long.value.status, too_long.value.param) == (400, "messages")
+        assert "context" in too_long.value.message
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        runtime.close()
