@@ -12,6 +12,9 @@ MLFLOW_RUN_ID when set, and talks to MLFLOW_TRACKING_URI.
     MLFLOW_TRACKING_URI=sqlite:///mlflow.db python fine_tune.py --train-file ../data/train_data.jsonl \\
         --eval-file ../data/test_data.jsonl --model_output_dir /tmp/model --model tiny --epochs 15 --learning-rate 3e-3
 
+    # crash-safe: a checkpoint every 50 steps; the same command after a crash resumes from the last one
+    ... --save-steps 50 --checkpoint-dir ../.finetune_phi/checkpoints
+
 The model ends up twice, from one serialization: as an MLflow model folder in --model_output_dir
 (Azure registers that job output as an mlflow_model) and as the run's artifacts under "model"
 (`mlflow.pyfunc.load_model("runs:/<run_id>/model")`, `mlflow.register_model(...)`).
@@ -32,12 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import checkpoints
 from chat_format import read_chat_rows
 
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
-    from trl import SFTConfig
+    from trl import SFTConfig, SFTTrainer
 
 log = logging.getLogger("fine_tune")
 
@@ -62,8 +66,9 @@ def make_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     data.add_argument(
         "--checkpoint-dir", type=Path, default=None,
-        help="where --save-steps > 0 writes Trainer checkpoints (default: outputs/checkpoints, which Azure ML "
-        "uploads with the job)",
+        help="with --save-steps > 0: Trainer checkpoints go to CHECKPOINT_DIR/run-<digest of data and settings>, "
+        "and a run started again with the same arguments resumes from the newest complete one "
+        "(default: outputs/checkpoints, which Azure ML uploads with the job)",
     )  # fmt: skip
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -85,10 +90,27 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--grad-accum", type=int, default=1)
     train.add_argument("--max-seq-length", type=int, default=1024, help="longer conversations are truncated")
     train.add_argument("--seed", type=int, default=42)
-    train.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps; 0 = no checkpoints")
+    train.add_argument(
+        "--save-steps", type=int, default=0,
+        help="checkpoint every N optimizer steps (resumable after a crash); 0 = no checkpoints",
+    )  # fmt: skip
     train.add_argument(
         "--assistant-only-loss", action=argparse.BooleanOptionalAction, default=True,
         help="learn only from assistant turns (and their <|end|>), not from user or system text",
+    )  # fmt: skip
+    speed = parser.add_argument_group("speed (auto picks what measured fastest; see bench/RESULTS.md)")
+    speed.add_argument(
+        "--attn-implementation", choices=("auto", "sdpa", "eager", "flash_attention_2"), default="auto",
+        help="auto = flash_attention_2 on CUDA when flash-attn is installed, else sdpa",
+    )  # fmt: skip
+    speed.add_argument(
+        "--packing", choices=("auto", "on", "off"), default="auto",
+        help="padding-free packing (position_ids, no attention across packed rows); auto = on with flash "
+        "attention only: with sdpa the packed batch is one long masked sequence, slower than padding",
+    )  # fmt: skip
+    speed.add_argument(
+        "--gradient-checkpointing", choices=("auto", "on", "off"), default="auto",
+        help="auto = on only when the activations would not fit in GPU memory without it",
     )  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     return parser
@@ -147,8 +169,89 @@ def detect_device() -> Device:
     return Device(cuda=cuda, bf16=cuda and torch.cuda.is_bf16_supported())
 
 
+def has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def choose_attention(requested: str, device: Device) -> str:
+    if requested != "auto":
+        return requested
+    # flash-attn 2 runs padding-free batches as variable-length sequences: no padding, no masking.
+    return "flash_attention_2" if device.cuda and has_module("flash_attn") else "sdpa"
+
+
+def choose_packing(requested: str, attention: str) -> bool:
+    """Padding-free packing only where a kernel skips the attention between packed rows.
+
+    trl flattens a padding-free batch into one sequence and marks row starts in position_ids.
+    flash-attn turns that into per-row attention. sdpa and eager get a block-diagonal mask over
+    the whole flattened sequence and still compute every masked block: on the 2-core CPU with
+    ultrachat rows at 2048 tokens, 1.8x slower than plain padding (bench/RESULTS.md).
+    """
+    if requested != "auto":
+        return requested == "on"
+    return attention.startswith("flash_attention")
+
+
+def activation_bytes(config: Any, batch: int, seq_len: int) -> float:
+    """Activations kept for the backward pass, 16-bit, no checkpointing, flash/sdpa attention.
+
+    34·s·b·h bytes per layer (Korthikanti et al. 2022, "Reducing Activation Recomputation", without
+    the s² attention-score term that fused attention never stores), plus fp32 logits and their gradient.
+    """
+    tokens = batch * seq_len
+    return 34.0 * tokens * config.hidden_size * config.num_hidden_layers + 8.0 * tokens * config.vocab_size
+
+
+def state_bytes(total_params: int, trainable_params: int, base_bytes_per_param: int) -> float:
+    """Weights, plus for trainable ones an fp32 gradient and two AdamW moments (12 bytes), and an
+    fp32 master copy when the stored weights are 16-bit (LoRA adapters on a bf16 base)."""
+    per_trainable = 12.0 + (4.0 if base_bytes_per_param < 4 else 0.0)
+    return total_params * base_bytes_per_param + trainable_params * per_trainable
+
+
+def choose_gradient_checkpointing(
+    requested: str,
+    *,
+    total_params: int,
+    trainable_params: int,
+    base_bytes_per_param: int,
+    model_config: Any,
+    batch: int,
+    seq_len: int,
+    device: Device,
+    gpu_bytes: float | None,
+) -> bool:
+    """Recompute activations only when they would not fit: checkpointing costs ~1/3 more compute."""
+    if requested != "auto":
+        return requested == "on"
+    if not device.cuda or gpu_bytes is None:
+        return False  # CPU RAM is the limit there, and the tiny model's activations are megabytes
+    need = state_bytes(total_params, trainable_params, base_bytes_per_param)
+    need += activation_bytes(model_config, batch, seq_len)
+    # 15% headroom: allocator fragmentation, CUDA context, temporary buffers.
+    fits = need < 0.85 * gpu_bytes
+    log.info(
+        "memory estimate without gradient checkpointing: %.1f GiB of %.1f GiB -> checkpointing %s",
+        need / 2**30, gpu_bytes / 2**30, "off" if fits else "on",
+    )  # fmt: skip
+    return not fits
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the step is computed; none of it changes what is learned, only how fast and in how much memory."""
+
+    attention: str = "sdpa"
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    liger: bool = False
+
+
 def load_model_and_tokenizer(
-    args: argparse.Namespace, device: Device, peft: str
+    args: argparse.Namespace, device: Device, peft: str, attention: str = "sdpa"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from chat_format import ensure_pad_token, require_maskable_template, stop_token_ids
 
@@ -156,6 +259,7 @@ def load_model_and_tokenizer(
         from tiny_model import build_tiny
 
         model, tokenizer = build_tiny(args.train_file, args.seed)
+        model.set_attn_implementation(attention)
     else:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -165,7 +269,7 @@ def load_model_and_tokenizer(
         dtype = torch.bfloat16 if device.bf16 and peft == "lora" else torch.float32
         log.info("loading %s (%s)", args.model, dtype)
         tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation=attention)
         model.config.use_cache = False  # incompatible with gradient checkpointing; re-enabled before saving
     ensure_pad_token(tokenizer)
     if args.assistant_only_loss:
@@ -197,10 +301,11 @@ def planned_steps(n_rows: int, args: argparse.Namespace) -> int:
     return max(1, math.ceil(per_epoch * args.epochs))
 
 
-def sft_config(args: argparse.Namespace, device: Device, checkpoint_dir: Path, total_steps: int) -> SFTConfig:
+def sft_config(
+    args: argparse.Namespace, device: Device, checkpoint_dir: Path, total_steps: int, recipe: Recipe = Recipe()
+) -> SFTConfig:
     from trl import SFTConfig
 
-    tiny = args.model == TINY
     return SFTConfig(
         output_dir=str(checkpoint_dir),
         num_train_epochs=args.epochs,
@@ -212,7 +317,9 @@ def sft_config(args: argparse.Namespace, device: Device, checkpoint_dir: Path, t
         per_device_eval_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
         max_length=args.max_seq_length,
-        packing=False,
+        # "bfd" packing is trl's padding-free mode: rows keep their own positions and attention.
+        packing=recipe.packing,
+        packing_strategy="bfd",
         assistant_only_loss=args.assistant_only_loss,
         # ~50 loss points and ~4 evaluations whatever the run length.
         logging_strategy="steps",
@@ -221,14 +328,18 @@ def sft_config(args: argparse.Namespace, device: Device, checkpoint_dir: Path, t
         eval_steps=max(1, total_steps // 4),
         save_strategy="steps" if args.save_steps > 0 else "no",
         save_steps=args.save_steps if args.save_steps > 0 else 500,
-        save_only_model=True,
+        # Optimizer, scheduler and RNG state too: without them a resumed run is not the interrupted run.
+        save_only_model=False,
+        # Two, not one: if a crash tears the newest, the one before it is still whole.
+        save_total_limit=2,
         report_to="none",  # metrics go to MLflow through MlflowMetrics, inside our one run
         seed=args.seed,
         data_seed=args.seed,
         use_cpu=not device.cuda,
         bf16=device.bf16,  # on CPU bf16 autocast is slower and uses twice the memory
-        gradient_checkpointing=device.cuda and not tiny,
+        gradient_checkpointing=recipe.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
+        use_liger_kernel=recipe.liger,
         dataloader_num_workers=0,
     )
 
@@ -410,7 +521,8 @@ class Trained:
     tokenizer: PreTrainedTokenizerBase
     eval_loss_before: float
     eval_loss_after: float
-    steps: int
+    steps: int  # optimizer steps in total, those before a resume included
+    resumed_from_step: int = 0
 
 
 @dataclass(frozen=True)
@@ -421,6 +533,8 @@ class FineTuneResult:
     model_output_dir: Path
     model_uri: str
     seconds: float
+    steps: int
+    resumed_from_step: int
 
 
 def set_quiet_offline_env(model: str) -> None:
@@ -434,49 +548,138 @@ def set_quiet_offline_env(model: str) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def train(args: argparse.Namespace, checkpoint_dir: Path) -> Trained:
-    """Fine-tune inside the active MLflow run (params and metrics go to it); evaluate before and after."""
-    import mlflow
-    from transformers import set_seed
-    from trl import SFTTrainer
+def lora_parameter_count(model: PreTrainedModel, r: int) -> int:
+    """Parameters LoRA adds: r·(in + out) per targeted linear layer."""
+    return sum(
+        r * (module.in_features + module.out_features)
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] in LORA_TARGET_MODULES and hasattr(module, "in_features")
+    )
 
-    peft = resolve_peft(args.peft, args.model)
-    set_seed(args.seed)
-    device = detect_device()
+
+def choose_recipe(args: argparse.Namespace, model: PreTrainedModel, device: Device, peft: str, attention: str) -> Recipe:
+    gpu_bytes = None
+    if device.cuda:
+        import torch
+
+        gpu_bytes = float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    packing = choose_packing(args.packing, attention)
+    gradient_checkpointing = False
+    if args.gradient_checkpointing != "auto" or device.cuda:
+        trainable = lora_parameter_count(model, args.lora_r) if peft == "lora" else model.num_parameters()
+        gradient_checkpointing = choose_gradient_checkpointing(
+            args.gradient_checkpointing, total_params=model.num_parameters(), trainable_params=trainable,
+            base_bytes_per_param=model.dtype.itemsize, model_config=model.config, batch=args.batch_size,
+            seq_len=args.max_seq_length, device=device, gpu_bytes=gpu_bytes,
+        )  # fmt: skip
+    # Liger's fused linear+cross-entropy never materialises the logits: the largest single tensor
+    # at Phi-3's 32k vocabulary. CUDA only (Triton kernels).
+    liger = device.cuda and has_module("liger_kernel")
+    return Recipe(attention=attention, packing=packing, gradient_checkpointing=gradient_checkpointing, liger=liger)
+
+
+def set_cpu_threads(args: argparse.Namespace, device: Device) -> None:
     if args.model == TINY and not device.cuda:
         import torch
 
         # Its matrices are too small to split: one thread trained 42 steps in 2.3 s, two threads
         # took 6.1 s on a 2-core machine shared with other jobs (thread hand-offs dominate).
         torch.set_num_threads(1)
-    model, tokenizer = load_model_and_tokenizer(args, device, peft)
-    train_ds, eval_ds = load_datasets(args.train_file, args.eval_file)
-    total_steps = planned_steps(len(train_ds), args)
-    log.info(
-        "device %s (bf16=%s), %s, %d train / %d eval rows, %d steps",
-        device.name, device.bf16, peft, len(train_ds), len(eval_ds), total_steps,
-    )  # fmt: skip
-    trainer = SFTTrainer(
+
+
+@dataclass
+class Prepared:
+    trainer: Any  # trl.SFTTrainer
+    tokenizer: PreTrainedTokenizerBase
+    device: Device
+    peft: str
+    recipe: Recipe
+    n_train: int
+    n_eval: int
+    total_steps: int
+
+
+def make_trainer(
+    args: argparse.Namespace,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train_ds: Dataset,
+    eval_ds: Dataset,
+    *,
+    device: Device,
+    peft: str,
+    recipe: Recipe,
+    checkpoint_dir: Path,
+    total_steps: int,
+    callbacks: list[TrainerCallback] | None = None,
+) -> Any:
+    from trl import SFTTrainer
+
+    return SFTTrainer(
         model=model,
-        args=sft_config(args, device, checkpoint_dir, total_steps),
+        args=sft_config(args, device, checkpoint_dir, total_steps, recipe),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=lora_config(args) if peft == "lora" else None,
-        callbacks=[make_metrics_callback()],
+        callbacks=callbacks or [],
     )
+
+
+def prepare(args: argparse.Namespace, checkpoint_dir: Path, callbacks: list[TrainerCallback] | None = None) -> Prepared:
+    """Model, data and trainer exactly as a run uses them (bench/train_bench.py times this same trainer)."""
+    from transformers import set_seed
+
+    peft = resolve_peft(args.peft, args.model)
+    set_seed(args.seed)
+    device = detect_device()
+    set_cpu_threads(args, device)
+    attention = choose_attention(args.attn_implementation, device)
+    model, tokenizer = load_model_and_tokenizer(args, device, peft, attention)
+    recipe = choose_recipe(args, model, device, peft, attention)
+    train_ds, eval_ds = load_datasets(args.train_file, args.eval_file)
+    total_steps = planned_steps(len(train_ds), args)
+    log.info(
+        "device %s (bf16=%s), %s, %s, %d train / %d eval rows, %d steps",
+        device.name, device.bf16, peft, recipe, len(train_ds), len(eval_ds), total_steps,
+    )  # fmt: skip
+    trainer = make_trainer(
+        args, model, tokenizer, train_ds, eval_ds, device=device, peft=peft, recipe=recipe,
+        checkpoint_dir=checkpoint_dir, total_steps=total_steps, callbacks=callbacks,
+    )  # fmt: skip
+    return Prepared(trainer, tokenizer, device, peft, recipe, len(train_ds), len(eval_ds), total_steps)
+
+
+def train(args: argparse.Namespace, checkpoint_dir: Path) -> Trained:
+    """Fine-tune inside the active MLflow run (params and metrics go to it); evaluate before and after.
+
+    With --save-steps, a complete checkpoint already in `checkpoint_dir` (left by a run that was
+    killed) is resumed from: same optimizer, schedule, RNG and data position.
+    """
+    import mlflow
+
+    prepared = prepare(args, checkpoint_dir, callbacks=[make_metrics_callback()])
+    trainer, peft = prepared.trainer, prepared.peft
+    resume = checkpoints.latest_complete_checkpoint(checkpoint_dir) if args.save_steps > 0 else None
+    resumed_from = checkpoints.checkpoint_step(resume) if resume else 0
     main_process = trainer.is_world_process_zero()  # several GPUs: one process logs
     if main_process:
-        mlflow.log_params(run_params(args, peft, device, trainer.model, len(train_ds), len(eval_ds)))
+        params = run_params(args, peft, prepared.device, trainer.model, prepared.n_train, prepared.n_eval)
+        params |= {"attention": prepared.recipe.attention, "packing": prepared.recipe.packing,
+                   "gradient_checkpointing": prepared.recipe.gradient_checkpointing,
+                   "resumed_from_step": resumed_from}  # fmt: skip
+        mlflow.log_params(params)
     before = trainer.evaluate()["eval_loss"]
     if main_process:
         mlflow.log_metric("eval_loss_before", before, step=0)
     log.info("eval loss before training: %.4f", before)
-    trainer.train()
+    if resume:
+        log.info("resuming from %s (step %d of %d)", resume, resumed_from, prepared.total_steps)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     after = trainer.evaluate()["eval_loss"]
     if main_process:
         mlflow.log_metric("eval_loss_after", after, step=trainer.state.global_step)
-    log.info("eval loss after training: %.4f", after)
+    log.info("eval loss after training: %.4f (%d optimizer steps)", after, trainer.state.global_step)
 
     trained = trainer.model
     if peft == "lora":
@@ -485,7 +688,20 @@ def train(args: argparse.Namespace, checkpoint_dir: Path) -> Trained:
         trained = trained.merge_and_unload()
     trained.config.use_cache = True
     trained.eval()
-    return Trained(trained, tokenizer, before, after, trainer.state.global_step)
+    return Trained(trained, prepared.tokenizer, before, after, trainer.state.global_step, resumed_from)
+
+
+def checkpoint_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments that change what a run learns (not where it writes, nor how often it saves)."""
+    keys = ("model", "epochs", "max_steps", "learning_rate", "batch_size", "grad_accum", "max_seq_length", "seed",
+            "lora_r", "lora_alpha", "lora_dropout", "assistant_only_loss", "packing")  # fmt: skip
+    return {"peft": resolve_peft(args.peft, args.model), **{key: getattr(args, key) for key in keys}}
+
+
+def checkpoint_dir_for(args: argparse.Namespace) -> Path:
+    """`--checkpoint-dir`/run-<digest of the data files and checkpoint_settings>: stable across reruns."""
+    record = checkpoints.fingerprint(checkpoint_settings(args), {"train": args.train_file, "eval": args.eval_file})
+    return checkpoints.run_dir(args.checkpoint_dir or DEFAULT_CHECKPOINT_DIR, record)
 
 
 def save_and_log(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, run_id: str) -> str:
@@ -510,7 +726,7 @@ def fine_tune(args: argparse.Namespace) -> FineTuneResult:
     with tempfile.TemporaryDirectory(prefix="fine_tune_ckpt_") as scratch:
         # One run around everything: joins MLFLOW_RUN_ID when set (the local backend and Azure ML set it).
         with mlflow.start_run() as run:
-            checkpoint_dir = args.checkpoint_dir or (DEFAULT_CHECKPOINT_DIR if args.save_steps > 0 else Path(scratch))
+            checkpoint_dir = checkpoint_dir_for(args) if args.save_steps > 0 else Path(scratch)
             trained = train(args, checkpoint_dir)
             model_uri = f"runs:/{run.info.run_id}/{MODEL_ARTIFACT_PATH}"
             if int(os.environ.get("RANK", "0")) == 0:  # torchrun / Azure ML set RANK per GPU process
@@ -522,6 +738,8 @@ def fine_tune(args: argparse.Namespace) -> FineTuneResult:
         model_output_dir=args.model_output_dir,
         model_uri=model_uri,
         seconds=time.perf_counter() - start,
+        steps=trained.steps,
+        resumed_from_step=trained.resumed_from_step,
     )
 
 
@@ -534,8 +752,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     validate_args(args)
     result = fine_tune(args)
+    resumed = f" (resumed from step {result.resumed_from_step})" if result.resumed_from_step else ""
     print(
-        f"fine-tune done in {result.seconds:.0f}s: MLflow run {result.run_id}, eval loss "
+        f"fine-tune done in {result.seconds:.0f}s, {result.steps} steps{resumed}: MLflow run {result.run_id}, eval loss "
         f"{result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f}, model at {result.model_uri} "
         f"and {result.model_output_dir}",
         flush=True,

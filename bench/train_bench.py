@@ -1,0 +1,463 @@
+"""Training speed: this project's recipe (finetuning_dir/fine_tune.py) against the original tutorial's.
+
+Both train the same model (built from the same seed) on the same rows for the same number of
+optimizer steps, each in its own process (so peak RSS is its own), and print ONE JSON line.
+
+    .venv/bin/python bench/train_bench.py                        # CPU, tiny model: ~2.5 min on 2 cores
+    .venv/bin/python bench/train_bench.py --steps 6 --threads 2  # longer / more threads
+    python bench/train_bench.py --model phi3-mini-shape --steps 12   # CUDA only: Phi-3-mini-sized, random init
+
+The peer is the tutorial's fine_tune.py (Phi-3CookBook, "Fine-tune and Integrate custom Phi-3
+models with Prompt flow") moved to TRL 1.x: full fine-tune, every row rendered to text with an
+empty system turn, pad = unk, eager attention, gradient checkpointing, lr 5e-6, cosine, warm-up
+0.2, batch 4, `SFTConfig(max_length=2048, packing=True, dataset_text_field="text")`, seed 0.
+Ours is whatever `fine_tune.prepare()` builds (the trainer a real run uses), at --max-seq-length
+2048 so both see the same tokens.
+
+Tokens per second are counted from the batches each optimizer step trained on, the first step
+left out (warm-up) and evaluation time subtracted: `*_tok_s` counts supervised tokens
+(labels != -100: assistant turns for ours, every token for the peer), `*_total_tok_s` every
+non-pad token. Eval loss is the same for both: mean NLL of the assistant tokens of the held-out
+rows, each row formatted the way that recipe formats its training rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+FINETUNING_DIR = REPO / "finetuning_dir"
+FIXTURES = REPO.parent / "shared" / "fixtures"
+DEFAULT_DATA = FIXTURES / "ultrachat_200k" / "train_sft_first20.jsonl"
+DEFAULT_TOKENIZER = FIXTURES / "phi-3-mini-tokenizer"
+MODELS = ("tiny", "phi3-mini-shape")
+RECIPES = ("ours", "peer")
+SEQ_LEN = 2048  # the tutorial's max_seq_length
+EVAL_ROWS = 4
+H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM bf16 dense peak; the H200 is the same chip (GH100)
+TUTORIAL_LR = 5e-6
+
+log = logging.getLogger("train_bench")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, default="tiny")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per recipe (default: 4 tiny, 12 GPU)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="ultrachat-style JSON lines; the last 4 rows are the eval set")
+    parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help="Phi-3 tokenizer folder (phi3-mini-shape)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads, the same for both recipes")
+    parser.add_argument("--seed", type=int, default=42, help="model init seed, the same for both recipes")
+    parser.add_argument("--recipe", choices=RECIPES, help=argparse.SUPPRESS)  # child mode
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)  # child mode: where its JSON goes
+    return parser
+
+
+def validate(args: argparse.Namespace) -> None:
+    problems = []
+    if args.steps is not None and args.steps < 2:
+        problems.append(f"--steps must be >= 2: the first step is warm-up and not timed (got {args.steps})")
+    if args.threads < 1:
+        problems.append(f"--threads must be >= 1 (got {args.threads})")
+    if not args.data.is_file():
+        problems.append(f"--data {args.data}: no such file; pass an ultrachat-style JSON-lines file")
+    if args.model == "phi3-mini-shape":
+        if not args.tokenizer.is_dir():
+            problems.append(f"--tokenizer {args.tokenizer}: not a folder; pass the Phi-3 tokenizer folder")
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append("--model phi3-mini-shape needs CUDA (a 3.8B-parameter model); run the default tiny bench here")
+    if problems:
+        raise SystemExit("train_bench.py: " + "; ".join(problems))
+
+
+# --- measuring ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    recipe: str
+    device: str
+    model: str
+    parameters: int
+    steps: int
+    timed_steps: int
+    seconds: float
+    supervised_tokens: int
+    total_tokens: int
+    tok_s: float  # supervised tokens per second
+    total_tok_s: float
+    peak_mib: float  # peak RSS on CPU, peak allocated GPU memory on CUDA
+    eval_loss_before: float
+    eval_loss: float
+    settings: dict[str, Any]
+    mfu: float | None = None
+
+
+class StepMeter:
+    """Tokens of every optimizer step and the time between steps, evaluation time subtracted."""
+
+    def __init__(self, trainer: Any, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+        self.step_tokens: list[tuple[int, int]] = []
+        self.step_ends: list[float] = []
+        self.eval_seconds_at_step: list[float] = []
+        self._pending = [0, 0]
+        self._eval_seconds = 0.0
+        self._wrap(trainer)
+
+    def _wrap(self, trainer: Any) -> None:
+        from transformers import TrainerCallback
+
+        compute_loss, evaluate = trainer.compute_loss, trainer.evaluate
+
+        def counting_compute_loss(model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            if model.training:
+                labels = inputs["labels"]
+                self._pending[0] += int((labels != -100).sum())
+                if "attention_mask" in inputs:
+                    self._pending[1] += int(inputs["attention_mask"].sum())
+                else:  # padding-free: one flattened row, no padding unless pad_to_multiple_of
+                    self._pending[1] += int((inputs["input_ids"] != self.pad_token_id).sum())
+            return compute_loss(model, inputs, *args, **kwargs)
+
+        def timed_evaluate(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return evaluate(*args, **kwargs)
+            finally:
+                self._eval_seconds += time.perf_counter() - start
+
+        # Instance attributes shadow the methods the training loop calls through `self.`.
+        trainer.compute_loss, trainer.evaluate = counting_compute_loss, timed_evaluate
+        meter = self
+
+        class OnStepEnd(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                meter._synchronize()
+                meter.step_ends.append(time.perf_counter())
+                meter.eval_seconds_at_step.append(meter._eval_seconds)
+                meter.step_tokens.append((meter._pending[0], meter._pending[1]))
+                meter._pending = [0, 0]
+
+        trainer.add_callback(OnStepEnd())
+
+    @staticmethod
+    def _synchronize() -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def rates(self) -> tuple[int, float, int, int]:
+        """(timed steps, seconds, supervised tokens, total tokens) from the end of step 1 to the last."""
+        if len(self.step_ends) < 2:
+            raise RuntimeError(f"only {len(self.step_ends)} optimizer step(s) ran; the bench needs at least 2")
+        evals = self.eval_seconds_at_step[-1] - self.eval_seconds_at_step[0]
+        seconds = self.step_ends[-1] - self.step_ends[0] - evals
+        supervised = sum(s for s, _ in self.step_tokens[1:])
+        total = sum(t for _, t in self.step_tokens[1:])
+        return len(self.step_ends) - 1, seconds, supervised, total
+
+
+def assistant_nll(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]]) -> float:
+    """Mean NLL per assistant token (content and its <|end|>), the same definition for every recipe."""
+    import torch
+    from trl.chat_template_utils import get_training_chat_template
+
+    template = get_training_chat_template(tokenizer)
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for messages in conversations:
+            encoded = tokenizer.apply_chat_template(
+                messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
+            ids = torch.tensor(encoded["input_ids"][:SEQ_LEN], device=device)[None]
+            mask = torch.tensor(encoded["assistant_masks"][:SEQ_LEN], device=device, dtype=torch.bool)[None]
+            logits = model(input_ids=ids).logits.float()
+            nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")
+            target = mask[0, 1:]
+            total_nll += float(nll[target].sum())
+            total_tokens += int(target.sum())
+    model.train(was_training)
+    if total_tokens == 0:
+        raise ValueError("the eval rows have no assistant tokens inside the first 2048 tokens")
+    return total_nll / total_tokens
+
+
+def peak_mib() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# --- data and models ------------------------------------------------------------------------------
+
+
+def split_rows(data: Path, workdir: Path) -> tuple[Path, Path]:
+    sys.path.insert(0, str(FINETUNING_DIR))
+    from chat_format import read_chat_rows
+
+    rows = read_chat_rows(data)
+    if len(rows) <= EVAL_ROWS:
+        raise SystemExit(f"--data {data}: needs more than {EVAL_ROWS} rows (the last {EVAL_ROWS} are the eval set)")
+    train, evaluation = workdir / "train.jsonl", workdir / "eval.jsonl"
+    for path, part in ((train, rows[:-EVAL_ROWS]), (evaluation, rows[-EVAL_ROWS:])):
+        path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in part), encoding="utf-8")
+    return train, evaluation
+
+
+def build_model(name: str, train_file: Path, tokenizer_dir: Path, seed: int, dtype_name: str) -> tuple[Any, Any]:
+    """The same weights for both recipes: built from `seed` (tiny: and the train file)."""
+    import torch
+
+    if name == "tiny":
+        from tiny_model import build_tiny
+
+        return build_tiny(train_file, seed)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3Config
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = Phi3Config(  # the defaults are Phi-3-mini's shape: 32 layers x 3072, 32064 vocabulary
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype_name))
+    return model, tokenizer
+
+
+def read_eval(eval_file: Path) -> list[list[dict[str, str]]]:
+    from chat_format import read_chat_rows
+
+    return read_chat_rows(eval_file)
+
+
+# --- the two recipes ------------------------------------------------------------------------------
+
+
+def run_ours(args: argparse.Namespace, train_file: Path, eval_file: Path, workdir: Path, steps: int) -> tuple[Any, Any, dict[str, Any]]:
+    import fine_tune
+
+    argv = ["--train-file", str(train_file), "--eval-file", str(eval_file), "--model_output_dir", str(workdir / "model"),
+            "--model", "tiny" if args.model == "tiny" else "phi3-mini-shape", "--max-steps", str(steps),
+            "--max-seq-length", str(SEQ_LEN)]  # fmt: skip
+    ft_args = fine_tune.make_parser().parse_args(argv)
+    if args.model == "tiny":
+        prepared = fine_tune.prepare(ft_args, workdir / "ckpt")
+        trainer, tokenizer, recipe = prepared.trainer, prepared.tokenizer, prepared.recipe
+    else:
+        from chat_format import ensure_pad_token
+
+        device = fine_tune.detect_device()
+        peft = fine_tune.resolve_peft(ft_args.peft, ft_args.model)
+        attention = fine_tune.choose_attention(ft_args.attn_implementation, device)
+        model, tokenizer = build_model(args.model, train_file, args.tokenizer, args.seed, "bfloat16")
+        model.set_attn_implementation(attention)
+        model.config.use_cache = False
+        ensure_pad_token(tokenizer)
+        recipe = fine_tune.choose_recipe(ft_args, model, device, peft, attention)
+        train_ds, eval_ds = fine_tune.load_datasets(train_file, eval_file)
+        trainer = fine_tune.make_trainer(
+            ft_args, model, tokenizer, train_ds, eval_ds, device=device, peft=peft, recipe=recipe,
+            checkpoint_dir=workdir / "ckpt", total_steps=steps,
+        )  # fmt: skip
+    settings = {"peft": fine_tune.resolve_peft(ft_args.peft, ft_args.model), "lr": ft_args.learning_rate,
+                "batch_size": ft_args.batch_size, **asdict(recipe)}  # fmt: skip
+    return trainer, tokenizer, settings
+
+
+def tutorial_text(messages: list[dict[str, str]], tokenizer: Any) -> str:
+    """The tutorial's apply_chat_template(): an empty system turn first, rendered to text."""
+    if messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": ""}, *messages]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+
+
+def run_peer(args: argparse.Namespace, train_file: Path, eval_file: Path, workdir: Path, steps: int) -> tuple[Any, Any, dict[str, Any]]:
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from chat_format import read_chat_rows
+
+    cuda = torch.cuda.is_available()
+    # The tutorial loads bf16 weights and trains with bf16=True. On CPU the peer keeps fp32: bf16
+    # there is slower (known-traps.md), and pure-bf16 weights would round lr-5e-6 updates to zero.
+    model, tokenizer = build_model(args.model, train_file, args.tokenizer, args.seed, "bfloat16" if cuda else "float32")
+    model.set_attn_implementation("eager")
+    model.config.use_cache = False
+    tokenizer.model_max_length = SEQ_LEN
+    tokenizer.pad_token = tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    model.config.pad_token_id = tokenizer.pad_token_id
+    train_ds = Dataset.from_list([{"text": tutorial_text(m, tokenizer)} for m in read_chat_rows(train_file)])
+    eval_ds = Dataset.from_list([{"text": tutorial_text(m, tokenizer)} for m in read_chat_rows(eval_file)])
+    config = SFTConfig(
+        output_dir=str(workdir / "peer"),
+        bf16=cuda,
+        use_cpu=not cuda,
+        eval_strategy="epoch",
+        learning_rate=TUTORIAL_LR,
+        logging_steps=20,
+        lr_scheduler_type="cosine",
+        num_train_epochs=3,
+        max_steps=steps,  # the one change: the same number of optimizer steps as ours
+        per_device_eval_batch_size=4,
+        per_device_train_batch_size=4,
+        save_strategy="no",  # the tutorial saves every 500 steps; the bench runs fewer
+        seed=0,
+        gradient_checkpointing=True,
+        gradient_accumulation_steps=1,
+        warmup_steps=0.2,  # warmup_ratio=0.2 in transformers 4
+        max_length=SEQ_LEN,
+        dataset_text_field="text",
+        packing=True,
+        report_to="none",
+    )
+    trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer)
+    settings = {"peft": "full", "lr": TUTORIAL_LR, "batch_size": 4, "attention": "eager", "packing": True,
+                "packing_strategy": config.packing_strategy, "gradient_checkpointing": True,
+                "dtype": "bfloat16" if cuda else "float32"}  # fmt: skip
+    return trainer, tokenizer, settings
+
+
+def eval_conversations(recipe: str, eval_file: Path) -> list[list[dict[str, str]]]:
+    rows = read_eval(eval_file)
+    if recipe == "peer":  # scored on the rows as the peer formats them for training
+        rows = [m if m[0]["role"] == "system" else [{"role": "system", "content": ""}, *m] for m in rows]
+    return rows
+
+
+def run_child(args: argparse.Namespace) -> Result:
+    import torch
+
+    sys.path.insert(0, str(FINETUNING_DIR))
+    torch.set_num_threads(args.threads)
+    steps = args.steps or (4 if args.model == "tiny" else 12)
+    with tempfile.TemporaryDirectory(prefix="train_bench_") as tmp:
+        workdir = Path(tmp)
+        train_file, eval_file = split_rows(args.data, workdir)
+        runner = run_ours if args.recipe == "ours" else run_peer
+        trainer, tokenizer, settings = runner(args, train_file, eval_file, workdir, steps)
+        torch.set_num_threads(args.threads)  # fine_tune.prepare() pins the tiny model to 1 thread
+        conversations = eval_conversations(args.recipe, eval_file)
+        before = assistant_nll(trainer.model, tokenizer, conversations)
+        meter = StepMeter(trainer, tokenizer.pad_token_id)
+        trainer.train()
+        peak = peak_mib()
+        timed_steps, seconds, supervised, total = meter.rates()
+        after = assistant_nll(trainer.model, tokenizer, conversations)
+        parameters = trainer.model.num_parameters()
+    total_tok_s = total / seconds
+    mfu = None
+    if torch.cuda.is_available():
+        # 6·N FLOPs per token (forward 2N, backward 4N), the convention MFU is quoted in, for both
+        # recipes; LoRA skips the frozen weights' gradients (~4N), so its real utilisation is lower.
+        mfu = 6 * parameters * total_tok_s / H100_BF16_DENSE_FLOPS
+    return Result(
+        recipe=args.recipe,
+        device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        model=args.model,
+        parameters=parameters,
+        steps=trainer.state.global_step,
+        timed_steps=timed_steps,
+        seconds=round(seconds, 3),
+        supervised_tokens=supervised,
+        total_tokens=total,
+        tok_s=round(supervised / seconds, 1),
+        total_tok_s=round(total_tok_s, 1),
+        peak_mib=round(peak, 1),
+        eval_loss_before=round(before, 4),
+        eval_loss=round(after, 4),
+        settings=settings,
+        mfu=None if mfu is None else round(mfu, 4),
+    )
+
+
+# --- the parent: one process per recipe -----------------------------------------------------------
+
+
+def run_recipe(args: argparse.Namespace, recipe: str, workdir: Path) -> dict[str, Any]:
+    out = workdir / f"{recipe}.json"
+    argv = [sys.executable, str(Path(__file__).resolve()), "--recipe", recipe, "--out", str(out), "--model", args.model,
+            "--data", str(args.data), "--tokenizer", str(args.tokenizer), "--threads", str(args.threads),
+            "--seed", str(args.seed)]  # fmt: skip
+    if args.steps:
+        argv += ["--steps", str(args.steps)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": str(args.threads)}  # fmt: skip
+    log.info("running the %s recipe", recipe)
+    start = time.perf_counter()
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"train_bench.py: the {recipe} recipe failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    log.info("%s recipe done in %.0f s (process wall time)", recipe, time.perf_counter() - start)
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def summary(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    line = {
+        "bench": "train",
+        "device": ours["device"],
+        "model": ours["model"],
+        "ours_tok_s": ours["tok_s"],
+        "peer_tok_s": peer["tok_s"],
+        "ratio_tok_s": round(ours["tok_s"] / peer["tok_s"], 3),
+        "ours_peak_mib": ours["peak_mib"],
+        "peer_peak_mib": peer["peak_mib"],
+        "ours_eval_loss": ours["eval_loss"],
+        "peer_eval_loss": peer["eval_loss"],
+        "ours_total_tok_s": ours["total_tok_s"],
+        "peer_total_tok_s": peer["total_tok_s"],
+        "ratio_total_tok_s": round(ours["total_tok_s"] / peer["total_tok_s"], 3),
+        "eval_loss_before": ours["eval_loss_before"],
+        "peer_eval_loss_before": peer["eval_loss_before"],
+        "steps": ours["steps"],
+        "timed_steps": ours["timed_steps"],
+        "ours_seconds": ours["seconds"],
+        "peer_seconds": peer["seconds"],
+        "ours": ours["settings"],
+        "peer": peer["settings"],
+        "torch": torch.__version__,
+    }
+    if ours.get("mfu") is not None:
+        line |= {"ours_mfu": ours["mfu"], "peer_mfu": peer["mfu"]}
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    validate(args)
+    if args.recipe:
+        result = run_child(args)
+        args.out.write_text(json.dumps(asdict(result)), encoding="utf-8")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="train_bench_") as tmp:
+        results = {recipe: run_recipe(args, recipe, Path(tmp)) for recipe in RECIPES}
+    print(json.dumps(summary(results["ours"], results["peer"])), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
