@@ -59,6 +59,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help="Phi-3 tokenizer folder (phi3-mini-shape)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads, the same for both recipes")
     parser.add_argument("--seed", type=int, default=42, help="model init seed, the same for both recipes")
+    parser.add_argument(
+        "--ours-packing", choices=("auto", "on", "off"), default="auto",
+        help="fine_tune.py --packing for our recipe (on: padding-free packing, to measure it against padding)",
+    )  # fmt: skip
     parser.add_argument("--recipe", choices=RECIPES, help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)  # child mode: where its JSON goes
     return parser
@@ -258,7 +262,7 @@ def run_ours(args: argparse.Namespace, train_file: Path, eval_file: Path, workdi
 
     argv = ["--train-file", str(train_file), "--eval-file", str(eval_file), "--model_output_dir", str(workdir / "model"),
             "--model", "tiny" if args.model == "tiny" else "phi3-mini-shape", "--max-steps", str(steps),
-            "--max-seq-length", str(SEQ_LEN)]  # fmt: skip
+            "--max-seq-length", str(SEQ_LEN), "--packing", args.ours_packing]  # fmt: skip
     ft_args = fine_tune.make_parser().parse_args(argv)
     if args.model == "tiny":
         prepared = fine_tune.prepare(ft_args, workdir / "ckpt")
@@ -399,7 +403,7 @@ def run_recipe(args: argparse.Namespace, recipe: str, workdir: Path) -> dict[str
     out = workdir / f"{recipe}.json"
     argv = [sys.executable, str(Path(__file__).resolve()), "--recipe", recipe, "--out", str(out), "--model", args.model,
             "--data", str(args.data), "--tokenizer", str(args.tokenizer), "--threads", str(args.threads),
-            "--seed", str(args.seed)]  # fmt: skip
+            "--seed", str(args.seed), "--ours-packing", args.ours_packing]  # fmt: skip
     if args.steps:
         argv += ["--steps", str(args.steps)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",

@@ -351,3 +351,53 @@ def test_end_to_end_run_joins_the_given_run_and_logs_a_servable_registrable_mode
         assert response.json()[0]["usage"]["completion_tokens"] <= 2
     version = mlflow.register_model(f"runs:/{run_id}/model", f"fine-tune-test-{run_id}")
     assert str(version.version) == "1" and version.run_id == run_id
+
+
+# --- how the step is computed: measured choices ---------------------------------------------------
+
+
+def test_padding_free_packing_only_where_a_kernel_skips_the_masked_blocks():
+    cpu, gpu = fine_tune.Device(cuda=False, bf16=False), fine_tune.Device(cuda=True, bf16=True)
+    assert fine_tune.choose_attention("auto", cpu) == "sdpa"
+    assert fine_tune.choose_attention("eager", gpu) == "eager"
+    assert fine_tune.choose_packing("auto", "sdpa") is False  # 1.8x slower than padding on CPU (bench/RESULTS.md)
+    assert fine_tune.choose_packing("auto", "flash_attention_2") is True
+    assert fine_tune.choose_packing("on", "sdpa") is True and fine_tune.choose_packing("off", "flash_attention_2") is False
+
+
+def test_gradient_checkpointing_only_when_phi3_mini_would_not_fit():
+    from transformers import Phi3Config
+
+    phi3_mini = Phi3Config()  # the defaults are Phi-3-mini's shape
+    n = 3_821_079_552  # Phi-3-mini-4k-instruct's parameter count
+    lora = 32 * 16 * (3072 + 9216 + 3072 + 3072 + 3072 + 16384 + 8192 + 3072)  # r=16 on qkv, o, gate_up, down
+    gpu = fine_tune.Device(cuda=True, bf16=True)
+
+    def choose(gpu_gib: float, trainable: int, bytes_per_param: int, requested: str = "auto") -> bool:
+        return fine_tune.choose_gradient_checkpointing(
+            requested, total_params=n, trainable_params=trainable, base_bytes_per_param=bytes_per_param,
+            model_config=phi3_mini, batch=4, seq_len=1024, device=gpu, gpu_bytes=gpu_gib * 2**30,
+        )  # fmt: skip
+
+    # LoRA on a bf16 base at batch 4 x 1024: ~23 GB, so an 80 GB A100/H100 runs it without recomputation...
+    assert choose(80, lora, 2) is False
+    # ...a 24 GB card does not, and neither does full fine-tuning with fp32 AdamW state (~76 GB) on 80 GB.
+    assert choose(24, lora, 2) is True
+    assert choose(80, n, 4) is True
+    assert choose(80, lora, 2, requested="on") is True
+    cpu = fine_tune.Device(cuda=False, bf16=False)
+    assert fine_tune.choose_gradient_checkpointing(
+        "auto", total_params=n, trainable_params=n, base_bytes_per_param=4, model_config=phi3_mini, batch=4,
+        seq_len=1024, device=cpu, gpu_bytes=None,
+    ) is False  # fmt: skip
+
+
+def test_lora_parameter_count_matches_what_peft_trains(ultrachat_20, tmp_path):
+    from peft import get_peft_model
+
+    train, evaluation = split_ultrachat(ultrachat_20, tmp_path)
+    args = args_for(train, evaluation, tmp_path / "out", "--model", "tiny", "--lora-r", "4")
+    model, _ = tiny_model.build_tiny(train, seed=1)
+    expected = fine_tune.lora_parameter_count(model, args.lora_r)
+    wrapped = get_peft_model(model, fine_tune.lora_config(args))
+    assert expected == sum(p.numel() for p in wrapped.parameters() if p.requires_grad) > 0
