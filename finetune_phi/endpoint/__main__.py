@@ -7,24 +7,51 @@ MLFLOW_TRACKING_URI must point at the registry holding the model. The socket is 
 SO_REUSEPORT so that a new version can start on the same port while the old one still serves;
 with --load-before-listen it accepts connections only once the model is loaded, so such a
 hand-over never routes a request to a server that would answer 503.
+
+Bound to anything but a loopback address it logs a warning: the key is then all that stands
+between the model and the network. SIGTERM (or Ctrl-C) stops accepting connections, lets the
+requests in flight finish for up to --graceful-shutdown-s seconds, then exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import socket
 import sys
+from typing import TYPE_CHECKING, Any, Iterator
 
 from finetune_phi.endpoint import KEY_ENV
+from finetune_phi.endpoint.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENT_REQUESTS, DEFAULT_REQUEST_TIMEOUT_S
+
+if TYPE_CHECKING:
+    import uvicorn
 
 log = logging.getLogger("finetune_phi.endpoint")
 
 EXIT_LOAD_FAILED = 1
 EXIT_USAGE = 2
 EXIT_PORT_BUSY = 3
+
+DEFAULT_GRACEFUL_SHUTDOWN_S = 30.0  # local_deploy waits 40 s after SIGTERM before it sends SIGKILL
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,8 +67,54 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="load the model before accepting connections (used when replacing a running endpoint)",
     )
+    limits = parser.add_argument_group("limits (what an Azure deployment's request_settings set)")
+    limits.add_argument(
+        "--max-concurrent-requests",
+        type=_positive_int,
+        default=DEFAULT_MAX_CONCURRENT_REQUESTS,
+        help="generation requests served at once; more are answered 429 with Retry-After (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--request-timeout-s",
+        type=_positive_float,
+        default=DEFAULT_REQUEST_TIMEOUT_S,
+        help="a request running longer is answered 408 and its generation cancelled (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="larger request bodies are refused with 413 before they are read (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--graceful-shutdown-s",
+        type=_positive_float,
+        default=DEFAULT_GRACEFUL_SHUTDOWN_S,
+        help="on SIGTERM, how long requests in flight may still run (default: %(default)s)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     return parser
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def warn_if_exposed(host: str) -> bool:
+    """Log a warning when `host` is reachable from other machines; True if it is."""
+    if is_loopback(host):
+        return False
+    log.warning(
+        "binding %s: the endpoint is reachable from other machines, guarded only by its key "
+        "(use --host 127.0.0.1 to keep it on this machine)",
+        host,
+    )
+    return True
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -59,6 +132,23 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def graceful_server(app: Any, **config: Any) -> "uvicorn.Server":
+    """A uvicorn server that exits 0 after a graceful stop.
+
+    uvicorn re-raises the SIGTERM it handled once it has drained, so the process would die of the
+    signal (-15) even after a clean stop; a supervisor should see a clean stop as exit 0."""
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()
+
+    return GracefulServer(uvicorn.Config(app, **config))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Old and new servers append to one log during a hand-over: the pid tells their lines apart.
@@ -67,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    warn_if_exposed(args.host)
     key = os.environ.get(KEY_ENV, "")
     if not key:
         log.error("set %s to the endpoint key (deploy_model.py does this for you)", KEY_ENV)
@@ -78,8 +169,6 @@ def main(argv: list[str] | None = None) -> int:
             log.error("port %d on %s is in use by another program: stop it or set LOCAL_ENDPOINT_PORT", args.port, args.host)
             return EXIT_PORT_BUSY
         raise
-
-    import uvicorn
 
     from finetune_phi.common import redact
     from finetune_phi.endpoint.engine import Engine, served_name
@@ -93,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:  # the load failed: exit non-zero rather than serve 503 forever
             server.should_exit = True
 
+    limits: dict[str, Any] = {
+        "max_concurrent_requests": args.max_concurrent_requests,
+        "request_timeout_s": args.request_timeout_s,
+        "max_body_bytes": args.max_body_bytes,
+    }
     if args.load_before_listen:
         try:
             engine = Engine.from_mlflow(args.model_uri, name)
@@ -100,17 +194,25 @@ def main(argv: list[str] | None = None) -> int:
             log.error("could not load %s: %s", args.model_uri, exc, exc_info=exc)
             log.error("not serving: could not load %s (%s)", args.model_uri, exc)
             return EXIT_LOAD_FAILED
-        app = create_app(key, engine=engine, model_name=name)
+        app = create_app(key, engine=engine, model_name=name, **limits)
     else:
-        app = create_app(key, loader=lambda: Engine.from_mlflow(args.model_uri, name), model_name=name, on_load_error=stop)
-    config = uvicorn.Config(
+        app = create_app(
+            key, loader=lambda: Engine.from_mlflow(args.model_uri, name), model_name=name, on_load_error=stop, **limits
+        )
+    log.info(
+        "limits: %d requests in flight, %g s per request, %d-byte bodies; %g s to finish on SIGTERM",
+        args.max_concurrent_requests,
+        args.request_timeout_s,
+        args.max_body_bytes,
+        args.graceful_shutdown_s,
+    )
+    server = graceful_server(
         app,
         host=args.host,
         port=args.port,
         log_config=None,  # keep the format set above
-        timeout_graceful_shutdown=30,  # let an in-flight generation finish on SIGTERM (local_deploy waits 40 s)
+        timeout_graceful_shutdown=args.graceful_shutdown_s,
     )
-    server = uvicorn.Server(config)
     server.run(sockets=[sock])
     return EXIT_LOAD_FAILED if app.state.runtime.load_error is not None else 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from finetune_phi.endpoint.engine import MAX_NEW_TOKENS_CAP
 
@@ -34,6 +34,21 @@ def _boolean(value: object) -> object:
     return value
 
 
+def _unicode(value: str) -> str:
+    """JSON's \\ud800-style escapes can encode half of a UTF-16 pair, which no tokenizer or UTF-8
+    response can carry: refuse it here rather than fail while generating or answering."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"holds an unpaired surrogate {value[exc.start]!r} at character {exc.start}: send valid Unicode"
+        ) from None
+    return value
+
+
+# Every string a request carries; the limit bounds tokenizer work, the body limit bounds the rest.
+Text = Annotated[str, Field(max_length=MAX_CONTENT_CHARS), AfterValidator(_unicode)]
+
 # The bounds sit inside, next to int, so that /openapi.json shows them as minimum/maximum.
 TokenCount = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS_CAP), BeforeValidator(_integer)]
 TopK = Annotated[int, Field(ge=1, le=1000), BeforeValidator(_integer)]
@@ -44,11 +59,11 @@ class ChatMessage(BaseModel):
     model_config = STRICT_FORBID
 
     role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=MAX_CONTENT_CHARS)
+    content: Text
 
 
 Conversation = Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
-Prompt = Annotated[str, Field(max_length=MAX_CONTENT_CHARS)]
+Prompt = Text
 
 
 class GenerationParams(BaseModel):
@@ -114,7 +129,7 @@ class TextPart(BaseModel):
     model_config = STRICT_IGNORE
 
     type: Literal["text"]
-    text: str = Field(max_length=MAX_CONTENT_CHARS)
+    text: Text
 
 
 class OpenAIMessage(BaseModel):
@@ -122,7 +137,7 @@ class OpenAIMessage(BaseModel):
     model_config = STRICT_IGNORE
 
     role: Literal["system", "user", "assistant", "developer"]
-    content: Annotated[str, Field(max_length=MAX_CONTENT_CHARS)] | list[TextPart]
+    content: Text | list[TextPart]
 
     def as_message(self) -> dict[str, str]:
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -133,7 +148,9 @@ class OpenAIMessage(BaseModel):
 class ChatCompletionRequest(BaseModel):
     model_config = STRICT_IGNORE
 
-    model: str | None = Field(default=None, description="accepted and reported back; one model is served")
+    model: Annotated[str, Field(max_length=256), AfterValidator(_unicode)] | None = Field(
+        default=None, description="accepted and reported back; one model is served"
+    )
     messages: list[OpenAIMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: TokenCount | None = None
     max_completion_tokens: TokenCount | None = None
@@ -141,7 +158,9 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: Annotated[int, Field(ge=1, le=1), BeforeValidator(_integer)] = Field(default=1, description="only 1 is supported")
     stream: Annotated[Literal[False], BeforeValidator(_boolean)] = Field(default=False, description="streaming is not supported: leave it false")
-    stop: str | list[str] | None = Field(default=None, description="cut the reply at the first of these strings")
+    stop: Text | Annotated[list[Text], Field(max_length=16)] | None = Field(
+        default=None, description="cut the reply at the first of these strings"
+    )
     seed: Seed | None = None
 
 
@@ -205,3 +224,5 @@ class Health(BaseModel):
     model: str
     pid: int
     detail: str | None = None
+    in_flight: int = Field(default=0, description="generation requests being served now")
+    max_concurrent_requests: int | None = Field(default=None, description="beyond this many in flight, 429")

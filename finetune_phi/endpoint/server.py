@@ -8,7 +8,9 @@ Routes (all JSON):
     GET  /openapi.json        this API, described from the typed bodies in schemas.py
 
 Generation runs on one worker thread so the event loop keeps answering health checks and
-rejecting bad requests while a batch is being generated.
+rejecting bad requests while a batch is being generated. limits.py bounds what the POST routes
+accept (body size, content type, requests in flight, time per request); every error, the
+framework's included, is answered in OpenAI's JSON error shape naming the field at fault.
 """
 
 from __future__ import annotations
@@ -24,31 +26,35 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from finetune_phi.endpoint import schemas
+from finetune_phi.endpoint.batcher import Batcher, QueueFull
 from finetune_phi.endpoint.engine import Completion, Engine, InputTooLong, Message, SamplingParams
+from finetune_phi.endpoint.limits import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONCURRENT_REQUESTS,
+    DEFAULT_REQUEST_TIMEOUT_S,
+    InFlight,
+    Limits,
+    RequestLimits,
+    error_response,
+)
 
 log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str, param: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, type_: str, param: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param = status, message, type_, param
+        self.headers = headers
 
-
-def _error_response(
-    status: int, message: str, type_: str, param: str | None = None, headers: dict[str, str] | None = None, **extra: Any
-) -> JSONResponse:
-    body = schemas.ErrorResponse(error=schemas.ErrorBody(message=message, type=type_, param=param))
-    if status == 401:
-        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
-    return JSONResponse({**body.model_dump(), **extra}, status_code=status, headers=headers)
 
 
 class Runtime:
@@ -59,7 +65,8 @@ class Runtime:
         self.engine = engine
         self.load_error: BaseException | None = None
         self.created = int(time.time())
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
+        self.batcher: Batcher | None = None  # built on the first request, once the engine is loaded
 
     @property
     def status(self) -> str:
@@ -76,17 +83,30 @@ class Runtime:
     async def generate(
         self, conversations: Sequence[Sequence[Message]], params: SamplingParams, param: str = "input_data"
     ) -> list[Completion]:
+        """Replies from the shared micro-batcher; cancelling the awaiting task abandons the work."""
         engine = self.ready_engine()
-        loop = asyncio.get_running_loop()
+        if self.batcher is None or self.batcher.engine is not engine:
+            self.batcher = Batcher(engine)
         try:
-            return await loop.run_in_executor(self.executor, engine.generate, conversations, params)
+            return await self.batcher.submit(conversations, params)
         except InputTooLong as exc:
             raise ApiError(400, str(exc), "invalid_request_error", param) from exc
+        except QueueFull as exc:
+            raise ApiError(429, str(exc), "rate_limit_error", headers={"Retry-After": "1"}) from exc
+
+    def close(self) -> None:
+        """Stop the generation thread (queued requests get an error); call at shutdown."""
+        if self.batcher is not None:
+            self.batcher.close()
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"model": schemas.ErrorResponse, "description": "the request cannot be served as asked"},
+    400: {"model": schemas.ErrorResponse, "description": "the body is not JSON, or the prompt does not fit the model's context"},
     401: {"model": schemas.ErrorResponse, "description": "missing or wrong key"},
+    408: {"model": schemas.ErrorResponse, "description": "the request ran past the endpoint's timeout; its work was cancelled"},
+    413: {"model": schemas.ErrorResponse, "description": "the body is over the endpoint's size limit"},
+    415: {"model": schemas.ErrorResponse, "description": "the body is not sent as application/json"},
+    429: {"model": schemas.ErrorResponse, "description": "too many requests in flight: retry after Retry-After seconds"},
     503: {"model": schemas.ErrorResponse, "description": "the model is still loading"},
 }
 
@@ -98,8 +118,19 @@ def create_app(
     loader: Callable[[], Engine] | None = None,
     model_name: str | None = None,
     on_load_error: Callable[[BaseException], None] | None = None,
+    max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
-    """An app serving `engine`, or the engine `loader` builds in the background at startup."""
+    """An app serving `engine`, or the engine `loader` builds in the background at startup.
+
+    At most `max_concurrent_requests` generation requests are admitted at once (more get 429), each
+    for at most `request_timeout_s` seconds (then 408, its work cancelled), with a JSON body of at
+    most `max_body_bytes` (more gets 413).
+    """
+    limits = Limits(
+        max_body_bytes=max_body_bytes, max_concurrent_requests=max_concurrent_requests, request_timeout_s=request_timeout_s
+    )
     if not key:
         raise ValueError("an endpoint key is required: an endpoint without one would answer anybody")
     if (engine is None) == (loader is None):
@@ -131,25 +162,39 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.runtime = runtime
+    in_flight = InFlight()
+    app.state.in_flight = in_flight
+    app.add_middleware(
+        RequestLimits, limits=limits, paths=("/score", "/v1/chat/completions"), in_flight=in_flight  # type: ignore[arg-type]
+    )
     bearer = HTTPBearer(auto_error=False, description="the endpoint key (deploy_model.py writes it to .env)")
     expected = key.encode()
 
-    def require_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    # async: a plain def dependency would take a thread-pool hop on every request.
+    async def require_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         if credentials is None:
-            raise ApiError(401, "missing key: send the header 'Authorization: Bearer <key>'", "authentication_error")
+            raise ApiError(401, "missing key: send the header 'Authorization: Bearer <key>'", "authentication_error", "Authorization")
+        # Constant time: how long a comparison takes must not tell how much of a guess was right.
         if not hmac.compare_digest(credentials.credentials.encode(), expected):
-            raise ApiError(401, "invalid key: use AZURE_ML_API_KEY from .env", "authentication_error")
+            raise ApiError(
+                401, "invalid key in the Authorization header: use AZURE_ML_API_KEY from .env", "authentication_error", "Authorization"
+            )
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error_response(exc.status, exc.message, exc.type, exc.param)
+        # Every message starts with the field at fault, as validation errors do.
+        message = exc.message
+        if exc.param and exc.status < 500 and not message.startswith(exc.param):
+            message = f"{exc.param}: {message}"
+        return error_response(exc.status, message, exc.type, exc.param, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         # Framework errors (unparseable body, unknown route, wrong method) in the same shape as ours.
-        return _error_response(
-            exc.status_code, str(exc.detail), "invalid_request_error", headers=exc.headers, detail=exc.detail
-        )
+        message, param = str(exc.detail), None
+        if exc.status_code == 400 and message == BODY_PARSE_ERROR:  # e.g. invalid UTF-8, nesting too deep
+            message, param = "the body is not valid JSON text (UTF-8, nested at most a few hundred levels)", "body"
+        return error_response(exc.status_code, message, "invalid_request_error", param, headers=exc.headers, detail=exc.detail)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -160,18 +205,36 @@ def create_app(
 
         # A value that matches no member of a union fails once per member; the deepest failure is
         # the member it came closest to (a list of messages with a bad role, not "not a string").
+        broken = next((e for e in errors if e.get("type") == "json_invalid"), None)
+        if broken is not None:
+            # Not JSON at all: a syntax error (400), not a well-formed body with wrong values (422).
+            where = (broken.get("ctx") or {}).get("error", "invalid JSON")
+            position = broken.get("loc", ("body", "?"))[-1]
+            return error_response(
+                400, f"the body is not valid JSON: {where} at character {position}", "invalid_request_error", "body"
+            )
         first = max(errors, key=lambda e: len(field_path(e)), default={"loc": (), "msg": "invalid request"})
         loc = field_path(first)
-        param = ".".join(loc) or None
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-        if not param and first.get("type") == "model_attributes_type":
-            message = "the body must be a JSON object sent with 'Content-Type: application/json'"
-        # Keep FastAPI's `detail` list (what /openapi.json documents for 422) beside OpenAI's `error`.
-        return _error_response(422, message, "invalid_request_error", param, detail=jsonable_encoder(errors))
+        param = ".".join(loc) or "body"
+        message = f"{param}: {first.get('msg')}"
+        if not loc and first.get("type") in ("model_attributes_type", "model_type", "dict_type"):
+            message = "body: must be a JSON object as described in /openapi.json"
+        # Keep FastAPI's `detail` list (what /openapi.json documents for 422) beside OpenAI's `error`,
+        # without the optional `input`: echoing it would send back up to max_body_bytes per error,
+        # NaN (not JSON), or a list nested deeper than an encoder's recursion limit.
+        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg")), "type": str(e.get("type"))} for e in errors]
+        return error_response(422, message, "invalid_request_error", param, detail=detail)
 
     def health() -> schemas.Health:
         detail = str(runtime.load_error) if runtime.load_error else None
-        return schemas.Health(status=runtime.status, model=runtime.model_name, pid=os.getpid(), detail=detail)
+        return schemas.Health(
+            status=runtime.status,
+            model=runtime.model_name,
+            pid=os.getpid(),
+            detail=detail,
+            in_flight=in_flight.count,
+            max_concurrent_requests=limits.max_concurrent_requests,
+        )
 
     @app.get("/", response_model=schemas.Health, tags=["health"])
     @app.get("/health/live", response_model=schemas.Health, tags=["health"])
@@ -202,6 +265,7 @@ def create_app(
         if isinstance(data, schemas.StudioInput):
             options = data.parameters or request.params or schemas.GenerationParams()
             conversation = [m.model_dump() for m in data.input_string]
+            _require_text(conversation, "input_data.input_string")
             [completion] = await runtime.generate([conversation], _sampling(options))
             return schemas.StudioOutput(output=_full_text(conversation, completion, options))
         options = request.params or schemas.GenerationParams()
@@ -209,6 +273,8 @@ def create_app(
             [{"role": "user", "content": item}] if isinstance(item, str) else [m.model_dump() for m in item]
             for item in data
         ]
+        for i, (item, conversation) in enumerate(zip(data, conversations)):
+            _require_text(conversation, f"input_data.{i}", prompt=isinstance(item, str))
         completions = await runtime.generate(conversations, _sampling(options))
         return [_full_text(c, done, options) for c, done in zip(conversations, completions)]
 
@@ -228,6 +294,7 @@ def create_app(
             seed=request.seed,
         )
         conversation = [m.as_message() for m in request.messages]
+        _require_text(conversation, "messages")
         [done] = await runtime.generate([conversation], params, param="messages")
         text, finish = _apply_stop(done.text, request.stop, done.finish_reason)
         return schemas.ChatCompletion(
@@ -261,6 +328,21 @@ def _is_type_tag(part: object) -> bool:
     if not isinstance(part, str):
         return False
     return not part.isidentifier() or part[:1].isupper() or part in ("str", "int", "float", "bool", "list", "dict")
+
+
+BODY_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's detail when json.loads itself fails
+
+
+def _require_text(conversation: Sequence[Message], param: str, prompt: bool = False) -> None:
+    """The last message is what the model answers: blank, there is nothing to answer.
+
+    Earlier messages may be empty (a chat history can hold an empty reply)."""
+    if conversation[-1]["content"].strip():
+        return
+    field = param if prompt else f"{param}.{len(conversation) - 1}.content"
+    raise ApiError(
+        422, f"{field}: the last message is empty: put the question in it", "invalid_request_error", field
+    )
 
 
 def _sampling(options: schemas.GenerationParams) -> SamplingParams:
