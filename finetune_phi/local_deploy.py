@@ -24,7 +24,6 @@ naming the holder, rather than queueing behind a deploy that can take minutes.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import logging
