@@ -7,8 +7,11 @@
     python deploy_model.py --backend azure          # register, create/update endpoint + deployment, route 100% traffic
     python deploy_model.py --backend azure --teardown   # delete the endpoint and scale the cluster to 0
 
-Either way the scoring URI and key land in `.env` (AZURE_ML_ENDPOINT / AZURE_ML_API_KEY, mode 0600)
-and in the Prompt flow connection named PROMPTFLOW_CONNECTION_NAME, so the flows work unchanged.
+Either way the scoring URI and key land in ENV_FILE (default `.env`; AZURE_ML_ENDPOINT /
+AZURE_ML_API_KEY, mode 0600) and in the Prompt flow connection named PROMPTFLOW_CONNECTION_NAME,
+so the flows work unchanged. Locally, one deploy or teardown runs at a time per STATE_DIR: a second
+exits 1 naming the one that runs. A re-deploy starts the new endpoint beside the old one on the same
+port and stops the old one only once the new one is ready; an endpoint that died is restarted.
 """
 
 from __future__ import annotations
