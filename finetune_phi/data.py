@@ -275,8 +275,18 @@ def to_jsonl(rows: Iterable[dict]) -> list[str]:
 def write_split(train: Sequence[dict], test: Sequence[dict], train_path: Path, test_path: Path) -> None:
     """Both files, each atomically; serialised before either is touched so a bad row changes neither."""
     train_lines, test_lines = to_jsonl(train), to_jsonl(test)
+    for path in (train_path, test_path):
+        _remove_stale_temp_files(path)
     common.atomic_write_lines(train_path, train_lines)
     common.atomic_write_lines(test_path, test_lines)
+
+
+def _remove_stale_temp_files(path: Path) -> None:
+    """A run killed between writing and renaming leaves `.NAME.*.tmp` beside NAME: drop those leftovers."""
+    if path.parent.is_dir():
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            log.info("removing %s, left by an interrupted run", stale)
+            stale.unlink(missing_ok=True)
 
 
 # --- the whole step ---------------------------------------------------------------------------------

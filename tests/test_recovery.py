@@ -272,6 +272,7 @@ def test_download_killed_mid_write_leaves_whole_files_and_a_rerun_matches_a_clea
     temp = Path(mark.read_text())
     assert temp.parent == out and temp.name.startswith(f".{blocked}.") and temp.read_bytes() == reference[blocked]
 
-    for _ in range(2):  # a re-run repairs the pair; another re-run changes nothing
+    for _ in range(2):  # a re-run repairs the pair and removes the leftover; another changes nothing
         download(out)
         assert {name: (out / name).read_bytes() for name in reference} == reference
+        assert sorted(p.name for p in out.iterdir()) == sorted(reference)
