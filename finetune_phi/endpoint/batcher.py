@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -41,6 +42,24 @@ DEFAULT_MAX_BATCH_ROWS = 16
 DEFAULT_MAX_QUEUE = 64
 # How long the generation thread may hold a batch open for requests it knows are on their way.
 DEFAULT_MAX_WAIT_S = 0.004
+
+
+# Padding budget of one batch: padded prompt tokens <= PAD_FACTOR x real tokens + PAD_SLACK_TOKENS.
+PAD_FACTOR = 2
+PAD_SLACK_TOKENS = 256
+
+# Below this many parameters a model's matrices are too small to split across threads: on the
+# 2-core bench machine the tiny demo model served 5 req/s with 2 torch threads and 35 with 1
+# (bench/RESULTS.md). Real Phi-3-mini (3.8 B) is far above it and gets every core.
+SMALL_MODEL_PARAMETERS = 50_000_000
+
+
+def default_torch_threads(engine: Engine) -> int:
+    """Threads for one generate: OMP_NUM_THREADS if set, 1 for a small model, else every core; 0 = leave as is."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return 0  # torch already took it at import
+    parameters = sum(p.numel() for p in engine.model.parameters())
+    return 1 if parameters < SMALL_MODEL_PARAMETERS else (os.cpu_count() or 1)
 
 
 class QueueFull(RuntimeError):
@@ -90,6 +109,7 @@ class Batcher:
         max_queue: int = DEFAULT_MAX_QUEUE,
         max_wait_s: float = DEFAULT_MAX_WAIT_S,
         tokenizer_threads: int = 2,
+        torch_threads: int | None = None,
     ) -> None:
         if max_batch_rows < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError("max_batch_rows and max_queue must be >= 1 and max_wait_s >= 0")
@@ -107,6 +127,7 @@ class Batcher:
         self.batched_requests = 0
         self.dropped = 0
         self._pool = ThreadPoolExecutor(max_workers=tokenizer_threads, thread_name_prefix="tokenize")
+        self.torch_threads = torch_threads if torch_threads is not None else default_torch_threads(engine)
         self._thread = threading.Thread(target=self._run, name="generate", daemon=True)
         self._thread.start()
 
@@ -182,6 +203,10 @@ class Batcher:
     # --- the generation thread --------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.torch_threads > 0:
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
         while True:
             batch = self._next_batch()
             if batch is None:
@@ -218,18 +243,26 @@ class Batcher:
         first = self._queue.popleft()
         batch, rows = [first], len(first.rows)
         width, longest = first.width, max(first.limits)
+        real = sum(len(r) for r in first.rows)
         context = self.engine.max_context
         for work in list(self._queue):
             if work.key != first.key or rows + len(work.rows) > self.max_batch_rows:
                 continue
+            new_width = max(width, work.width)
             # Alone, a request's rows get their full limit; beside a longer prompt the padded
             # batch must still leave room for every row's limit, or the request waits its turn.
-            if max(width, work.width) + max(longest, *work.limits) > context:
+            if new_width + max(longest, *work.limits) > context:
+                continue
+            # Every row is padded to the longest prompt, and prefill and attention pay for the
+            # padding: a 500-token prompt would make seven 14-token ones cost 500 each. Cap the
+            # padded tokens at PAD_FACTOR times the real ones (plus slack for short prompts).
+            new_real = real + sum(len(r) for r in work.rows)
+            if (rows + len(work.rows)) * new_width > PAD_FACTOR * new_real + PAD_SLACK_TOKENS:
                 continue
             self._queue.remove(work)
             batch.append(work)
             rows += len(work.rows)
-            width, longest = max(width, work.width), max(longest, *work.limits)
+            width, longest, real = new_width, max(longest, *work.limits), new_real
         return batch
 
     def _generate(self, batch: list[_Work]) -> None:
