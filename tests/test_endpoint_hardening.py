@@ -316,6 +316,25 @@ def test_a_request_past_the_timeout_is_408_and_its_generation_stops(engine: Engi
         remove()
 
 
+def test_a_client_that_disconnects_has_its_generation_cancelled(server: ThreadServer, engine: Engine) -> None:
+    calls, remove = count_forward_passes(engine)
+    try:
+        body = json.dumps(SLOW_CHAT).encode()
+        head = request_head(server.port, f"Content-Length: {len(body)}\n").replace("POST /score", "POST /v1/chat/completions")
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+            wait_until(lambda: calls[0] > 5, 10, "generation has started")
+        with httpx.Client(base_url=server.base, timeout=10) as c:
+            wait_until(lambda: c.get("/health/live").json()["in_flight"] == 0, 5, "the request is released")
+        time.sleep(0.3)
+        before = calls[0]
+        time.sleep(0.5)
+        assert calls[0] - before <= 2, f"{calls[0] - before} forward passes after the client left"
+        assert before < 400
+    finally:
+        remove()
+
+
 # --- binding and flags ------------------------------------------------------------------------------
 
 

@@ -87,7 +87,7 @@ class StudioInput(BaseModel):
 
     model_config = STRICT_FORBID
 
-    input_string: Conversation
+    input_string: Conversation = Field(description="chat messages; the last one's content must not be blank")
     parameters: GenerationParams | None = None
 
 
@@ -113,7 +113,8 @@ class ScoreRequest(BaseModel):
     )
 
     input_data: Annotated[list[Prompt | Conversation], Field(min_length=1, max_length=MAX_INPUTS_PER_REQUEST)] | StudioInput = Field(
-        description="a list of prompts (string or chat messages), or the Studio {input_string, parameters} object"
+        description="a list of prompts (a string, or chat messages whose last content is not blank), "
+        "or the Studio {input_string, parameters} object"
     )
     params: GenerationParams | None = None
 
@@ -151,7 +152,9 @@ class ChatCompletionRequest(BaseModel):
     model: Annotated[str, Field(max_length=256), AfterValidator(_unicode)] | None = Field(
         default=None, description="accepted and reported back; one model is served"
     )
-    messages: list[OpenAIMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    messages: list[OpenAIMessage] = Field(
+        min_length=1, max_length=MAX_MESSAGES, description="the conversation; the last message's content must not be blank"
+    )
     max_tokens: TokenCount | None = None
     max_completion_tokens: TokenCount | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
