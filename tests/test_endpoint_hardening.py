@@ -310,7 +310,7 @@ def test_a_request_past_the_timeout_is_408_and_its_generation_stops(engine: Engi
                 before = calls[0]
                 time.sleep(0.5)
                 assert calls[0] - before <= 2, f"{calls[0] - before} forward passes after the 408"
-                assert 0 < before < 400
+                assert before < 400, "the generation ran to the end of the context"
                 assert c.post("/score", json=GOOD_SCORE, headers=AUTH).status_code == 200
     finally:
         remove()
