@@ -96,7 +96,9 @@ class Settings:
     LORA_R: int = 16
     LORA_ALPHA: int = 32
     LORA_DROPOUT: float = 0.05
-    SAVE_STEPS: int = 0  # 0 = no intermediate checkpoints
+    # > 0: checkpoint every N optimizer steps; a killed local run resumes when setup_ml.py is run
+    # again (checkpoints in STATE_DIR/checkpoints, removed once the run finishes). 0 = none.
+    SAVE_STEPS: int = 0
 
     # --- local backend ---------------------------------------------------------------------------
     STATE_DIR: str = ".finetune_phi"  # local state: MLflow store, endpoint pid/log, Prompt flow home
@@ -105,6 +107,12 @@ class Settings:
     LOCAL_ENDPOINT_HOST: str = "127.0.0.1"
     LOCAL_ENDPOINT_PORT: int = 5001
     PROMPTFLOW_CONNECTION_NAME: str = "phi3_endpoint"
+    # The local endpoint's limits. Azure's max_concurrent_requests_per_instance defaults to 1; ours
+    # is 16 so that a full micro-batch can be in flight. Beyond it: 429 with Retry-After.
+    ENDPOINT_MAX_CONCURRENT_REQUESTS: int = 16
+    ENDPOINT_REQUEST_TIMEOUT_S: float = 90.0  # past it: 408 and the request's generation is abandoned
+    ENDPOINT_MAX_BODY_BYTES: int = 1_048_576  # larger bodies: 413
+    ENDPOINT_GRACEFUL_SHUTDOWN_S: float = 30.0  # SIGTERM lets requests in flight finish this long
     # The .env file read here and written by deploy_model.py. Only the environment can move it
     # (a .env cannot name itself); tests point it at a temp file so a user's .env is never touched.
     ENV_FILE: str = ".env"
@@ -224,6 +232,9 @@ def _check_values(s: Settings) -> list[str]:
         problems.append(f"PEFT={s.PEFT!r}: use auto, lora or full")
     if s.AZURE_CREDENTIAL not in ("default", "cli"):
         problems.append(f"AZURE_CREDENTIAL={s.AZURE_CREDENTIAL!r}: use default or cli")
+    for name in ("ENDPOINT_MAX_CONCURRENT_REQUESTS", "ENDPOINT_REQUEST_TIMEOUT_S", "ENDPOINT_MAX_BODY_BYTES"):
+        if getattr(s, name) <= 0:
+            problems.append(f"{name}={getattr(s, name)}: use a positive number")
     for name in ("LOCAL_ENDPOINT_PORT",):
         if not 0 < getattr(s, name) < 65536:
             problems.append(f"{name}={getattr(s, name)}: use a TCP port between 1 and 65535")

@@ -326,7 +326,13 @@ def start_server(
     log_path = folder / LOG_FILE
     host, port = settings.LOCAL_ENDPOINT_HOST, settings.LOCAL_ENDPOINT_PORT
     argv = [sys.executable, "-m", ENDPOINT_MODULE, "--model-uri", model_uri, "--host", host, "--port", str(port)]
-    argv.append("--load-before-listen")
+    argv += [
+        "--load-before-listen",
+        "--max-concurrent-requests", str(settings.ENDPOINT_MAX_CONCURRENT_REQUESTS),
+        "--request-timeout-s", repr(settings.ENDPOINT_REQUEST_TIMEOUT_S),
+        "--max-body-bytes", str(settings.ENDPOINT_MAX_BODY_BYTES),
+        "--graceful-shutdown-s", repr(settings.ENDPOINT_GRACEFUL_SHUTDOWN_S),
+    ]  # fmt: skip
     env = {**os.environ, **mlflow_env(settings), KEY_ENV: key}
     offset = log_path.stat().st_size if log_path.is_file() else 0
     with log_path.open("ab") as log_file:

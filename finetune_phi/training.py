@@ -141,7 +141,9 @@ def run_local_fine_tune(
     )
     argv = shlex.split(command)
     argv[0] = sys.executable  # the job's `python` is this interpreter locally
-    argv += extra_args or []
+    # Azure keeps the job's default (outputs/checkpoints, uploaded with the job); locally, checkpoints
+    # live in the state folder so that re-running setup_ml.py after a crash resumes (SAVE_STEPS > 0).
+    argv += ["--checkpoint-dir", str(settings.state_dir / "checkpoints"), *(extra_args or [])]
     env = {**os.environ, **mlflow_env(settings), "MLFLOW_RUN_ID": run_id}
     log.info("running: %s", command)
     start = time.perf_counter()

@@ -731,6 +731,11 @@ def fine_tune(args: argparse.Namespace) -> FineTuneResult:
             model_uri = f"runs:/{run.info.run_id}/{MODEL_ARTIFACT_PATH}"
             if int(os.environ.get("RANK", "0")) == 0:  # torchrun / Azure ML set RANK per GPU process
                 model_uri = save_and_log(trained.model, trained.tokenizer, args.model_output_dir, run.info.run_id)
+                if args.save_steps > 0:
+                    # Checkpoints exist to survive a crash; once the model is saved they would only make
+                    # the same command "resume" a finished run and train 0 steps.
+                    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+                    log.info("training finished: removed its checkpoints in %s", checkpoint_dir)
     return FineTuneResult(
         run_id=run.info.run_id,
         eval_loss_before=trained.eval_loss_before,
