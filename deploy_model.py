@@ -2,6 +2,7 @@
 
     python deploy_model.py                          # local: register in the local MLflow registry, start the local endpoint
     python deploy_model.py --teardown               # local: stop the local endpoint
+    python deploy_model.py --rotate-key             # local: re-deploy with a fresh key
     python deploy_model.py --backend azure --dry-run dryrun/   # write model/endpoint/deployment YAML, no network
     python deploy_model.py --backend azure --check  # read-only preflight
     python deploy_model.py --backend azure          # register, create/update endpoint + deployment, route 100% traffic
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = common.base_parser(__doc__)
     parser.add_argument("--teardown", action="store_true", help="stop/delete the endpoint instead of deploying")
     parser.add_argument("--no-connection", action="store_true", help="do not create/update the Prompt flow connection")
+    parser.add_argument("--rotate-key", action="store_true",
+                        help="local: serve with a fresh key (written to ENV_FILE and the connection); the old key stops working")
     azure = parser.add_argument_group("azure backend")
     azure.add_argument("--job-name", help="register the model from this job (default: the job setup_ml.py recorded)")
     azure.add_argument("--dry-run", metavar="DIR", type=Path,
@@ -56,7 +59,7 @@ def run_local(settings: config.Settings, args: argparse.Namespace) -> int:
     if args.teardown:
         log.info("%s", local_deploy.teardown(settings))
         return 0
-    info = local_deploy.deploy(settings)
+    info = local_deploy.deploy(settings, rotate_key=args.rotate_key)
     publish(settings, info.scoring_uri, info.key, connection=not args.no_connection)
     log.info("endpoint serving %s at %s (pid %s, log %s)", info.model_uri, info.scoring_uri, info.pid, info.log_path)
     return 0

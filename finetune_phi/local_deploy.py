@@ -393,16 +393,20 @@ def register_model(settings: config.Settings, source_uri: str) -> str:
 # --- deploy and teardown -------------------------------------------------------------------------------
 
 
-def deploy(settings: config.Settings, ready_timeout: float = READY_TIMEOUT_S) -> LocalDeployment:
+def deploy(
+    settings: config.Settings, ready_timeout: float = READY_TIMEOUT_S, rotate_key: bool = False
+) -> LocalDeployment:
     """Register the newest fine-tuned model and serve it, replacing a running endpoint in place.
 
+    With `rotate_key`, the new endpoint gets a fresh key, which replaces the stored one only once the
+    new endpoint is ready: a failed rotation leaves the old endpoint and its key working.
     Raises DeployError at once if another deploy or teardown of this STATE_DIR is running.
     """
     with deploy_lock(settings):
-        return _deploy_locked(settings, ready_timeout)
+        return _deploy_locked(settings, ready_timeout, rotate_key)
 
 
-def _deploy_locked(settings: config.Settings, ready_timeout: float) -> LocalDeployment:
+def _deploy_locked(settings: config.Settings, ready_timeout: float, rotate_key: bool = False) -> LocalDeployment:
     source_uri = trained_model_uri(settings)
     host, port = settings.LOCAL_ENDPOINT_HOST, settings.LOCAL_ENDPOINT_PORT
     recorded_pid = _read_pid(settings)
@@ -422,7 +426,7 @@ def _deploy_locked(settings: config.Settings, ready_timeout: float) -> LocalDepl
     version = register_model(settings, source_uri)
     model_uri = f"models:/{settings.AZURE_MODEL_NAME}/{version}"
     log.info("registered %s as %s", source_uri, model_uri)
-    key = get_or_create_key(settings)
+    key = secrets.token_urlsafe(32) if rotate_key else get_or_create_key(settings)
     try:
         proc = start_server(settings, model_uri, key, ready_timeout)
     except DeployError as exc:
@@ -430,6 +434,9 @@ def _deploy_locked(settings: config.Settings, ready_timeout: float) -> LocalDepl
             raise DeployError(f"{exc}\nThe previous endpoint (pid {old_pid}) is still serving.") from exc
         raise
     folder = endpoint_dir(settings)
+    if rotate_key:
+        common.atomic_write_text(folder / KEY_FILE, key + "\n", mode=0o600)
+        log.info("rotated the endpoint key: now %s; the old key stops working with the old endpoint", common.redact(key))
     common.atomic_write_text(folder / PID_FILE, f"{proc.pid}\n")
     if old_pid is not None:
         outcome = _stop(old_pid)

@@ -125,7 +125,7 @@ def rig(tmp_path: Path, tiny_model: RegisteredModel) -> Iterator[Rig]:
 
 
 @pytest.mark.slow
-def test_a_killed_endpoint_is_reported_dead_and_the_next_deploy_serves_again(rig: Rig) -> None:
+def test_a_killed_endpoint_is_reported_dead_and_the_next_deploy_serves_again_then_rotates_its_key(rig: Rig) -> None:
     first = rig.deploy()
     assert first.returncode == 0, first.stderr[-3000:]
     pid = local_deploy._read_pid(rig.settings)
@@ -151,6 +151,21 @@ def test_a_killed_endpoint_is_reported_dead_and_the_next_deploy_serves_again(rig
     deployment = common.read_state(rig.settings)["deployment"]
     assert (deployment["pid"], deployment["status"]) == (new_pid, "running")
     assert local_deploy._read_spawned(rig.settings) == [new_pid]
+
+    # Rotating the key: the new endpoint checks a fresh key, published to ENV_FILE; the old one is refused.
+    old_key = config.read_dotenv(rig.settings.env_file)["AZURE_ML_API_KEY"]
+    rotated = rig.deploy("--rotate-key")
+    assert rotated.returncode == 0, rotated.stderr[-3000:]
+    new_key = config.read_dotenv(rig.settings.env_file)["AZURE_ML_API_KEY"]
+    assert new_key != old_key and local_deploy.get_or_create_key(rig.settings) == new_key
+    assert new_key not in rotated.stderr + rotated.stdout and old_key not in rotated.stderr + rotated.stdout
+    assert rig.score().status_code == 200
+    refused = requests.post(
+        f"{rig.base_url}/score", json={"input_data": ["hi"]}, headers={"Authorization": f"Bearer {old_key}"}, timeout=30
+    )
+    assert refused.status_code == 401
+    new_pid = local_deploy._read_pid(rig.settings)
+    rig.seen.add(new_pid)
 
     down = rig.deploy("--teardown")
     assert down.returncode == 0 and f"pid {new_pid}" in down.stderr
