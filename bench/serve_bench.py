@@ -239,14 +239,16 @@ def server_env(model: Model, extra: dict[str, str]) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def servers(model: Model, work: Path, ours_env: dict[str, str], peer_env: dict[str, str]) -> Iterator[tuple[Server, Server, str]]:
+def servers(
+    model: Model, work: Path, ours_env: dict[str, str], peer_env: dict[str, str], ours_launcher: list[str]
+) -> Iterator[tuple[Server, Server, str]]:
     """Both servers on free loopback ports, ready; stopped on the way out whatever happened."""
     from finetune_phi.endpoint import KEY_ENV
 
     key = secrets.token_urlsafe(32)
     ours_port, peer_port = free_port(), free_port()
     ours_argv = [
-        sys.executable, "-m", "finetune_phi.endpoint", "--model-uri", model.uri, "--host", "127.0.0.1",
+        *ours_launcher, "--model-uri", model.uri, "--host", "127.0.0.1",
         "--port", str(ours_port),
         # Admit every client: the bench measures batching, not the 429 admission limit.
         "--max-concurrent-requests", "64",
@@ -413,7 +415,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model = registered_model(args.state_dir) if args.state_dir else train_demo_model(work)
         prompts = bench_prompts()
         log.info("model %s, %d prompts, %d new tokens, greedy", model.uri, len(prompts), MAX_NEW_TOKENS)
-        with servers(model, work, parse_env(args.ours_env), parse_env(args.peer_env)) as (ours, peer, key):
+        launcher = [sys.executable, *(args.ours_launcher or ["-m", "finetune_phi.endpoint"])]
+        with servers(model, work, parse_env(args.ours_env), parse_env(args.peer_env), launcher) as (ours, peer, key):
             checked = verify_same_replies(ours, peer, key, prompts)
             log.info("the %d prompts get the same greedy reply from both servers", checked)
             results = []
@@ -436,6 +439,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "seconds_per_level": args.seconds,
             "ours_env": args.ours_env,
             "peer_env": args.peer_env,
+            "ours_launcher": args.ours_launcher or "-m finetune_phi.endpoint",
             **machine(),
         },
     }
@@ -449,6 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-requests", type=int, default=2000, help="request cap per server and level (default: %(default)s)")
     parser.add_argument("--ours-env", nargs="*", default=[], metavar="NAME=VALUE", help="extra environment for our server")
     parser.add_argument("--peer-env", nargs="*", default=[], metavar="NAME=VALUE", help="extra environment for MLflow's server")
+    parser.add_argument(
+        "--ours-launcher",
+        nargs="+",
+        metavar="ARG",
+        help="run our server as `python ARG... --model-uri ...` instead of `python -m finetune_phi.endpoint` "
+        "(to measure a patched entry point)",
+    )
     return parser
 
 
