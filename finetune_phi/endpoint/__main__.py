@@ -120,7 +120,9 @@ def warn_if_exposed(host: str) -> bool:
 def bind_socket(host: str, port: int) -> socket.socket:
     """A bound (not yet listening) TCP socket that a second server may share during a hand-over."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and without it
+    # Nagle's algorithm meets the client's delayed ACK and every response stalls ~40 ms.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if hasattr(socket, "SO_REUSEPORT"):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

@@ -15,7 +15,6 @@ framework's included, is answered in OpenAI's JSON error shape naming the field 
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import os
@@ -153,6 +152,7 @@ def create_app(
         if loader is not None and runtime.engine is None:
             runtime.executor.submit(loader).add_done_callback(loaded)
         yield
+        runtime.close()  # requests still queued get an error instead of waiting for a thread that is gone
         runtime.executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
