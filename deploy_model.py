@@ -73,11 +73,7 @@ def run_azure(settings: config.Settings, args: argparse.Namespace) -> int:
             log.info("wrote %s", path)
         return 0
     if args.check:
-        problems = workflow.check(settings)
-        for problem in problems:
-            log.error("%s", problem)
-        log.info("preflight: %s", "OK" if not problems else f"{len(problems)} problem(s)")
-        return 1 if problems else 0
+        return workflow.report_check(settings)
     if args.teardown:
         for line in workflow.teardown(settings):
             log.info("%s", line)

@@ -57,11 +57,7 @@ def run_azure(settings: config.Settings, args: argparse.Namespace) -> int:
             log.info("wrote %s", path)
         return 0
     if args.check:
-        problems = workflow.check(settings)
-        for problem in problems:
-            log.error("%s", problem)
-        log.info("preflight: %s", "OK" if not problems else f"{len(problems)} problem(s)")
-        return 1 if problems else 0
+        return workflow.report_check(settings)
     job_name = workflow.submit_training(settings, mode=args.mode, stream=not args.no_stream)
     log.info("job %s recorded in %s; next: python deploy_model.py --backend azure", job_name, common.state_path(settings))
     return 0

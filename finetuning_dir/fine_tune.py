@@ -41,7 +41,7 @@ from chat_format import read_chat_rows
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
 log = logging.getLogger("fine_tune")
 

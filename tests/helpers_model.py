@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from conftest import OFFLINE_ENV, PHI3_TOKENIZER_DIR
 
@@ -106,3 +106,14 @@ def registered_tiny_model(folder: Path, name: str = "tiny-phi3") -> RegisteredMo
         model, tokenizer = tiny_phi3()
         _REGISTERED[folder] = log_and_register(model, tokenizer, folder, name)
     return _REGISTERED[folder]
+
+
+def biased(model: Any, token_id: int) -> Callable[[], None]:
+    """Make `token_id` the model's top choice at every step (generation never stops early); returns the undo."""
+
+    def hook(_module: Any, _inputs: Any, logits: Any) -> Any:
+        logits = logits.clone()
+        logits[..., token_id] += 1000.0
+        return logits
+
+    return model.lm_head.register_forward_hook(hook).remove

@@ -17,7 +17,7 @@ import pytest
 
 from finetune_phi.endpoint.batcher import Batcher, QueueFull, batch_key
 from finetune_phi.endpoint.engine import Engine, SamplingParams
-from helpers_model import tiny_phi3
+from helpers_model import biased, tiny_phi3
 
 GREEDY = SamplingParams(max_new_tokens=12)
 
@@ -76,16 +76,6 @@ def prompts(ultrachat_20: Path) -> list[list[dict[str, str]]]:
     texts = ["Hi", "Who founded Microsoft?", *(r[0]["content"][:n] for r, n in zip(rows, (120, 900, 400)))]
     return [[{"role": "user", "content": t}] for t in texts]
 
-
-def _biased(model: Any, token_id: int) -> Callable[[], None]:
-    """Make `token_id` the top choice at every step (generation never stops early); returns the undo."""
-
-    def hook(_module: Any, _inputs: Any, logits: Any) -> Any:
-        logits = logits.clone()
-        logits[..., token_id] += 1000.0
-        return logits
-
-    return model.lm_head.register_forward_hook(hook).remove
 
 
 async def _wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
@@ -182,7 +172,7 @@ def test_cancelled_queued_work_is_dropped_before_generation(batcher: Batcher, sp
 
 
 def test_cancelling_every_caller_stops_a_running_batch_early(engine: Engine, batcher: Batcher, spy: Spy) -> None:
-    undo = _biased(engine.model, engine.tokenizer.convert_tokens_to_ids("<|placeholder1|>"))  # never a stop token
+    undo = biased(engine.model, engine.tokenizer.convert_tokens_to_ids("<|placeholder1|>"))  # never a stop token
     long = SamplingParams(max_new_tokens=400)
 
     async def scenario() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import httpx
 import pytest
@@ -21,7 +21,7 @@ from finetune_phi.endpoint.__main__ import main as endpoint_main
 from finetune_phi.endpoint.engine import Engine, SamplingParams, served_name
 from finetune_phi.endpoint.server import create_app
 from helpers_endpoint import AUTH, KEY, ThreadServer
-from helpers_model import RegisteredModel, registered_tiny_model, tiny_phi3
+from helpers_model import RegisteredModel, biased, registered_tiny_model, tiny_phi3
 
 
 @pytest.fixture(scope="session")
@@ -67,23 +67,13 @@ def test_engine_loads_from_registry_with_phi3_stop_tokens(engine: Engine, tiny_m
     assert prompt.startswith("<|user|>") and prompt.endswith("<|assistant|>\n")
 
 
-def _biased(model: Any, token_id: int) -> Callable[[], None]:
-    """Make `token_id` the model's top choice at every step; returns the undo."""
-
-    def hook(_module: Any, _inputs: Any, logits: Any) -> Any:
-        logits = logits.clone()
-        logits[..., token_id] += 1000.0
-        return logits
-
-    return model.lm_head.register_forward_hook(hook).remove
-
 
 def test_generation_stops_at_end_of_turn_even_if_the_config_names_only_eos() -> None:
     model, tokenizer = tiny_phi3(end_is_eos=False)
     engine = Engine(model, tokenizer)
     end_id = tokenizer.convert_tokens_to_ids("<|end|>")
     assert end_id in engine.stop_token_ids
-    undo = _biased(model, end_id)
+    undo = biased(model, end_id)
     try:
         [done] = engine.generate([[{"role": "user", "content": "hi"}]], SamplingParams(max_new_tokens=20))
     finally:
@@ -94,7 +84,7 @@ def test_generation_stops_at_end_of_turn_even_if_the_config_names_only_eos() -> 
 def test_special_tokens_never_reach_the_reply() -> None:
     model, tokenizer = tiny_phi3()
     engine = Engine(model, tokenizer)
-    undo = _biased(model, tokenizer.convert_tokens_to_ids("<|assistant|>"))
+    undo = biased(model, tokenizer.convert_tokens_to_ids("<|assistant|>"))
     try:
         [done] = engine.generate([[{"role": "user", "content": "hi"}]], SamplingParams(max_new_tokens=4))
     finally:
@@ -106,7 +96,7 @@ def test_special_tokens_never_reach_the_reply() -> None:
 def test_max_new_tokens_is_clamped_to_the_context_left() -> None:
     model, tokenizer = tiny_phi3()
     engine = Engine(model, tokenizer)
-    undo = _biased(model, tokenizer.convert_tokens_to_ids("<|placeholder1|>"))  # never a stop token
+    undo = biased(model, tokenizer.convert_tokens_to_ids("<|placeholder1|>"))  # never a stop token
     try:
         [done] = engine.generate([[{"role": "user", "content": "hi"}]], SamplingParams(max_new_tokens=2048))
     finally:

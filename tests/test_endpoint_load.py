@@ -15,7 +15,6 @@ import json
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Callable, Iterator
 
 import httpx

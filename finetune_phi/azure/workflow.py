@@ -71,6 +71,15 @@ def _warn_placeholders(settings: config.Settings, names: tuple[str, ...]) -> Non
         log.warning("dry-run YAML keeps a placeholder: %s", problem)
 
 
+def report_check(settings: config.Settings) -> int:
+    """`--check` of both scripts: log every preflight problem, then a summary; the exit status."""
+    problems = check(settings)
+    for problem in problems:
+        log.error("%s", problem)
+    log.info("preflight: %s", "OK" if not problems else f"{len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
 def dry_run_training(settings: config.Settings, out_dir: Path, mode: str = "command") -> list[Path]:
     """Write the training entities as YAML into `out_dir` (loadable by azure.ai.ml.load_*); no network."""
     _check_mode(mode)
