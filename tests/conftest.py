@@ -45,6 +45,13 @@ def _is_local(address: object) -> bool:
         return False  # a host name that is not localhost: would need DNS, which is off-limits too
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class NetworkBlocked(RuntimeError):
     pass
 

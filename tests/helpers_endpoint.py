@@ -13,7 +13,7 @@ from typing import IO, Any
 
 import httpx
 
-from conftest import OFFLINE_ENV, REPO
+from conftest import OFFLINE_ENV, REPO, free_port
 from finetune_phi.endpoint import KEY_ENV
 from finetune_phi.endpoint.__main__ import bind_socket
 from helpers_model import RegisteredModel
@@ -47,11 +47,6 @@ class ThreadServer:
         self.server.should_exit = True
         self.thread.join(timeout=20)
         self.sock.close()
-
-
-def free_port() -> int:
-    with bind_socket("127.0.0.1", 0) as sock:
-        return int(sock.getsockname()[1])
 
 
 class ProcessServer:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from conftest import free_port
 
 import config
 from finetune_phi import common, local_deploy
@@ -35,12 +36,6 @@ READY_TIMEOUT = 120.0
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> RegisteredModel:
     return registered_tiny_model(tmp_path_factory.getbasetemp() / "tiny-model")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_settings(tmp_path: Path, tracking_uri: str, port: int | None = None) -> config.Settings:

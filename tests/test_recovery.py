@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from conftest import free_port
 import requests
 
 import config
@@ -32,12 +32,6 @@ from helpers_model import RegisteredModel, registered_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY_TIMEOUT_S = 240
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(what: str, check: Callable[[], object], timeout: float = 90.0) -> object:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from conftest import free_port
 import requests
 
 import config
@@ -39,12 +40,6 @@ REPO = Path(__file__).resolve().parents[1]
 PF = str(Path(sys.executable).parent / "pf")
 WINDOW = 12  # common.redact shows 4 characters of a key; anything of this length is a leak
 QUESTION = "Who founded Microsoft?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def leaks(key: str, data: bytes | str) -> bool:
