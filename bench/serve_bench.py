@@ -92,13 +92,13 @@ class Level:
 def registered_model(state_dir: Path) -> Model:
     """The newest version of AZURE_MODEL_NAME in the registry of `state_dir`."""
     import config
-    from finetune_phi.training import mlflow_env
+    from finetune_phi.training import use_local_mlflow
 
     settings = config.load(STATE_DIR=str(state_dir.resolve()))
-    os.environ.update(mlflow_env(settings))
+    use_local_mlflow(settings)
     import mlflow
 
-    client = mlflow.MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
+    client = mlflow.MlflowClient()
     versions = client.search_model_versions(f"name = '{settings.AZURE_MODEL_NAME}'")
     if not versions:
         raise BenchError(

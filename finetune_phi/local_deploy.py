@@ -43,7 +43,7 @@ from typing import Iterator
 import config
 from finetune_phi import common
 from finetune_phi.endpoint import KEY_ENV
-from finetune_phi.training import mlflow_env
+from finetune_phi.training import mlflow_env, use_local_mlflow
 
 log = logging.getLogger(__name__)
 
@@ -374,12 +374,10 @@ def trained_model_uri(settings: config.Settings) -> str:
 
 def register_model(settings: config.Settings, source_uri: str) -> str:
     """Register `source_uri` as a new version of AZURE_MODEL_NAME; returns the version."""
-    os.environ.update(mlflow_env(settings))
+    use_local_mlflow(settings)
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    mlflow.set_registry_uri(settings.tracking_uri)
     try:
         version = mlflow.register_model(source_uri, settings.AZURE_MODEL_NAME)
     except MlflowException as exc:

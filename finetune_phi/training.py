@@ -99,12 +99,20 @@ def mlflow_env(settings: config.Settings) -> dict[str, str]:
     }
 
 
-def create_local_run(settings: config.Settings) -> tuple[str, str]:
-    """Create the MLflow run up front so the caller knows its id; fine_tune.py joins it via MLFLOW_RUN_ID."""
+def use_local_mlflow(settings: config.Settings) -> None:
+    """Point this process's MLflow (tracking and registry) at the local store, offline and quiet."""
     os.environ.update(mlflow_env(settings))
     import mlflow
 
     mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
+
+
+def create_local_run(settings: config.Settings) -> tuple[str, str]:
+    """Create the MLflow run up front so the caller knows its id; fine_tune.py joins it via MLFLOW_RUN_ID."""
+    use_local_mlflow(settings)
+    import mlflow
+
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(settings.AZURE_EXPERIMENT_NAME)
     if experiment is None:
