@@ -6,7 +6,9 @@
 MLFLOW_TRACKING_URI must point at the registry holding the model. The socket is bound with
 SO_REUSEPORT so that a new version can start on the same port while the old one still serves;
 with --load-before-listen it accepts connections only once the model is loaded, so such a
-hand-over never routes a request to a server that would answer 503.
+hand-over never routes a request to a server that would answer 503. Once it listens, it steers
+every new connection of the port to itself (Linux: a one-instruction reuseport BPF program), so
+the old server's accept queue only drains and closing it resets nobody.
 
 Bound to anything but a loopback address it logs a warning: the key is then all that stands
 between the model and the network. SIGTERM (or Ctrl-C) stops accepting connections, lets the
@@ -17,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import errno
 import ipaddress
 import logging
 import os
 import socket
+import struct
 import sys
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -134,6 +138,37 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+# Linux's SO_ATTACH_REUSEPORT_CBPF (include/uapi/asm-generic/socket.h); Python names it only on some builds.
+SO_ATTACH_REUSEPORT_CBPF = getattr(socket, "SO_ATTACH_REUSEPORT_CBPF", 51)
+BPF_RET_K = 0x06  # classic BPF: return the constant k
+LISTEN_BACKLOG = 2048  # uvicorn's default; asyncio listens again with it, which only resets the backlog
+# A port's SO_REUSEPORT group lists its listeners in the order they started listening: during a
+# hand-over the old endpoint is 0 and the new one 1 (local_deploy stops any stray before it starts a
+# new one). Alone, index 1 does not exist and the kernel falls back to its usual hash: one listener.
+NEWEST_LISTENER = 1
+
+
+def steer_new_connections(sock: socket.socket, index: int = NEWEST_LISTENER) -> bool:
+    """Make the port's reuseport group hand every new connection to listener `index`; False if unsupported.
+
+    Without it the kernel spreads connections over the old and the new server by a hash of the
+    client's address, and those waiting in the old server's accept queue when it closes its socket
+    are reset (ConnectionResetError for the client). With it, the old server receives nothing new
+    from the moment the new one listens, so by the time it is stopped its queue is empty.
+    Classic BPF on a socket needs no privilege; the program belongs to the group, not this socket.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    insn = ctypes.create_string_buffer(struct.pack("HBBI", BPF_RET_K, 0, 0, index))  # struct sock_filter
+    fprog = struct.pack("HP", 1, ctypes.addressof(insn))  # struct sock_fprog {len; *filter}, native alignment
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+    except OSError as exc:  # an old or locked-down kernel: hand-overs then may reset queued connections
+        log.warning("cannot steer new connections to this server (%s): a hand-over may reset a few", exc)
+        return False
+    return True
+
+
 def graceful_server(app: Any, **config: Any) -> "uvicorn.Server":
     """A uvicorn server that exits 0 after a graceful stop.
 
@@ -215,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         log_config=None,  # keep the format set above
         timeout_graceful_shutdown=args.graceful_shutdown_s,
     )
+    sock.listen(LISTEN_BACKLOG)
+    steer_new_connections(sock)
     server.run(sockets=[sock])
     return EXIT_LOAD_FAILED if app.state.runtime.load_error is not None else 0
 
