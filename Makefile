@@ -5,7 +5,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo chat test test-fast bench teardown clean constraints
+.PHONY: install demo chat test test-fast bench teardown clean constraints azureml-serving
+
+# Azure ML's own scoring stack (azureml-inference-server-http + the model's requirements), a test peer
+# for /score: a venv of its own (it pins opentelemetry 1.33), resolved in ONE pip command.
+AZ_VENV  ?= .venv-azureml
+AZ_STAMP := $(AZ_VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +21,15 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+$(AZ_STAMP): tests/azureml-serving-requirements.txt tests/azureml-serving-constraints.txt
+	rm -rf $(AZ_VENV)
+	$(PYTHON) -m venv $(AZ_VENV)
+	$(AZ_VENV)/bin/python -m pip install -q --disable-pip-version-check \
+		-r tests/azureml-serving-requirements.txt -c tests/azureml-serving-constraints.txt
+	touch $(AZ_STAMP)
+
+azureml-serving: $(AZ_STAMP)
+
 demo: $(STAMP)
 	$(PY) -m finetune_phi.demo
 
@@ -23,7 +37,7 @@ demo: $(STAMP)
 chat: $(STAMP)
 	$(PY) -m finetune_phi.pf_env $(VENV)/bin/pf flow test --flow chat_flow --interactive
 
-test: $(STAMP)
+test: $(STAMP) $(AZ_STAMP)
 	bash scripts/ensure-chromium.sh
 	$(PY) -m pytest
 
@@ -42,4 +56,4 @@ constraints:
 	$(PY) -m pip freeze --exclude-editable | sed -E 's/\+cpu$$//' > constraints.txt
 
 clean:
-	rm -rf $(VENV) .finetune_phi data .pytest_cache
+	rm -rf $(VENV) $(AZ_VENV) .finetune_phi data .pytest_cache

@@ -53,6 +53,8 @@ MODEL_ARTIFACT_PATH = "model"
 DEFAULT_CHECKPOINT_DIR = Path("outputs") / "checkpoints"
 DEFAULT_MAX_NEW_TOKENS = 256  # per answer unless a request says otherwise
 EXAMPLE_QUESTION = "Who founded Microsoft?"
+# Phi-3's user turn and the assistant's turn header: MLflow wraps every input string in it.
+PROMPT_TEMPLATE = "<|user|>\n{prompt}<|end|>\n<|assistant|>\n"
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -437,10 +439,11 @@ def pip_requirements() -> list[str]:
 
 
 def generation_params_schema() -> Any:
-    """Request `params` the endpoint honours; without a params schema MLflow drops them with a warning.
+    """Request `params` the model honours; without a params schema MLflow drops them with a warning.
 
-    Defaults are greedy decoding and equal to transformers' own, so a request that sends none
-    behaves like `generate()` with the model's generation config.
+    MLflow fills in these defaults for every param a request leaves out (Azure's scoring script
+    too), so they ARE the model's defaults: greedy decoding, DEFAULT_MAX_NEW_TOKENS new tokens.
+    The local endpoint reads them back from the saved signature, so both answer alike.
     """
     from mlflow.types.schema import ParamSchema, ParamSpec
 
@@ -454,34 +457,47 @@ def generation_params_schema() -> Any:
     ])  # fmt: skip
 
 
-def save_mlflow_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path, run_id: str | None) -> None:
-    """Write an MLflow chat model folder (MLmodel at its root) at `path`.
+def model_signature() -> Any:
+    """A string in, a string out, plus the params schema: what Azure's no-code scoring script serves.
 
-    Task llm/v1/chat rather than text-generation: clients send OpenAI-style `messages` and get
-    chat-completion objects back, and the model applies its own Phi-3 chat template (the exact one
-    it was trained with) instead of trusting every client to format prompts by hand. The chat task
-    returns only the generated text (the equivalent of return_full_text=False) and reads
-    max_tokens/temperature/top_p from the request body; the params schema added below also
-    lets a request pass generation settings such as do_sample and max_new_tokens as `params`.
+    (It crashes at import on the llm/v1/chat signature: known-traps.md.)
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]), params=generation_params_schema()
+    )
+
+
+def save_mlflow_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path, run_id: str | None) -> None:
+    """Write an MLflow text-generation model folder (MLmodel at its root) at `path`.
+
+    Task text-generation with a string input: Azure ML's no-code deployment of an MLflow model
+    (mlflow_score_script.py under azureml-inference-server-http) serves it as
+    `{"input_data": ["prompt", ...], "params": {...}}` -> `["reply", ...]`. Each input is wrapped in
+    PROMPT_TEMPLATE, Phi-3's user turn, and only the generated text comes back (return_full_text
+    False). A conversation travels as ONE string, the CONVERSATION CONTRACT: the first user
+    message's content, then for each following message "<|end|>\n<|" + role + "|>\n" + content
+    (a leading system message is folded into the first user content as system + "\n\n" + user);
+    wrapped in the template that is byte for byte Phi-3's chat template rendering of the
+    conversation. Generation stops at <|end|> (in the generation config's eos_token_id). The
+    tokenizer keeps its chat template, which the local endpoint's /v1/chat/completions uses.
     """
     import mlflow
-    from mlflow.models import Model, ModelSignature, set_signature
+
+    from mlflow.models import Model
 
     mlflow.transformers.save_model(
         transformers_model={"model": model, "tokenizer": tokenizer},
         path=str(path),
-        task="llm/v1/chat",
+        task="text-generation",
+        signature=model_signature(),
+        prompt_template=PROMPT_TEMPLATE,
         pip_requirements=pip_requirements(),
-        input_example={"messages": [{"role": "user", "content": EXAMPLE_QUESTION}], "max_tokens": 32},
-        model_config={"max_new_tokens": DEFAULT_MAX_NEW_TOKENS},
+        input_example=([EXAMPLE_QUESTION], {"max_new_tokens": 32}),
+        model_config={"return_full_text": False},
         mlflow_model=Model(run_id=run_id, artifact_path=MODEL_ARTIFACT_PATH),
-    )
-    # The chat task fixes the input/output schema and refuses a user signature at save time, so
-    # the params schema is added to the saved signature with MLflow's own API.
-    chat_signature = Model.load(str(path)).signature
-    set_signature(
-        str(path),
-        ModelSignature(inputs=chat_signature.inputs, outputs=chat_signature.outputs, params=generation_params_schema()),
     )
     make_readable(path)
 

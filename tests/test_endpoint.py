@@ -119,10 +119,12 @@ def test_sampling_params_resolution() -> None:
 
 
 def test_score_sdk_shape_returns_one_reply_per_input(client: httpx.Client) -> None:
+    # A conversation travels as ONE prompt string (the contract in fine_tune.save_mlflow_model).
+    conversation = "Be brief.\n\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n<|user|>\nWho founded Microsoft?"
     replies = score(
         client,
         {
-            "input_data": ["Who founded Microsoft?", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]],
+            "input_data": ["Who founded Microsoft?", conversation],
             "params": {"temperature": 0.7, "max_new_tokens": 8, "do_sample": True, "top_p": 0.9},
         },
     )
@@ -130,45 +132,69 @@ def test_score_sdk_shape_returns_one_reply_per_input(client: httpx.Client) -> No
     assert all(isinstance(r, str) for r in replies)
 
 
-def test_score_studio_shape_returns_output_object(client: httpx.Client) -> None:
-    body = score(
-        client,
-        {
-            "input_data": {
-                "input_string": [{"role": "user", "content": "Who founded Microsoft?"}],
-                "parameters": {"max_new_tokens": 8, "temperature": 0},
-            }
-        },
-    )
-    assert set(body) == {"output"} and isinstance(body["output"], str)
+def test_score_refuses_the_studio_shape_naming_the_model_catalogs_shape(client: httpx.Client) -> None:
+    """{input_string, parameters} is a model-catalog deployment's shape; Azure's scoring of this model
+    answers it with a 500 (tests/test_azure_serving.py), this endpoint with a 422 that says so."""
+    for input_string in ([{"role": "user", "content": "Who founded Microsoft?"}], ["Who founded Microsoft?"]):
+        body = {"input_data": {"input_string": input_string, "parameters": {"max_new_tokens": 8}}}
+        response = client.post("/score", json=body, headers=AUTH)
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["param"] == "input_data"
+        assert "model-catalog" in error["message"] and '{"input_data": ["prompt", ...]' in error["message"]
+
+
+def test_score_prompt_is_wrapped_in_the_models_template_as_mlflow_does(engine: Engine) -> None:
+    # The registered tiny model has no MLflow prompt template: a prompt string is one user message.
+    assert engine.prompt_template is None
+    assert engine.render("Hi") == engine.render([{"role": "user", "content": "Hi"}]) == "<|user|>\nHi<|end|>\n<|assistant|>\n"
+    model, tokenizer = tiny_phi3()
+    templated = Engine(model, tokenizer, prompt_template="<|user|>\n{prompt}<|end|>\n<|assistant|>\n")
+    assert templated.render("a {b}") == "<|user|>\na {b}<|end|>\n<|assistant|>\n"
+    # Tokenized with the tokenizer's defaults (as MLflow's pipeline does): Phi-3 adds no BOS, so the
+    # ids are those of the chat template's rendering.
+    assert templated.encode("Hi") == engine.encode([{"role": "user", "content": "Hi"}])
 
 
 def test_greedy_is_reproducible_and_max_new_tokens_is_honoured(client: httpx.Client) -> None:
     question = ["Who founded Microsoft?"]
     long_a = score(client, {"input_data": question, "params": {"temperature": 0, "max_new_tokens": 12}})[0]
     long_b = score(client, {"input_data": question, "params": {"do_sample": False, "max_new_tokens": 12}})[0]
+    # As in MLflow, a temperature without do_sample does not sample: do_sample defaults to false.
+    long_c = score(client, {"input_data": question, "params": {"temperature": 0.9, "max_new_tokens": 12}})[0]
     short = score(client, {"input_data": question, "params": {"temperature": 0, "max_new_tokens": 1}})[0]
-    assert long_a == long_b
+    assert long_a == long_b == long_c
     # Greedy decoding of 1 token is the first token of greedy decoding of 12.
     assert len(short) < len(long_a) and long_a.startswith(short)
 
 
 def test_seeded_sampling_is_reproducible_and_differs_from_greedy(client: httpx.Client) -> None:
-    body = {"input_data": ["Hello"], "params": {"do_sample": True, "temperature": 1.0, "max_new_tokens": 12, "seed": 7}}
-    first, second = score(client, body)[0], score(client, body)[0]
-    greedy = score(client, {"input_data": ["Hello"], "params": {"temperature": 0, "max_new_tokens": 12}})[0]
+    # /score takes the model's params schema only (no seed, as on Azure); chat completions take a seed.
+    body = {"messages": [{"role": "user", "content": "Hello"}], "temperature": 1.0, "max_tokens": 12, "seed": 7}
+
+    def chat(request: dict[str, Any]) -> str:
+        response = client.post("/v1/chat/completions", json=request, headers=AUTH)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+
+    first, second = chat(body), chat(body)
+    greedy = chat({**body, "temperature": 0})
     assert first == second
     assert first != greedy
+    refused = client.post("/score", json={"input_data": ["Hello"], "params": {"do_sample": True, "seed": 7}}, headers=AUTH)
+    assert refused.status_code == 422 and refused.json()["error"]["param"] == "params.seed"
+    assert "params schema" in refused.json()["error"]["message"]
 
 
 def test_replies_echo_no_prompt_and_no_special_tokens(client: httpx.Client, engine: Engine) -> None:
     question = "Who founded Microsoft?"
     [reply] = score(client, {"input_data": [question], "params": {"temperature": 0, "max_new_tokens": 12}})
-    [full] = score(client, {"input_data": [question], "params": {"temperature": 0, "max_new_tokens": 12, "return_full_text": True}})
     assert reply and not reply.startswith(question)
-    assert full == question + reply
     leaked = [t for t in special_tokens(engine) if t in reply]
     assert not leaked, f"special tokens in the reply: {leaked}"
+    # The model was saved with return_full_text false; a request cannot turn it on (Azure ignores it).
+    full = client.post("/score", json={"input_data": [question], "params": {"return_full_text": True}}, headers=AUTH)
+    assert full.status_code == 422 and full.json()["error"]["param"] == "params.return_full_text"
 
 
 # --- auth -------------------------------------------------------------------------------------------
@@ -200,14 +226,19 @@ def test_missing_or_wrong_key_is_401(client: httpx.Client, headers: dict[str, st
         ({}, "input_data"),
         ({"input_data": []}, "input_data"),
         ({"input_data": [3]}, "input_data.0"),
-        ({"input_data": [[{"role": "robot", "content": "hi"}]]}, "input_data.0.0.role"),
+        ({"input_data": ["hi", [{"role": "user", "content": "hi"}]]}, "input_data.1"),
+        ({"input_data": [{"role": "user", "content": "hi"}]}, "input_data.0"),
+        ({"input_data": ["hi", " "]}, "input_data.1"),
+        ({"input_data": "hi"}, "input_data"),
         ({"input_data": ["hi"], "params": {"max_new_tokens": 10**6}}, "params.max_new_tokens"),
         ({"input_data": ["hi"], "params": {"max_new_tokens": 0}}, "params.max_new_tokens"),
         ({"input_data": ["hi"], "params": {"temperature": -1}}, "params.temperature"),
         ({"input_data": ["hi"], "params": {"max_tokenz": 5}}, "params.max_tokenz"),
-        ({"input_data": {"input_string": []}}, "input_data.input_string"),
-        # Strict types: JSON false is not a seed, "5" is not a token count.
-        ({"input_data": ["hi"], "params": {"seed": False}}, "params.seed"),
+        ({"input_data": {"input_string": []}}, "input_data"),
+        ({"input_data": ["hi"], "params": {"seed": 1}}, "params.seed"),
+        ({"input_data": ["hi"], "params": {"do_sample": True, "temperature": 0}}, "params.temperature"),
+        # Strict types: JSON 1 is not a boolean, "5" is not a token count.
+        ({"input_data": ["hi"], "params": {"do_sample": 1}}, "params.do_sample"),
         ({"input_data": ["hi"], "params": {"max_new_tokens": "5"}}, "params.max_new_tokens"),
         ({"input_data": ["hi"], "params": {"top_k": 2.5}}, "params.top_k"),
     ],

@@ -73,10 +73,8 @@ def last_messages_have_text(case: Any) -> bool:
     body = case.body
     if "messages" in body:
         conversations = [body["messages"]]
-    elif isinstance(body["input_data"], dict):
-        conversations = [body["input_data"]["input_string"]]
-    else:
-        conversations = [[{"content": item}] if isinstance(item, str) else item for item in body["input_data"]]
+    else:  # /score: prompt strings (a conversation is encoded in one)
+        conversations = [[{"content": item}] for item in body["input_data"]]
     return all(_text(conversation[-1]).strip() for conversation in conversations)
 
 
@@ -88,12 +86,9 @@ def few_new_tokens(case: Any) -> Any:
         body["max_tokens"] = min(body.get("max_tokens") or FEW_NEW_TOKENS, FEW_NEW_TOKENS)
         body.pop("max_completion_tokens", None)
         return case
-    data = body["input_data"]
-    holders = [body] + ([data] if isinstance(data, dict) else [])
-    for holder, key in zip(holders, ("params", "parameters")):
-        options = holder.get(key) or {}
-        options["max_new_tokens"] = min(options.get("max_new_tokens") or FEW_NEW_TOKENS, FEW_NEW_TOKENS)
-        holder[key] = options
+    options = body.get("params") or {}
+    options["max_new_tokens"] = min(options.get("max_new_tokens") or FEW_NEW_TOKENS, FEW_NEW_TOKENS)
+    body["params"] = options
     return case
 
 

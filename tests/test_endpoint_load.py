@@ -60,10 +60,10 @@ def _health(r: httpx.Response) -> bool:
 
 # (name, method, path, body bytes, headers, expected status, check). Request i uses KINDS[i % 10].
 KINDS: list[tuple[str, str, str, bytes | None, dict[str, str], int, Check]] = [
-    ("score", "POST", "/score", json.dumps({"input_data": ["hi", [{"role": "user", "content": "Who?"}]], "params": {"max_new_tokens": 1}}).encode(), {**AUTH, **JSON}, 200, _score_reply),
+    ("score", "POST", "/score", json.dumps({"input_data": ["hi", "Be brief.\n\nHi<|end|>\n<|assistant|>\nHello<|end|>\n<|user|>\nWho?"], "params": {"max_new_tokens": 1}}).encode(), {**AUTH, **JSON}, 200, _score_reply),
     ("chat", "POST", "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2, "temperature": 0}).encode(), {**AUTH, **JSON}, 200, _chat_reply),
     ("sampled", "POST", "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hey"}], "max_tokens": 2, "temperature": 0.8, "seed": 3}).encode(), {**AUTH, **JSON}, 200, _chat_reply),
-    ("studio", "POST", "/score", json.dumps({"input_data": {"input_string": [{"role": "user", "content": "x"}], "parameters": {"max_new_tokens": 1}}}).encode(), {**AUTH, **JSON}, 200, lambda r: set(r.json()) == {"output"}),
+    ("studio", "POST", "/score", json.dumps({"input_data": {"input_string": [{"role": "user", "content": "x"}], "parameters": {"max_new_tokens": 1}}}).encode(), {**AUTH, **JSON}, 422, _error_names("input_data")),
     ("ready", "GET", "/health/ready", None, {}, 200, _health),
     ("models", "GET", "/v1/models", None, AUTH, 200, lambda r: r.json()["object"] == "list" and len(r.json()["data"]) == 1),
     ("invalid", "POST", "/score", json.dumps({"input_data": ["hi"], "params": {"max_new_tokens": 0}}).encode(), {**AUTH, **JSON}, 422, _error_names("params.max_new_tokens")),

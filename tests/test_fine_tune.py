@@ -329,26 +329,39 @@ def test_end_to_end_run_joins_the_given_run_and_logs_a_servable_registrable_mode
     weights = out / "model" / "model.safetensors"
     assert weights.stat().st_mode & stat.S_IROTH
 
-    # (a) the run's "model" loads, answers a chat request, honours request params, and registers.
+    # (a) the run's "model" loads, answers a prompt string (Phi-3's template applied by the model),
+    # honours request params, and registers.
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
-    assert {p.name for p in model.metadata.get_params_schema().params} >= {"max_new_tokens", "do_sample", "temperature", "top_p"}
-    request = {"messages": [{"role": "user", "content": "Who founded Microsoft?"}]}
-    reply = model.predict(request, params={"max_new_tokens": 3})[0]
-    assert reply["object"] == "chat.completion"
-    assert reply["choices"][0]["message"]["role"] == "assistant"
-    assert isinstance(reply["choices"][0]["message"]["content"], str)
-    assert reply["usage"]["completion_tokens"] <= 3
-    longer = model.predict(request, params={"max_new_tokens": 12})[0]
-    assert longer["usage"]["completion_tokens"] > 3 or longer["choices"][0]["finish_reason"] == "stop"
-    # Served (MLflow's own scoring app): generation params sit beside `messages` in the request.
+    schema = {p.name: p.default for p in model.metadata.get_params_schema().params}
+    assert schema == {"max_new_tokens": fine_tune.DEFAULT_MAX_NEW_TOKENS, "do_sample": False, "temperature": 1.0,
+                      "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}  # fmt: skip
+    assert model.metadata.metadata["prompt_template"] == fine_tune.PROMPT_TEMPLATE
+    prompt = "Who founded Microsoft?"
+    tokenizer_dir = out / "components" / "tokenizer"
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    [short] = model.predict([prompt], params={"max_new_tokens": 3})
+    [longer] = model.predict([prompt], params={"max_new_tokens": 12})
+    assert isinstance(short, str) and "<|" not in short and prompt not in short  # return_full_text is off
+    assert len(tokenizer(short, add_special_tokens=False)["input_ids"]) <= 3 + 1  # (+1: re-tokenizing may split)
+    assert longer.startswith(short)  # greedy by default: the same start, then more
+    # The local endpoint finds what the MLflow model applies: the template, the params' defaults, <|end|> as a stop.
+    from finetune_phi.endpoint.engine import Engine
+
+    engine = Engine.from_mlflow(f"runs:/{run_id}/model")
+    assert engine.prompt_template == fine_tune.PROMPT_TEMPLATE
+    assert engine.score_defaults.max_new_tokens == fine_tune.DEFAULT_MAX_NEW_TOKENS
+    assert tokenizer.convert_tokens_to_ids("<|end|>") in engine.stop_token_ids
+    assert tokenizer.chat_template == chat_format.PHI3_CHAT_TEMPLATE  # kept for /v1/chat/completions
+    # Served (MLflow's own scoring app): a text-generation model takes {"inputs": [...], "params": {...}}.
     from mlflow.pyfunc import scoring_server
     from starlette.testclient import TestClient
 
     http = TestClient(scoring_server.init(model))
-    for body in ({**request, "max_new_tokens": 2}, {**request, "max_tokens": 2}):
-        response = http.post("/invocations", json=body)
-        assert response.status_code == 200, response.text
-        assert response.json()[0]["usage"]["completion_tokens"] <= 2
+    response = http.post("/invocations", json={"inputs": [prompt], "params": {"max_new_tokens": 3}})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"predictions": [short]}
     version = mlflow.register_model(f"runs:/{run_id}/model", f"fine-tune-test-{run_id}")
     assert str(version.version) == "1" and version.run_id == run_id
 

@@ -142,7 +142,7 @@ class Batcher:
     def queue_full(self) -> bool:
         return self.queued >= self.max_queue
 
-    async def submit(self, conversations: Sequence[Sequence[Message]], params: SamplingParams) -> list[Completion]:
+    async def submit(self, conversations: Sequence[Sequence[Message] | str], params: SamplingParams) -> list[Completion]:
         """One completion per conversation. Raises QueueFull, InputTooLong, or the generation's error."""
         if not conversations:
             return []

@@ -15,6 +15,9 @@ from typing import Any, Callable, Sequence
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]  # {"role": "user" | "system" | "assistant", "content": "..."}
+# The engine answers a conversation (rendered with the tokenizer's chat template: what
+# /v1/chat/completions sends) or a prompt string (wrapped in the model's MLflow prompt template,
+# exactly as MLflow's text-generation pipeline, and so Azure's scoring of the model, does: /score).
 
 # Defaults a caller gets when a request names no value, and the hard ceiling it cannot exceed:
 # generation is O(tokens) on CPU, so an unbounded max_new_tokens would let one request hog the server.
@@ -34,6 +37,38 @@ PHI3_CHAT_TEMPLATE = (
 # sampling is greedy decoding anyway.
 MIN_TEMPERATURE = 0.01
 END_OF_TURN_TOKENS = ("<|end|>",)  # Phi-3 closes every turn with <|end|>, then EOS at the very end
+# Phi-3's user turn plus the assistant's header: the prompt template fine_tune.py saves with the model.
+# A model saved without one gets its prompt strings rendered as one user message by the chat template.
+PHI3_PROMPT_TEMPLATE = "<|user|>\n{prompt}<|end|>\n<|assistant|>\n"
+
+
+@dataclass(frozen=True)
+class ScoreDefaults:
+    """What a /score request that leaves a param out gets: the model's MLflow params-schema defaults.
+
+    MLflow (and so Azure's scoring script) fills every param a request omits with its schema default,
+    so these are read from the saved signature (Engine.from_mlflow). The values here are those of
+    fine_tune.py's schema, for a model saved without one, with this endpoint's max_new_tokens.
+    """
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+
+    @classmethod
+    def from_params_schema(cls, schema: Any) -> "ScoreDefaults":
+        """The defaults of an MLflow ParamSchema (None: the built-in ones above)."""
+        if schema is None:
+            return cls()
+        known = {f for f in cls.__dataclass_fields__}
+        values = {p.name: p.default for p in schema.params if p.name in known and p.default is not None}
+        return cls(**values)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.__dataclass_fields__)
 
 
 class InputTooLong(ValueError):
@@ -92,10 +127,19 @@ class Completion:
 class Engine:
     """A loaded causal LM and its tokenizer; thread-safe (one generate at a time)."""
 
-    def __init__(self, model: Any, tokenizer: Any, name: str = "model") -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        name: str = "model",
+        prompt_template: str | None = None,
+        score_defaults: ScoreDefaults | None = None,
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
+        self.prompt_template = prompt_template
+        self.score_defaults = score_defaults or ScoreDefaults()
         # Left padding keeps every prompt's last token at the end of the row, where generation starts.
         self.tokenizer.padding_side = "left"
         if not getattr(tokenizer, "chat_template", None):
@@ -117,11 +161,29 @@ class Engine:
 
     @classmethod
     def from_mlflow(cls, model_uri: str, name: str | None = None) -> "Engine":
-        """Load a transformers model logged with MLflow (e.g. `models:/NAME/VERSION`)."""
-        import mlflow.transformers
+        """Load a transformers model logged with MLflow (e.g. `models:/NAME/VERSION`).
 
-        components = mlflow.transformers.load_model(model_uri, return_type="components")
-        return cls(components["model"], components["tokenizer"], name=name or served_name(model_uri))
+        Besides weights and tokenizer, the MLmodel gives what MLflow's own serving (and Azure's
+        scoring script) applies to a prompt string: the prompt template and the params-schema defaults.
+        """
+        import mlflow.artifacts
+        import mlflow.transformers
+        from mlflow.models import Model
+
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
+        components = mlflow.transformers.load_model(local, return_type="components")
+        saved = Model.load(local)
+        config = (saved.flavors.get("python_function") or {}).get("config") or {}
+        if config.get("return_full_text"):
+            log.warning("the model was saved with return_full_text; this endpoint returns the generated text only")
+        signature = saved.signature
+        return cls(
+            components["model"],
+            components["tokenizer"],
+            name=name or served_name(model_uri),
+            prompt_template=(saved.metadata or {}).get("prompt_template"),
+            score_defaults=ScoreDefaults.from_params_schema(signature.params if signature else None),
+        )
 
     def _pad_token_id(self) -> int:
         tok = self.tokenizer
@@ -150,18 +212,29 @@ class Engine:
             raise ValueError("the tokenizer defines no end-of-sequence token: generation would never stop")
         return ids
 
-    def render(self, conversation: Sequence[Message]) -> str:
-        """The prompt text for one conversation, ending with the assistant's turn header."""
+    def render(self, conversation: Sequence[Message] | str) -> str:
+        """The prompt text for one conversation or prompt string, ending with the assistant's turn header."""
+        if isinstance(conversation, str):
+            if self.prompt_template is not None:
+                return self.prompt_template.format(prompt=conversation)  # what MLflow does with it
+            conversation = [{"role": "user", "content": conversation}]
         return self.tokenizer.apply_chat_template(list(conversation), add_generation_prompt=True, tokenize=False)
+
+    def encode(self, conversation: Sequence[Message] | str) -> list[int]:
+        """Prompt token ids. A prompt string is tokenized as MLflow's text-generation pipeline does
+        (the tokenizer's own add_special_tokens default); a conversation's chat template already
+        wrote every special token the model expects. Phi-3's tokenizers add no BOS either way."""
+        text = self.render(conversation)
+        if isinstance(conversation, str) and self.prompt_template is not None:
+            return list(self.tokenizer(text)["input_ids"])
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def prepare(self, conversations: Sequence[Sequence[Message]]) -> list[list[int]]:
-        """Prompt token ids for each conversation (CPU work the server runs off its event loop)."""
-        prompts = [self.render(c) for c in conversations]
-        # The chat template already wrote every special token the model expects.
-        encoded: list[list[int]] = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    def prepare(self, conversations: Sequence[Sequence[Message] | str]) -> list[list[int]]:
+        """Prompt token ids for each conversation or prompt string (CPU work the server runs off its event loop)."""
+        encoded = [self.encode(c) for c in conversations]
         longest = max((len(ids) for ids in encoded), default=0)
         if longest >= self.max_context:
             raise InputTooLong(
@@ -173,7 +246,7 @@ class Engine:
         """New tokens a prompt may get: max_new_tokens, but never past the end of the context."""
         return max(0, min(params.max_new_tokens, self.max_context - prompt_len))
 
-    def generate(self, conversations: Sequence[Sequence[Message]], params: SamplingParams) -> list[Completion]:
+    def generate(self, conversations: Sequence[Sequence[Message] | str], params: SamplingParams) -> list[Completion]:
         """One reply per conversation, from a single batched `model.generate` call."""
         if not conversations:
             return []

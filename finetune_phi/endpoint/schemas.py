@@ -10,7 +10,7 @@ from finetune_phi.endpoint.engine import MAX_NEW_TOKENS_CAP
 
 # One request may carry several inputs (generated together as one batch); this bounds its memory.
 MAX_INPUTS_PER_REQUEST = 32
-MAX_MESSAGES = 256
+MAX_MESSAGES = 256  # per /v1/chat/completions request
 MAX_CONTENT_CHARS = 100_000
 
 
@@ -55,72 +55,81 @@ TopK = Annotated[int, Field(ge=1, le=1000), BeforeValidator(_integer)]
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1), BeforeValidator(_integer)]
 
 
-class ChatMessage(BaseModel):
-    model_config = STRICT_FORBID
-
-    role: Literal["system", "user", "assistant"]
-    content: Text
-
-
-Conversation = Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
 Prompt = Text
 
 
+# The params a /score request may set: the model's MLflow params schema (fine_tune.py), no more.
+SCORE_PARAMS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+STUDIO_SHAPE = (
+    "{input_string, parameters} is the request shape of a model-catalog chat deployment, not of this "
+    "model (an MLflow text-generation model, which Azure's scoring script answers with a 500 for it): "
+    'send {"input_data": ["prompt", ...], "params": {...}}, a conversation encoded as ONE prompt string'
+)
+
+
 class GenerationParams(BaseModel):
-    """The `params` / `parameters` of an Azure ML scoring request (HF generate names)."""
+    """The `params` of a /score request: the model's params schema, with its names and types.
+
+    A param the request leaves out gets the schema's default (as MLflow fills it in). Unknown names
+    are refused (UNKNOWN_PARAM): Azure's scoring of the model ignores them silently (`seed`, `return_full_text`...)."""
 
     model_config = STRICT_FORBID
 
     max_new_tokens: TokenCount | None = None
-    temperature: float | None = Field(default=None, ge=0, le=5)
+    temperature: float | None = Field(default=None, ge=0, le=5, description="used when do_sample is true; then > 0")
     do_sample: bool | None = None
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: TopK | None = None
     # Below ~0.1 the penalty divides logits by almost nothing: inf, then NaN probabilities.
     repetition_penalty: float | None = Field(default=None, ge=0.1, le=10)
-    seed: Seed | None = None
-    return_full_text: bool = False
 
 
-class StudioInput(BaseModel):
-    """The Azure ML Studio / model-catalog chat shape: one conversation and its parameters."""
+UNKNOWN_PARAM = (
+    "not in the model's params schema, so it would have no effect (Azure's scoring of the model "
+    f"ignores it silently): use {', '.join(SCORE_PARAMS)}"
+)
 
-    model_config = STRICT_FORBID
 
-    input_string: Conversation = Field(description="chat messages; the last one's content must not be blank")
-    parameters: GenerationParams | None = None
+def _not_studio(value: object) -> object:
+    if isinstance(value, dict):
+        raise ValueError(STUDIO_SHAPE)
+    return value
+
+
+def _one_prompt(value: object) -> object:
+    """Every input is ONE string; other items get a message that names what they are and the contract."""
+    if not isinstance(value, str):
+        kind = "a list of messages" if isinstance(value, list) else "a message object" if isinstance(value, dict) else type(value).__name__
+        raise ValueError(
+            f"is {kind}, not a string: every input is ONE prompt string; encode a conversation as the first "
+            'user message, then "<|end|>\\n<|role|>\\n" + content for each later message'
+        )
+    return value
+
+
+ScorePrompt = Annotated[Prompt, BeforeValidator(_one_prompt)]
 
 
 class ScoreRequest(BaseModel):
-    """`POST /score`. Either a list of inputs (each a user message, or a list of chat messages)
-    with optional `params`, answered by a list of replies; or the Studio object, answered by
-    `{"output": reply}`."""
+    """`POST /score`: what Azure ML's scoring script serves for this model (an MLflow
+    text-generation model): a list of prompt strings and optional `params`, answered by a list of
+    replies, one per prompt. A conversation travels as one string (see SCORE_CONTRACT in README)."""
 
     model_config = ConfigDict(
         extra="forbid",
         strict=True,
         json_schema_extra={
             "examples": [
-                {"input_data": ["Who founded Microsoft?"], "params": {"temperature": 0.7, "max_new_tokens": 64}},
-                {
-                    "input_data": {
-                        "input_string": [{"role": "user", "content": "Who founded Microsoft?"}],
-                        "parameters": {"max_new_tokens": 64},
-                    }
-                },
+                {"input_data": ["Who founded Microsoft?"], "params": {"temperature": 0.7, "max_new_tokens": 64, "do_sample": True}},
+                {"input_data": ["Who founded Microsoft?<|end|>\n<|assistant|>\nBill Gates and Paul Allen.<|end|>\n<|user|>\nWhen?"]},
             ]
         },
     )
 
-    input_data: Annotated[list[Prompt | Conversation], Field(min_length=1, max_length=MAX_INPUTS_PER_REQUEST)] | StudioInput = Field(
-        description="a list of prompts (a string, or chat messages whose last content is not blank), "
-        "or the Studio {input_string, parameters} object"
-    )
+    input_data: Annotated[
+        list[ScorePrompt], Field(min_length=1, max_length=MAX_INPUTS_PER_REQUEST), BeforeValidator(_not_studio)
+    ] = Field(description="prompt strings, each answered on its own; a conversation is encoded as one string")
     params: GenerationParams | None = None
-
-
-class StudioOutput(BaseModel):
-    output: str
 
 
 # --- OpenAI chat completions ------------------------------------------------------------------

@@ -15,6 +15,7 @@ framework's included, is answered in OpenAI's JSON error shape naming the field 
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import os
@@ -32,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from finetune_phi.endpoint import schemas
 from finetune_phi.endpoint.batcher import Batcher, QueueFull
-from finetune_phi.endpoint.engine import Completion, Engine, InputTooLong, Message, SamplingParams
+from finetune_phi.endpoint.engine import MAX_NEW_TOKENS_CAP, MIN_TEMPERATURE, Completion, Engine, InputTooLong, Message, SamplingParams
 from finetune_phi.endpoint.limits import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_CONCURRENT_REQUESTS,
@@ -80,7 +81,7 @@ class Runtime:
         return self.engine
 
     async def generate(
-        self, conversations: Sequence[Sequence[Message]], params: SamplingParams, param: str = "input_data"
+        self, conversations: Sequence[Sequence[Message] | str], params: SamplingParams, param: str = "input_data"
     ) -> list[Completion]:
         """Replies from the shared micro-batcher; cancelling the awaiting task abandons the work."""
         engine = self.ready_engine()
@@ -216,8 +217,10 @@ def create_app(
         first = max(errors, key=lambda e: len(field_path(e)), default={"loc": (), "msg": "invalid request"})
         loc = field_path(first)
         param = ".".join(loc) or "body"
-        message = f"{param}: {first.get('msg')}"
-        if not loc and first.get("type") in ("model_attributes_type", "model_type", "dict_type"):
+        message = f"{param}: {str(first.get('msg')).removeprefix('Value error, ')}"
+        if first.get("type") == "extra_forbidden" and loc[:1] == ["params"] and len(loc) == 2:
+            message = f"{param}: {schemas.UNKNOWN_PARAM}"
+        elif not loc and first.get("type") in ("model_attributes_type", "model_type", "dict_type"):
             message = "body: must be a JSON object as described in /openapi.json"
         # Keep FastAPI's `detail` list (what /openapi.json documents for 422) beside OpenAI's `error`,
         # without the optional `input`: echoing it would send back up to max_body_bytes per error,
@@ -255,28 +258,25 @@ def create_app(
 
     @app.post(
         "/score",
-        response_model=list[str] | schemas.StudioOutput,
+        response_model=list[str],
         responses=ERROR_RESPONSES,
         dependencies=[Depends(require_key)],
         tags=["azure ml"],
     )
-    async def score(request: schemas.ScoreRequest) -> list[str] | schemas.StudioOutput:
-        data = request.input_data
-        if isinstance(data, schemas.StudioInput):
-            options = data.parameters or request.params or schemas.GenerationParams()
-            conversation = [m.model_dump() for m in data.input_string]
-            _require_text(conversation, "input_data.input_string")
-            [completion] = await runtime.generate([conversation], _sampling(options))
-            return schemas.StudioOutput(output=_full_text(conversation, completion, options))
-        options = request.params or schemas.GenerationParams()
-        conversations = [
-            [{"role": "user", "content": item}] if isinstance(item, str) else [m.model_dump() for m in item]
-            for item in data
-        ]
-        for i, (item, conversation) in enumerate(zip(data, conversations)):
-            _require_text(conversation, f"input_data.{i}", prompt=isinstance(item, str))
-        completions = await runtime.generate(conversations, _sampling(options))
-        return [_full_text(c, done, options) for c, done in zip(conversations, completions)]
+    async def score(request: schemas.ScoreRequest) -> list[str]:
+        """What Azure's scoring script answers for the same model and payload, byte for byte.
+
+        Each prompt string is wrapped in the model's prompt template; params left out get the
+        model's params-schema defaults, as MLflow fills them in."""
+        engine = runtime.ready_engine()
+        prompts = list(request.input_data)
+        for i, prompt in enumerate(prompts):
+            if not prompt.strip():
+                raise ApiError(
+                    422, f"input_data.{i}: the prompt is empty: put the question in it", "invalid_request_error", f"input_data.{i}"
+                )
+        completions = await runtime.generate(prompts, _score_sampling(request.params, engine))
+        return [c.text for c in completions]
 
     @app.post(
         "/v1/chat/completions",
@@ -323,8 +323,8 @@ def create_app(
 
 
 def _is_type_tag(part: object) -> bool:
-    """Pydantic names the union member in an error's location ('constrained-str', 'StudioInput',
-    'list[ChatMessage]'); field names are snake_case identifiers or list indexes."""
+    """Pydantic names the union member in an error's location ('constrained-str', 'list[TextPart]');
+    field names are snake_case identifiers or list indexes."""
     if not isinstance(part, str):
         return False
     return not part.isidentifier() or part[:1].isupper() or part in ("str", "int", "float", "bool", "list", "dict")
@@ -333,27 +333,41 @@ def _is_type_tag(part: object) -> bool:
 BODY_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's detail when json.loads itself fails
 
 
-def _require_text(conversation: Sequence[Message], param: str, prompt: bool = False) -> None:
+def _require_text(conversation: Sequence[Message], param: str) -> None:
     """The last message is what the model answers: blank, there is nothing to answer.
 
     Earlier messages may be empty (a chat history can hold an empty reply)."""
     if conversation[-1]["content"].strip():
         return
-    field = param if prompt else f"{param}.{len(conversation) - 1}.content"
+    field = f"{param}.{len(conversation) - 1}.content"
     raise ApiError(
         422, f"{field}: the last message is empty: put the question in it", "invalid_request_error", field
     )
 
 
-def _sampling(options: schemas.GenerationParams) -> SamplingParams:
-    return SamplingParams.resolve(**options.model_dump(exclude={"return_full_text"}))
+def _score_sampling(options: schemas.GenerationParams | None, engine: Engine) -> SamplingParams:
+    """/score params over the model's params-schema defaults, with MLflow's meaning: greedy unless
+    do_sample is true (a temperature alone does not sample), top_k 50 when sampling.
 
-
-def _full_text(conversation: list[Message], completion: Completion, options: schemas.GenerationParams) -> str:
-    """The reply; with return_full_text, the caller's last message followed by it (as HF pipelines do)."""
-    if not options.return_full_text:
-        return completion.text
-    return conversation[-1]["content"] + completion.text
+    Where Azure's scoring script would answer 500 (HF refuses the combination), a 422 names the field."""
+    given = options.model_dump(exclude_none=True) if options else {}
+    values = {**dataclasses.asdict(engine.score_defaults), **given}
+    if values["do_sample"] and values["temperature"] <= 0:
+        raise ApiError(
+            422,
+            "params.temperature: must be above 0 when do_sample is true (for greedy decoding set do_sample false)",
+            "invalid_request_error",
+            "params.temperature",
+        )
+    sample = bool(values["do_sample"]) and values["temperature"] >= MIN_TEMPERATURE  # that close to 0 it is greedy
+    return SamplingParams(
+        max_new_tokens=min(int(values["max_new_tokens"]), MAX_NEW_TOKENS_CAP),
+        do_sample=sample,
+        temperature=float(values["temperature"]) if sample else 1.0,
+        top_p=float(values["top_p"]),
+        top_k=int(values["top_k"]),
+        repetition_penalty=float(values["repetition_penalty"]),
+    )
 
 
 def _apply_stop(text: str, stop: str | list[str] | None, finish: str) -> tuple[str, str]:
