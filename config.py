@@ -24,6 +24,10 @@ ROOT = Path(__file__).resolve().parent
 PLACEHOLDER_PREFIX = "<your-"
 
 BACKENDS = ("local", "azure")
+# What serves the model, and so which request shape the flows send (chat_flow/endpoint_client.py):
+# "local" = finetune_phi.endpoint; "azure-mlflow" = Azure's no-code deployment of our MLflow model;
+# "azure-catalog" = a model-catalog fine-tuned Phi-3 deployment.
+ENDPOINT_KINDS = ("local", "azure-mlflow", "azure-catalog")
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,9 @@ class Settings:
     # Written by deploy_model.py into ENV_FILE; the flows read them from there.
     AZURE_ML_ENDPOINT: str = ""
     AZURE_ML_API_KEY: str = ""
+    # One of ENDPOINT_KINDS, also written by deploy_model.py; an .env from an older deploy has none,
+    # which means "local" (the request shape local and azure-mlflow share).
+    AZURE_ML_ENDPOINT_KIND: str = "local"
 
     # --- data ---------------------------------------------------------------------------------
     DATASET_NAME: str = "HuggingFaceH4/ultrachat_200k"
@@ -230,6 +237,8 @@ def _check_values(s: Settings) -> list[str]:
         problems.append(f"TEST_SIZE={s.TEST_SIZE}: use a fraction in (0, 1), e.g. 0.2")
     if s.PEFT not in ("auto", "lora", "full"):
         problems.append(f"PEFT={s.PEFT!r}: use auto, lora or full")
+    if s.AZURE_ML_ENDPOINT_KIND not in ENDPOINT_KINDS:
+        problems.append(f"AZURE_ML_ENDPOINT_KIND={s.AZURE_ML_ENDPOINT_KIND!r}: use one of {', '.join(ENDPOINT_KINDS)}")
     if s.AZURE_CREDENTIAL not in ("default", "cli"):
         problems.append(f"AZURE_CREDENTIAL={s.AZURE_CREDENTIAL!r}: use default or cli")
     for name in ("ENDPOINT_MAX_CONCURRENT_REQUESTS", "ENDPOINT_REQUEST_TIMEOUT_S", "ENDPOINT_MAX_BODY_BYTES"):

@@ -8,10 +8,11 @@
     python deploy_model.py --backend azure          # register, create/update endpoint + deployment, route 100% traffic
     python deploy_model.py --backend azure --teardown   # delete the endpoint and scale the cluster to 0
 
-Either way the scoring URI and key land in ENV_FILE (default `.env`; AZURE_ML_ENDPOINT /
-AZURE_ML_API_KEY, mode 0600) and in the Prompt flow connection named PROMPTFLOW_CONNECTION_NAME,
-so the flows work unchanged. Locally, one deploy or teardown runs at a time per STATE_DIR: a second
-exits 1 naming the one that runs. A re-deploy starts the new endpoint beside the old one on the same
+Either way the scoring URI, key and deployment kind land in ENV_FILE (default `.env`;
+AZURE_ML_ENDPOINT / AZURE_ML_API_KEY / AZURE_ML_ENDPOINT_KIND, mode 0600) and in the Prompt flow
+connection named PROMPTFLOW_CONNECTION_NAME (configs.endpoint, configs.kind, secrets.key), so the
+flows work unchanged against a local, an Azure MLflow or an Azure model-catalog deployment.
+Locally, one deploy or teardown runs at a time per STATE_DIR: a second exits 1 naming the one that runs. A re-deploy starts the new endpoint beside the old one on the same
 port and stops the old one only once the new one is ready; an endpoint that died is restarted.
 """
 
@@ -42,15 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def publish(settings: config.Settings, scoring_uri: str, key: str, connection: bool = True) -> None:
-    """Hand the endpoint to the flows: .env for the SDK variant, a CustomConnection for the Studio variant."""
-    common.write_dotenv(settings.env_file, {"AZURE_ML_ENDPOINT": scoring_uri, "AZURE_ML_API_KEY": key})
-    log.info("wrote AZURE_ML_ENDPOINT=%s and AZURE_ML_API_KEY=%s to %s", scoring_uri, common.redact(key), settings.env_file)
+def publish(settings: config.Settings, scoring_uri: str, key: str, kind: str, connection: bool = True) -> None:
+    """Hand the endpoint to the flows: .env for the SDK variant, a CustomConnection for the Studio variant.
+
+    `kind` (config.ENDPOINT_KINDS) tells the flows which request shape the endpoint answers.
+    """
+    if kind not in config.ENDPOINT_KINDS:
+        raise config.ConfigError([f"deployment kind {kind!r}: use one of {', '.join(config.ENDPOINT_KINDS)}"])
+    common.write_dotenv(
+        settings.env_file,
+        {"AZURE_ML_ENDPOINT": scoring_uri, "AZURE_ML_API_KEY": key, "AZURE_ML_ENDPOINT_KIND": kind},
+    )
+    log.info("wrote AZURE_ML_ENDPOINT=%s, AZURE_ML_API_KEY=%s and AZURE_ML_ENDPOINT_KIND=%s to %s",
+             scoring_uri, common.redact(key), kind, settings.env_file)
     if connection:
         from finetune_phi.pf_connection import upsert_connection
 
-        upsert_connection(settings, endpoint=scoring_uri, key=key)
-        log.info("Prompt flow connection %r now points at %s", settings.PROMPTFLOW_CONNECTION_NAME, scoring_uri)
+        upsert_connection(settings, endpoint=scoring_uri, key=key, kind=kind)
+        log.info("Prompt flow connection %r now points at %s (%s)",
+                 settings.PROMPTFLOW_CONNECTION_NAME, scoring_uri, kind)
 
 
 def run_local(settings: config.Settings, args: argparse.Namespace) -> int:
@@ -60,7 +71,7 @@ def run_local(settings: config.Settings, args: argparse.Namespace) -> int:
         log.info("%s", local_deploy.teardown(settings))
         return 0
     info = local_deploy.deploy(settings, rotate_key=args.rotate_key)
-    publish(settings, info.scoring_uri, info.key, connection=not args.no_connection)
+    publish(settings, info.scoring_uri, info.key, "local", connection=not args.no_connection)
     log.info("endpoint serving %s at %s (pid %s, log %s)", info.model_uri, info.scoring_uri, info.pid, info.log_path)
     return 0
 
@@ -79,7 +90,10 @@ def run_azure(settings: config.Settings, args: argparse.Namespace) -> int:
             log.info("%s", line)
         return 0
     info = workflow.deploy(settings, job_name=args.job_name)
-    publish(settings, info.scoring_uri, info.key, connection=not args.no_connection)
+    # AzureDeployInfo.kind says which deployment workflow.deploy made; until it carries one, the
+    # command-mode job's no-code MLflow deployment is the only kind it makes.
+    kind = getattr(info, "kind", "azure-mlflow")
+    publish(settings, info.scoring_uri, info.key, kind, connection=not args.no_connection)
     return 0
 
 

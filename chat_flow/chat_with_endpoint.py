@@ -1,8 +1,15 @@
 """The chat flow's one tool: the conversation so far plus the new question, sent to the endpoint.
 
-The endpoint and key come from the Prompt flow CustomConnection named in flow.dag.yaml
-(phi3_endpoint; python deploy_model.py creates it). The HTTP work lives in
-finetune_phi.endpoint_client; this wrapper is the only Prompt flow code.
+    pf flow test --flow chat_flow --interactive
+    pf run create --flow chat_flow --data chat_flow/data.jsonl --stream \
+        --column-mapping question='${data.question}' chat_history='${data.chat_history}'
+
+The endpoint, its key and its kind (local, azure-mlflow or azure-catalog) come from the Prompt flow
+CustomConnection named in flow.dag.yaml (phi3_endpoint: configs.endpoint, configs.kind, secrets.key),
+which python deploy_model.py creates; the whole history goes to the endpoint on every turn, in the
+request shape of that kind. This folder is self-contained (the tool, endpoint_client.py and
+requirements.txt), so it runs unchanged on an Azure Prompt flow runtime. The HTTP work lives in
+endpoint_client.py; this wrapper is the only Prompt flow code.
 """
 
 # No `from __future__ import annotations`: Prompt flow reads the real annotation objects to
@@ -10,15 +17,11 @@ finetune_phi.endpoint_client; this wrapper is the only Prompt flow code.
 from promptflow.connections import CustomConnection
 from promptflow.core import tool
 
-from finetune_phi.endpoint_client import EndpointError, chat, messages_from_history
+# This folder is on sys.path when Prompt flow runs the flow (locally and on an Azure runtime).
+from endpoint_client import chat, endpoint_from_connection, messages_from_history
 
 
 @tool
 def chat_with_endpoint(question: str, chat_history: list, connection: CustomConnection) -> str:
-    endpoint = str(connection.configs["endpoint"]) if "endpoint" in connection.configs else ""
-    key = str(connection.secrets["key"]) if "key" in connection.secrets else ""
-    if not endpoint or not key:
-        raise EndpointError(
-            "the Prompt flow connection lacks configs.endpoint or secrets.key; run python deploy_model.py first"
-        )
-    return chat(endpoint, key, messages_from_history(chat_history, question))
+    endpoint = endpoint_from_connection(connection.configs, connection.secrets)
+    return chat(endpoint.url, endpoint.key, messages_from_history(chat_history, question), kind=endpoint.kind)

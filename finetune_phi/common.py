@@ -34,10 +34,11 @@ def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # mkstemp creates the file 0600 (readable by its owner only) before anything is written to it.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         if mode is not None:
-            os.fchmod(fd, mode)
+            _set_mode(fd, tmp, mode)
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
             fh.write(text)
             fh.flush()
@@ -46,6 +47,20 @@ def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _set_mode(fd: int, tmp: str, mode: int) -> None:
+    """chmod the temp file, by descriptor where the platform can.
+
+    os.fchmod exists on Windows only from Python 3.13 (this project supports 3.11 and 3.12): there
+    os.chmod on the path is used instead, before any byte is written. On Windows permissions are
+    best effort: chmod sets only the read-only flag, and who may read the file is decided by the ACL
+    it inherits from its folder (the user's own profile folder for a checkout there).
+    """
+    if hasattr(os, "fchmod"):
+        os.fchmod(fd, mode)
+    else:
+        os.chmod(tmp, mode)
 
 
 def atomic_write_lines(path: Path, lines: Iterator[str] | list[str]) -> int:

@@ -32,6 +32,20 @@ def test_atomic_write_with_mode_creates_private_file(tmp_path: Path) -> None:
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
 
 
+def test_secret_write_without_os_fchmod_as_on_windows_before_python_3_13(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """deploy_model.py --backend azure writes .env through here after the deployment exists."""
+    monkeypatch.delattr(os, "fchmod")
+    target = tmp_path / ".env"
+    target.write_text("OLD=1\n")
+    os.chmod(target, 0o644)
+    common.write_dotenv(target, {"AZURE_ML_API_KEY": "k-ey", "AZURE_ML_ENDPOINT_KIND": "azure-mlflow"})
+    assert target.read_text() == 'OLD=1\nAZURE_ML_API_KEY="k-ey"\nAZURE_ML_ENDPOINT_KIND="azure-mlflow"\n'
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == [".env"]  # no temp file left behind
+
+
 def test_state_sections_update_independently(tmp_path: Path) -> None:
     s = config.load(env={}, dotenv_path=tmp_path / "none", STATE_DIR=str(tmp_path / "state"))
     assert common.read_state(s) == {}

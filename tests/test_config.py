@@ -44,13 +44,15 @@ def test_keyword_overrides_win(tmp_path: Path) -> None:
 
 
 def test_all_type_and_range_problems_reported_at_once(tmp_path: Path) -> None:
-    env = {"SEED": "abc", "TEST_SIZE": "1.5", "BACKEND": "cloud", "LOCAL_ENDPOINT_PORT": "70000", "PEFT": "qlora"}
+    env = {"SEED": "abc", "TEST_SIZE": "1.5", "BACKEND": "cloud", "LOCAL_ENDPOINT_PORT": "70000", "PEFT": "qlora",
+           "AZURE_ML_ENDPOINT_KIND": "azure"}
     with pytest.raises(config.ConfigError) as exc:
         _load(tmp_path, env=env)
     message = str(exc.value)
     for name in env:
         assert name in message, name
     assert len(exc.value.problems) == len(env)
+    assert "local, azure-mlflow, azure-catalog" in message  # the kinds AZURE_ML_ENDPOINT_KIND takes
 
 
 def test_validate_lists_every_placeholder_with_the_variable_to_set(tmp_path: Path) -> None:

@@ -1,19 +1,28 @@
-"""The endpoint client against a real HTTP server on 127.0.0.1 that plays scripted answers."""
+"""The endpoint client (chat_flow/endpoint_client.py) against a real HTTP server on 127.0.0.1 that plays scripted answers.
+
+Also: the request shape of each deployment kind, the prompt encoding against Phi-3's real chat
+template, and where a flow finds the endpoint (connection, environment, .env).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from conftest import PHI3_TOKENIZER_DIR as PHI3_TOKENIZER
 
-from finetune_phi import endpoint_client as ec
+import config
+from chat_flow import endpoint_client as ec
+from finetune_phi import common
 
 KEY = "s3cr3t-key-0123456789abcdef"
 
@@ -102,18 +111,163 @@ def test_ask_posts_the_sdk_shape_with_the_key_as_bearer_token(server: ScriptedSe
     assert seen.body["params"]["do_sample"] is True  # defaults kept where not overridden
 
 
-def test_chat_posts_the_studio_shape_with_history(server: ScriptedServer) -> None:
-    server.script.append(Reply(body={"output": "Seattle."}))
-    history = [{"inputs": {"question": "Hi"}, "outputs": {"answer": "Hello!"}}]
-    messages = ec.messages_from_history(history, "Where is Microsoft?")
-    assert ec.chat(server.url, KEY, messages) == "Seattle."
+HISTORY = [{"inputs": {"question": "Hi"}, "outputs": {"answer": "Hello!"}}]
+
+
+@pytest.mark.parametrize("kind", ["local", "azure-mlflow"])
+def test_chat_sends_our_models_shape_one_encoded_prompt(server: ScriptedServer, kind: str) -> None:
+    server.script.append(Reply(body=["Seattle."]))
+    messages = ec.messages_from_history(HISTORY, "Where is Microsoft?")
+    assert ec.chat(server.url, KEY, messages, kind=kind, params={"top_p": 0.9}) == "Seattle."
     body = server.seen[0].body
-    assert body["input_data"]["input_string"] == [
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": "Where is Microsoft?"},
-    ]
-    assert body["input_data"]["parameters"]["max_new_tokens"] == 128
+    assert body == {
+        "input_data": ["Hi<|end|>\n<|assistant|>\nHello!<|end|>\n<|user|>\nWhere is Microsoft?"],
+        "params": {"max_new_tokens": 128, "temperature": 0.7, "do_sample": True, "top_p": 0.9},
+    }
+
+
+def test_chat_sends_the_catalog_shape_with_the_history_as_messages(server: ScriptedServer) -> None:
+    # The reply shape of the Phi-3-mini-4k-instruct model card's sample output (leading space and all).
+    server.script.append(Reply(body={"output": " Seattle."}))
+    messages = ec.messages_from_history(HISTORY, "Where is Microsoft?")
+    assert ec.chat(server.url, KEY, messages, kind="azure-catalog") == " Seattle."
+    body = server.seen[0].body
+    assert body == {
+        "input_data": {
+            "input_string": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Where is Microsoft?"},
+            ],
+            "parameters": {"max_new_tokens": 128, "temperature": 0.7, "do_sample": True},
+        }
+    }
+
+
+def test_ask_follows_the_kind_too(server: ScriptedServer) -> None:
+    server.script.extend([Reply(body=["mlflow"]), Reply(body={"output": "catalog"})])
+    assert ec.ask(server.url, KEY, "Q?", kind="azure-mlflow") == "mlflow"
+    assert ec.ask(server.url, KEY, "Q?", kind="azure-catalog") == "catalog"
+    assert server.seen[0].body["input_data"] == ["Q?"]
+    assert server.seen[1].body["input_data"]["input_string"] == [{"role": "user", "content": "Q?"}]
+
+
+def test_a_reply_in_another_kinds_shape_names_the_kind_setting(server: ScriptedServer) -> None:
+    server.script.append(Reply(body={"output": "I am a catalog deployment"}))
+    with pytest.raises(ec.EndpointError, match="unexpected shape for kind 'local'.*AZURE_ML_ENDPOINT_KIND"):
+        ec.ask(server.url, KEY, "hi", kind="local")
+
+
+def test_an_unknown_kind_is_refused_before_any_request_naming_the_setting_and_the_kinds(server: ScriptedServer) -> None:
+    with pytest.raises(ec.EndpointError) as err:
+        ec.ask(server.url, KEY, "hi", kind="azure-serverless")
+    assert "AZURE_ML_ENDPOINT_KIND='azure-serverless'" in str(err.value)
+    assert "local, azure-mlflow, azure-catalog" in str(err.value)
+    with pytest.raises(ec.EndpointError, match="connection's configs.kind='openai'.*local, azure-mlflow, azure-catalog"):
+        ec.endpoint_from_connection({"endpoint": server.url, "kind": "openai"}, {"key": KEY})
+    assert server.seen == []
+
+
+def test_no_kind_means_our_models_shape_logged_once(server: ScriptedServer, caplog: pytest.LogCaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ec, "_logged_without_kind", set())
+    server.default = Reply(body=["ok"])
+    old = ec.endpoint_from_connection({"endpoint": server.url}, {"key": KEY})  # a connection from an older deploy
+    assert old.kind == "local"
+    with caplog.at_level(logging.INFO, logger=ec.__name__):
+        for _ in range(3):
+            ec.endpoint_from_connection({"endpoint": server.url}, {"key": KEY})
+            assert ec.ask(server.url, KEY, "hi", kind="") == "ok"
+    assert server.seen[0].body["input_data"] == ["hi"]
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 1 and "AZURE_ML_ENDPOINT_KIND is not set" in logged[0], logged  # the connection's was logged before
+    assert KEY not in repr(old)
+
+
+def test_the_kinds_match_config() -> None:
+    assert ec.KINDS == config.ENDPOINT_KINDS
+    assert config.Settings().AZURE_ML_ENDPOINT_KIND == ec.LEGACY_KIND
+
+
+# --- the prompt our MLflow model sees ---------------------------------------------------------------------
+
+CONVERSATIONS = {
+    "one question": [{"role": "user", "content": "Who founded Microsoft?"}],
+    "multi-turn": [
+        {"role": "user", "content": "Who founded Microsoft?"},
+        {"role": "assistant", "content": "Bill Gates and Paul Allen."},
+        {"role": "user", "content": "And in which year?"},
+        {"role": "assistant", "content": "In 1975.\n\nIn Albuquerque."},
+        {"role": "user", "content": "Where is it now?  Answer in <5 words> & {braces}."},
+    ],
+    "system": [
+        {"role": "system", "content": "You answer briefly."},
+        {"role": "user", "content": "Who founded Microsoft?"},
+        {"role": "assistant", "content": "Gates and Allen."},
+        {"role": "user", "content": "When?"},
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_encoded_prompt_in_the_template_is_phi3s_chat_template_byte_for_byte(name: str) -> None:
+    if not (PHI3_TOKENIZER / "tokenizer_config.json").is_file():
+        pytest.skip(f"the Phi-3 tokenizer fixture is missing ({PHI3_TOKENIZER}); it is "
+                    "microsoft/onnxruntime-extensions test/data/phi-3-mini/ (see ../shared/fixtures/README.md)")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(PHI3_TOKENIZER)
+    messages = CONVERSATIONS[name]
+    if messages[0]["role"] == "system":
+        # The MLflow template opens with <|user|>, so the system text goes into the first user turn.
+        folded = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}, *messages[2:]]
+    else:
+        folded = messages
+    expected = tokenizer.apply_chat_template(folded, tokenize=False, add_generation_prompt=True)
+    ours = ec.PROMPT_TEMPLATE.format(prompt=ec.encode_prompt(messages))
+    assert ours == expected
+    # And the same token ids, not only the same text.
+    assert tokenizer(ours, add_special_tokens=False)["input_ids"] == tokenizer(expected, add_special_tokens=False)["input_ids"]
+
+
+def test_encode_prompt_refuses_conversations_the_template_cannot_hold() -> None:
+    with pytest.raises(ValueError, match="start with a user message"):
+        ec.encode_prompt([{"role": "assistant", "content": "hi"}])
+    with pytest.raises(ValueError, match="followed by a user message"):
+        ec.encode_prompt([{"role": "system", "content": "s"}])
+
+
+# --- where a flow finds the endpoint --------------------------------------------------------------------
+
+
+def test_env_file_reads_what_deploy_writes_as_python_dotenv_does(tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_text("# mine\nexport SEED=3\nPLAIN=a b # comment\nSINGLE='x y'\n")
+    common.write_dotenv(path, {"AZURE_ML_ENDPOINT": "https://e.inference.ml.azure.com/score",
+                               "AZURE_ML_API_KEY": 'k"$ey\\x', "AZURE_ML_ENDPOINT_KIND": "azure-catalog"})
+    assert ec.read_env_file(path) == config.read_dotenv(path)
+    assert ec.read_env_file(path)["AZURE_ML_API_KEY"] == 'k"$ey\\x'
+
+
+def test_endpoint_from_environment_env_beats_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ec, "_logged_without_kind", set())
+    env_file = tmp_path / "deploy.env"
+    common.write_dotenv(env_file, {"AZURE_ML_ENDPOINT": "http://127.0.0.1:1/score", "AZURE_ML_API_KEY": "file-key",
+                                   "AZURE_ML_ENDPOINT_KIND": "azure-catalog"})
+    from_file = ec.endpoint_from_environment({"ENV_FILE": str(env_file)}, folders=[])
+    assert (from_file.url, from_file.key, from_file.kind) == ("http://127.0.0.1:1/score", "file-key", "azure-catalog")
+    mixed = ec.endpoint_from_environment({"ENV_FILE": str(env_file), "AZURE_ML_API_KEY": "env-key"}, folders=[])
+    assert (mixed.key, mixed.kind) == ("env-key", "azure-catalog")
+    # No ENV_FILE: `.env` in the first folder that has one.
+    (tmp_path / "flow").mkdir()
+    (tmp_path / "flow" / ".env").write_text('AZURE_ML_ENDPOINT="http://127.0.0.1:2/score"\nAZURE_ML_API_KEY="k2"\n')
+    found = ec.endpoint_from_environment({}, folders=[tmp_path / "empty", tmp_path / "flow"])
+    assert (found.url, found.key, found.kind) == ("http://127.0.0.1:2/score", "k2", "local")  # no kind: older deploy
+    with pytest.raises(ec.EndpointError, match="AZURE_ML_ENDPOINT or AZURE_ML_API_KEY is not set.*deploy_model.py"):
+        ec.endpoint_from_environment({}, folders=[tmp_path / "empty"])
+    with pytest.raises(ec.EndpointError, match="AZURE_ML_ENDPOINT_KIND='cloud'"):
+        ec.endpoint_from_environment({"AZURE_ML_ENDPOINT": "http://x/score", "AZURE_ML_API_KEY": "k",
+                                      "AZURE_ML_ENDPOINT_KIND": "cloud"}, folders=[])
 
 
 def test_read_timeout_is_reported_once_not_retried(server: ScriptedServer) -> None:

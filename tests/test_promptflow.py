@@ -5,10 +5,15 @@ STATE_DIR, HOME pointed at a temporary folder) and a `sitecustomize` that refuse
 connection or name lookup outside 127.0.0.1: each test ends by checking that record is empty.
 Between the flows and the endpoint sits a recording pass-through proxy, so the tests can compare
 what the flow answered with what the endpoint said, and see the request shapes and the key used.
+
+Each flow also runs from a copy of its snapshot alone (what pf copies for a batch run and Azure
+uploads), with this project's installed packages hidden, against the real local endpoint and against
+a stand-in for an Azure model-catalog deployment (tests/catalog_standin.py says what it cannot show).
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import os
@@ -31,6 +36,8 @@ import requests
 import yaml
 
 import config
+from catalog_standin import CatalogStandIn
+from chat_flow.endpoint_client import encode_prompt
 from finetune_phi import pf_connection, pf_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +89,13 @@ if _LOG:
         return _getaddrinfo(host, *args, **kwargs)
 
     socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, connect_ex, getaddrinfo
+
+if os.environ.get("PF_TEST_SNAPSHOT_ONLY"):
+    # As on an Azure Prompt flow runtime, where this project is not installed: drop the editable
+    # install's finder, so finetune_phi, config and chat_flow resolve only from the flow's own files.
+    import sys
+
+    sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
 '''
 
 
@@ -208,13 +222,14 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowRig]:
         PF_TEST_NET_GUARD_LOG=str(tmp / "network-attempts.log"),
         AZURE_ML_ENDPOINT=proxy.url,  # the SDK variant reads these (environment beats .env)
         AZURE_ML_API_KEY=KEY,
+        AZURE_ML_ENDPOINT_KIND="local",
     )
     rig = FlowRig(settings, env, proxy, tmp / "network-attempts.log", tmp)
     try:
         wait_http(f"http://127.0.0.1:{port}/health/ready", 120, endpoint)
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("HOME", env["HOME"])  # the connection's child process inherits it
-            pf_connection.upsert_connection(settings, endpoint=proxy.url, key=KEY)
+            pf_connection.upsert_connection(settings, endpoint=proxy.url, key=KEY, kind="local")
         yield rig
     finally:
         subprocess.run([PF, "service", "stop"], env=env, capture_output=True, timeout=60)
@@ -304,7 +319,6 @@ def test_flow_definitions_match_the_contract() -> None:
     assert [n["name"] for n in dag["nodes"]] == ["integrate_with_promptflow"]
     assert set(dag["outputs"]) == {"answer"}
     chat = yaml.safe_load((REPO / "chat_flow" / "flow.dag.yaml").read_text())
-    assert chat["$schema"].endswith("Flow.schema.json")
     assert chat["inputs"]["chat_history"]["is_chat_history"] is True
     assert chat["inputs"]["question"]["is_chat_input"] is True
     assert chat["outputs"]["answer"]["is_chat_output"] is True
@@ -313,6 +327,11 @@ def test_flow_definitions_match_the_contract() -> None:
     for line in (REPO / "chat_flow" / "data.jsonl").read_text().splitlines():
         row = json.loads(line)
         assert set(row) == {"question", "chat_history"}
+    # Both flows name their schema and the requirements an Azure runtime installs, inside the flow.
+    for folder, flow in ((REPO, dag), (REPO / "chat_flow", chat)):
+        assert flow["$schema"].endswith("/Flow.schema.json")
+        requirements = folder / flow["environment"]["python_requirements_txt"]
+        assert requirements.resolve().is_relative_to(folder) and requirements.is_file()
 
 
 def test_tool_imports_quietly_and_takes_the_studio_connection() -> None:
@@ -320,13 +339,15 @@ def test_tool_imports_quietly_and_takes_the_studio_connection() -> None:
 import logging
 import integrate_with_promptflow as t
 from promptflow.connections import CustomConnection
-from finetune_phi.endpoint_client import EndpointError
+from chat_flow.endpoint_client import EndpointError
 
 assert logging.getLogger().handlers == [], logging.getLogger().handlers  # importing configured nothing
-conn = CustomConnection(configs={"endpoint": "http://127.0.0.1:9/score"}, secrets={"key": "studio-key"})
-assert t.endpoint_and_key(conn) == ("http://127.0.0.1:9/score", "studio-key")
+conn = CustomConnection(configs={"endpoint": "http://127.0.0.1:9/score", "kind": "azure-catalog"},
+                        secrets={"key": "studio-key"})
+found = t.find_endpoint(conn)
+assert (found.url, found.key, found.kind) == ("http://127.0.0.1:9/score", "studio-key", "azure-catalog")
 try:
-    t.endpoint_and_key(CustomConnection(configs={}, secrets={"key": "k"}))
+    t.find_endpoint(CustomConnection(configs={}, secrets={"key": "k"}))
 except EndpointError as exc:
     assert "deploy_model.py" in str(exc)
 else:
@@ -350,11 +371,13 @@ def test_connection_upsert_creates_updates_and_keeps_the_secret(tmp_path: Path, 
     monkeypatch.setenv("HOME", str(home))  # the children inherit it: ~/.promptflow would land here
     settings = config.load(env={}, dotenv_path=tmp_path / "no.env", STATE_DIR=str(tmp_path / "state"))
 
-    first = pf_connection.upsert_connection(settings, endpoint="http://127.0.0.1:5001/score", key="key-one-aaaaaaaaaaaaaaaa")
-    assert first == {"name": "phi3_endpoint", "configs": {"endpoint": "http://127.0.0.1:5001/score"}}
-    pf_connection.upsert_connection(settings, endpoint="http://127.0.0.1:5002/score", key="key-two-bbbbbbbbbbbbbbbb")
+    first = pf_connection.upsert_connection(settings, endpoint="http://127.0.0.1:5001/score",
+                                            key="key-one-aaaaaaaaaaaaaaaa", kind="local")
+    assert first == {"name": "phi3_endpoint", "configs": {"endpoint": "http://127.0.0.1:5001/score", "kind": "local"}}
+    pf_connection.upsert_connection(settings, endpoint="http://127.0.0.1:5002/score",
+                                    key="key-two-bbbbbbbbbbbbbbbb", kind="azure-catalog")
     stored = pf_connection.read_connection(settings, with_secret=True)
-    assert stored["configs"] == {"endpoint": "http://127.0.0.1:5002/score"}
+    assert stored["configs"] == {"endpoint": "http://127.0.0.1:5002/score", "kind": "azure-catalog"}
     assert stored["secrets"] == {"key": "key-two-bbbbbbbbbbbbbbbb"}
 
     # Encrypted at rest: the sqlite store does not hold the key in clear.
@@ -363,10 +386,12 @@ def test_connection_upsert_creates_updates_and_keeps_the_secret(tmp_path: Path, 
     assert list(home.iterdir()) == [], "nothing may be written under HOME (~/.promptflow, keyrings)"
 
     with pytest.raises(config.ConfigError, match="not an http"):
-        pf_connection.upsert_connection(settings, endpoint="", key="k")
+        pf_connection.upsert_connection(settings, endpoint="", key="k", kind="local")
     with pytest.raises(config.ConfigError, match="PROMPTFLOW_CONNECTION_NAME"):
         pf_connection.upsert_connection(settings.with_overrides(PROMPTFLOW_CONNECTION_NAME="bad name!"),
-                                        endpoint="http://127.0.0.1:1/score", key="k")
+                                        endpoint="http://127.0.0.1:1/score", key="k", kind="local")
+    with pytest.raises(config.ConfigError, match="local, azure-mlflow, azure-catalog"):
+        pf_connection.upsert_connection(settings, endpoint="http://127.0.0.1:1/score", key="k", kind="serverless")
 
 
 # --- the flows through the real pf CLI -----------------------------------------------------------------
@@ -393,25 +418,6 @@ def test_standard_flow_with_a_wrong_key_names_the_fix_and_hides_the_key(flow: Fl
     assert f"endpoint {flow.proxy.url} rejected the key (HTTP 401)" in out
     assert "wrong-key-zzzzzzzzzzzzzzzz" not in out and KEY not in out
     assert "re-run python deploy_model.py" in out
-
-
-@pytest.mark.slow
-def test_chat_flow_interactive_sends_the_history(flow: FlowRig) -> None:
-    n = len(flow.proxy.exchanges)
-    proc = pf(flow, "flow", "test", "--flow", "chat_flow", "--interactive",
-              stdin="Who founded Microsoft?\nAnd when?\n")
-    first, second = flow.proxy.since(n)
-    assert first.authorization == f"Bearer {KEY}"  # the key came from the connection's secret
-    assert first.request["input_data"]["input_string"] == [{"role": "user", "content": "Who founded Microsoft?"}]
-    assert second.request["input_data"]["input_string"] == [
-        {"role": "user", "content": "Who founded Microsoft?"},
-        {"role": "assistant", "content": first.response["output"]},
-        {"role": "user", "content": "And when?"},
-    ]
-    assert proc.stdout.count("Bot:") == 2
-    for exchange in (first, second):  # pf reflows whitespace when it prints the reply
-        reply_words = words(exchange.response["output"])[:8]
-        assert reply_words and all(w in proc.stdout for w in reply_words), (reply_words, proc.stdout[-1500:])
 
 
 async def _chat_in_browser(url: str, questions: list[str], user_data_dir: Path) -> str:
@@ -521,10 +527,15 @@ def test_chat_flow_ui_answers_in_headless_chromium(flow: FlowRig) -> None:
     finally:
         stop_group(ui)
     first, second = flow.proxy.since(n)
-    assert len(second.request["input_data"]["input_string"]) == 3  # the page kept the history
+    # The page kept the history: the second prompt holds the first turn (the local kind's shape).
+    assert second.request["input_data"] == [encode_prompt([
+        {"role": "user", "content": "Who founded Microsoft?"},
+        {"role": "assistant", "content": first.response[0]},
+        {"role": "user", "content": "And when?"},
+    ])]
     assert "Who founded Microsoft?" in text and "And when?" in text
     for exchange in (first, second):
-        reply_words = words(exchange.response["output"])[:8]
+        reply_words = words(exchange.response[0])[:8]
         assert reply_words and all(w in text for w in reply_words), (reply_words, text[-1500:])
 
 
@@ -563,5 +574,239 @@ def test_batch_run_over_test_data_writes_one_answer_per_row(flow: FlowRig, ultra
         assert out["answer"] == by_question[rows[out["line_number"]]["prompt"]]
     snapshot = run_dir / "snapshot"
     assert (snapshot / "integrate_with_promptflow.py").is_file()
-    for heavy_or_secret in (".venv", ".git", ".env", ".finetune_phi", "data"):
+    assert (snapshot / "chat_flow" / "endpoint_client.py").is_file()
+    # What pf copied is what flow_snapshot_files says (pf adds the DAG under its default name).
+    assert {p.name for p in snapshot.iterdir()} - {"flow.dag.yaml"} == {p.parts[0] for p in flow_snapshot_files(REPO)}
+    for heavy_or_secret in (".venv", ".git", ".env", ".finetune_phi", "data", "finetune_phi", "config.py"):
         assert not (snapshot / heavy_or_secret).exists(), f"{heavy_or_secret} copied into the run snapshot"
+
+
+# --- each flow's snapshot on its own: what Azure would upload, run with nothing else ---------------------
+
+FLOWS = {"standard": REPO, "chat": REPO / "chat_flow"}
+
+
+def ignore_patterns(flow_dir: Path) -> list[str]:
+    """Prompt flow's rule (promptflow 1.18.5: PromptflowIgnoreFile, LocalStorageOperations.dump_snapshot):
+    .git, .runs and __pycache__, plus the lines of the flow folder's .amlignore, or of its .gitignore
+    when it has none, each matched against names at every depth (shutil.ignore_patterns). The batch
+    run test checks this against the snapshot pf really writes."""
+    for name in (".amlignore", ".gitignore"):
+        path = flow_dir / name
+        if path.is_file():
+            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+            return [".git", ".runs", "__pycache__", *(line for line in lines if line and not line.startswith("#"))]
+    return [".git", ".runs", "__pycache__"]
+
+
+def flow_snapshot_files(flow_dir: Path) -> list[Path]:
+    """The files Prompt flow copies into a run's snapshot (and uploads to Azure), relative to the flow."""
+    ignore = shutil.ignore_patterns(*ignore_patterns(flow_dir))
+    found: list[Path] = []
+    for root, dirs, files in os.walk(flow_dir):
+        skipped = ignore(root, dirs + files)
+        dirs[:] = sorted(d for d in dirs if d not in skipped)
+        found += [Path(root, f).relative_to(flow_dir) for f in sorted(files) if f not in skipped]
+    return found
+
+
+def copy_snapshot(flow_dir: Path, dest: Path) -> Path:
+    shutil.rmtree(dest, ignore_errors=True)
+    for rel in flow_snapshot_files(flow_dir):
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(flow_dir / rel, dest / rel)
+    return dest
+
+
+def requirement_names(path: Path) -> set[str]:
+    names = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.add(re.split(r"[<>=!~\[; ]", line, maxsplit=1)[0].lower().replace("-", "_"))
+    return names
+
+
+def imports_from_outside(snapshot: Path, requirements: Path) -> list[str]:
+    """Every import in the snapshot's .py files that neither the standard library, the flow's
+    requirements nor the snapshot itself can satisfy. A file resolves top-level names against the
+    snapshot (the flow folder is on sys.path) and against the folder of the flow it belongs to, the
+    nearest one with a flow.dag.yaml (chat_flow/ inside the standard flow's snapshot)."""
+    allowed = set(sys.stdlib_module_names) | requirement_names(requirements)
+    problems = []
+    for py in sorted(snapshot.rglob("*.py")):
+        own_flow = next((d for d in py.parents if d.is_relative_to(snapshot) and any(d.glob("flow.dag.y*ml"))), snapshot)
+        roots = {snapshot, own_flow}
+        tree = ast.parse(py.read_text(encoding="utf-8"), filename=str(py))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: must stay inside the snapshot
+                    base = py.parent
+                    for _ in range(node.level - 1):
+                        base = base.parent
+                    if not base.resolve().is_relative_to(snapshot.resolve()):
+                        problems.append(f"{py.relative_to(snapshot)}: from {'.' * node.level}{node.module or ''}")
+                    continue
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                inside = any((root / f"{top}.py").is_file() or (root / top).is_dir() for root in roots)
+                if top not in allowed and not inside:
+                    problems.append(f"{py.relative_to(snapshot)}: import {name}")
+    return problems
+
+
+@dataclass
+class Target:
+    """A deployment of one kind, with a pf environment whose connection and AZURE_ML_* point at it."""
+
+    kind: str
+    url: str
+    env: dict[str, str]
+    recorder: Any  # RecordingProxy or CatalogStandIn: .exchanges, .since(n)
+
+    def reply(self, exchange: Any) -> str:
+        return exchange.response["output"] if self.kind == "azure-catalog" else exchange.response[0]
+
+
+@pytest.fixture(scope="module")
+def catalog(rig: FlowRig) -> Iterator[Target]:
+    standin = CatalogStandIn(KEY).start()
+    settings = config.load(env={}, dotenv_path=rig.tmp / "no.env", STATE_DIR=str(rig.tmp / "catalog-state"))
+    env = {**rig.env, **pf_env.promptflow_env(settings),  # a Prompt flow home of its own, for its connection
+           "AZURE_ML_ENDPOINT": standin.url, "AZURE_ML_ENDPOINT_KIND": "azure-catalog"}
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("HOME", env["HOME"])
+            pf_connection.upsert_connection(settings, endpoint=standin.url, key=KEY, kind="azure-catalog")
+        yield Target("azure-catalog", standin.url, env, standin)
+    finally:
+        subprocess.run([PF, "service", "stop"], env=env, capture_output=True, timeout=60)
+        standin.stop()
+
+
+@pytest.fixture(params=["local", "azure-catalog"])
+def target(request: pytest.FixtureRequest, flow: FlowRig) -> Target:
+    if request.param == "local":
+        return Target("local", flow.proxy.url, flow.env, flow.proxy)
+    return request.getfixturevalue("catalog")
+
+
+@pytest.fixture(scope="module")
+def snapshots(rig: FlowRig) -> dict[str, Path]:
+    """A copy of each flow's snapshot, alone in a temporary folder."""
+    return {name: copy_snapshot(folder, rig.tmp / "snapshots" / name) for name, folder in FLOWS.items()}
+
+
+def snapshot_env(env: dict[str, str]) -> dict[str, str]:
+    return {**env, "PF_TEST_SNAPSHOT_ONLY": "1"}  # the guard hides this project's installed packages
+
+
+def test_each_flow_snapshot_holds_its_code_and_imports_nothing_from_outside() -> None:
+    standard = flow_snapshot_files(REPO)
+    chat = flow_snapshot_files(REPO / "chat_flow")
+    assert {"flow.dag.yml", "integrate_with_promptflow.py", "chat_flow/endpoint_client.py",
+            "chat_flow/requirements.txt"} <= {p.as_posix() for p in standard}
+    assert {"flow.dag.yaml", "chat_with_endpoint.py", "endpoint_client.py", "requirements.txt"} <= {
+        p.as_posix() for p in chat}
+    for files in (standard, chat):
+        names = {part for p in files for part in p.parts}
+        assert not names & {"finetune_phi", "config.py", ".env", ".venv", "tests", ".promptflow"}, names
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, folder in FLOWS.items():
+            copy = copy_snapshot(folder, Path(tmp) / name)
+            dag = yaml.safe_load(next(copy.glob("flow.dag.y*ml")).read_text())
+            requirements = copy / dag["environment"]["python_requirements_txt"]
+            assert imports_from_outside(copy, requirements) == [], name
+    # The control: the check does catch what the old tool imported.
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tool.py").write_text("import config\nfrom finetune_phi.common import redact\nimport requests\n")
+        (Path(tmp) / "requirements.txt").write_text("requests==2.34.2\n")
+        assert imports_from_outside(Path(tmp), Path(tmp) / "requirements.txt") == [
+            "tool.py: import config", "tool.py: import finetune_phi.common"]
+
+
+@pytest.mark.slow
+def test_the_snapshot_guard_hides_the_installed_project(rig: FlowRig, tmp_path: Path) -> None:
+    """The control for the snapshot runs below: with the guard on, the project cannot be imported."""
+    code = "import importlib.util as u; print([u.find_spec(m) is None for m in ('finetune_phi', 'config', 'chat_flow')])"
+    on = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=snapshot_env(rig.env),
+                        capture_output=True, text=True, timeout=30)
+    off = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=rig.env, capture_output=True, text=True, timeout=30)
+    assert on.stdout.strip() == "[True, True, True]", on.stderr[-2000:]
+    assert off.stdout.strip() == "[False, False, False]", off.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FLOWS))
+def test_pf_flow_validate_is_clean(flow: FlowRig, snapshots: dict[str, Path], name: str) -> None:
+    proc = pf(flow, "flow", "validate", "--source", str(snapshots[name]), env=snapshot_env(flow.env))
+    assert flow_outputs(proc.stdout) == {"result": "Succeeded"}, proc.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_standard_flow_snapshot_answers_through_each_kind(target: Target, snapshots: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    import deploy_model
+
+    copy = snapshots["standard"]
+    n = len(target.recorder.exchanges)
+    # From the environment (as on an Azure runtime's environment variables) ...
+    from_env = flow_outputs(pf_in(copy, target.env, "flow", "test", "--flow", str(copy),
+                                  "--inputs", "input_data=What is Phi-3?").stdout)
+    # ... and from the .env deploy_model.py writes, named by ENV_FILE.
+    settings = config.load(env={}, dotenv_path=tmp_path / "none", ENV_FILE=str(tmp_path / "deploy.env"))
+    deploy_model.publish(settings, target.url, KEY, target.kind, connection=False)
+    env = {k: v for k, v in target.env.items() if not k.startswith("AZURE_ML_")}
+    from_file = flow_outputs(pf_in(copy, {**env, "ENV_FILE": str(settings.env_file)}, "flow", "test",
+                                   "--flow", str(copy), "--inputs", "input_data=Who makes Phi-3?").stdout)
+    first, second = target.recorder.since(n)
+    if target.kind == "azure-catalog":
+        assert first.request["input_data"]["input_string"] == [{"role": "user", "content": "What is Phi-3?"}]
+        assert second.request["input_data"]["input_string"] == [{"role": "user", "content": "Who makes Phi-3?"}]
+    else:
+        assert first.request["input_data"] == ["What is Phi-3?"]
+        assert second.request["input_data"] == ["Who makes Phi-3?"]
+    assert first.authorization == second.authorization == f"Bearer {KEY}"
+    assert first.status == second.status == 200
+    assert from_env == {"answer": target.reply(first)}
+    assert from_file == {"answer": target.reply(second)}
+
+
+@pytest.mark.slow
+def test_chat_flow_snapshot_keeps_the_history_through_each_kind(target: Target, snapshots: dict[str, Path]) -> None:
+    copy = snapshots["chat"]
+    n = len(target.recorder.exchanges)
+    # The connection (configs.endpoint, configs.kind, secrets.key) is the only source the chat flow reads.
+    env = {k: v for k, v in target.env.items() if not k.startswith("AZURE_ML_")}
+    proc = pf_in(copy, env, "flow", "test", "--flow", str(copy), "--interactive",
+                 stdin="Who founded Microsoft?\nAnd when?\n")
+    first, second = target.recorder.since(n)
+    assert first.authorization == f"Bearer {KEY}"
+    history = [
+        {"role": "user", "content": "Who founded Microsoft?"},
+        {"role": "assistant", "content": target.reply(first)},
+        {"role": "user", "content": "And when?"},
+    ]
+    if target.kind == "azure-catalog":
+        assert first.request["input_data"]["input_string"] == history[:1]
+        assert second.request["input_data"]["input_string"] == history
+    else:
+        assert first.request["input_data"] == ["Who founded Microsoft?"]
+        assert second.request["input_data"] == [encode_prompt(history)]
+    assert proc.stdout.count("Bot:") == 2
+    for exchange in (first, second):  # pf reflows whitespace when it prints the reply
+        reply_words = words(target.reply(exchange))[:8]
+        assert reply_words and all(w in proc.stdout for w in reply_words), (reply_words, proc.stdout[-1500:])
+
+
+def pf_in(folder: Path, env: dict[str, str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """pf run from inside a snapshot copy, with the project hidden: the copy is all the flow has."""
+    proc = subprocess.run([PF, *args], input=stdin, capture_output=True, text=True, cwd=folder,
+                          env=snapshot_env(env), timeout=180)
+    assert proc.returncode == 0, f"pf {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc

@@ -32,7 +32,7 @@ import requests
 import config
 from finetune_phi import common, local_deploy
 from finetune_phi.endpoint import server
-from finetune_phi.endpoint_client import EndpointError, ask
+from chat_flow.endpoint_client import EndpointError, ask
 from finetune_phi.pf_env import promptflow_home, subprocess_env
 from finetune_phi.training import mlflow_env
 

@@ -1,0 +1,426 @@
+"""The one HTTP client for the fine-tuned model's scoring endpoint: plain `requests`, no Prompt flow.
+
+    from chat_flow.endpoint_client import ask, chat          # from the repository or the installed project
+    ask("http://127.0.0.1:5001/score", key, "Who founded Microsoft?", kind="local")
+    chat(endpoint, key, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                         {"role": "user", "content": "Who founded Microsoft?"}], kind="azure-catalog")
+
+It lives inside the chat flow's folder so that every flow snapshot Prompt flow or Azure uploads carries
+it: chat_flow/ is the chat flow's snapshot, and the standard flow's snapshot (the repository minus
+.amlignore) includes chat_flow/. The chat flow's tool imports it as `endpoint_client` (its folder is
+on sys.path); the standard flow's tool, tests and scripts as `chat_flow.endpoint_client`. Nothing here
+imports Prompt flow (retired on 2027-04-20) or this project's other modules; the flows' `@tool`
+functions are thin wrappers over these functions.
+
+Three kinds of deployment, recorded by deploy_model.py (AZURE_ML_ENDPOINT_KIND in .env, `kind` in the
+Prompt flow connection's configs), and the request each one answers:
+
+  * "local" (finetune_phi.endpoint) and "azure-mlflow" (Azure's no-code deployment of our MLflow
+    text-generation model, whose prompt template is PROMPT_TEMPLATE):
+        {"input_data": ["<prompt>"], "params": {"max_new_tokens": ..., ...}}  ->  ["<reply>"]
+    A conversation becomes ONE prompt string (encode_prompt) which, inside the template, is exactly
+    what Phi-3's chat template makes of the same messages.
+  * "azure-catalog" (a model-catalog fine-tuned Phi-3, deployed with the catalog's scoring script):
+        {"input_data": {"input_string": [messages], "parameters": {...}}}     ->  {"output": "<reply>"}
+    as documented on the Phi-3-mini-4k-instruct model card ("Inference sample inputs and outputs",
+    Azure/azureml-assets assets/models/system/phi-3-mini-4k-instruct/description.md).
+
+Our MLflow model gets a 500 from Azure's scoring server for the catalog shape, and the local endpoint
+refuses it, so the shape follows the kind and is never guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+from urllib.parse import urlparse
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+log = logging.getLogger(__name__)
+
+# (connect, read) seconds. Generation on a CPU endpoint takes seconds; a real Phi-3 on a small
+# Azure instance can take tens of seconds for 128 new tokens.
+DEFAULT_TIMEOUT: tuple[float, float] = (5.0, 120.0)
+DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 128, "temperature": 0.7, "do_sample": True}
+
+# 429 (throttled) and 503 (no healthy instance yet, e.g. while a deployment scales) are worth a
+# retry; other errors are not going to change by asking again.
+RETRY_STATUSES = (429, 503)
+RETRIES = 3
+BACKOFF_FACTOR = 0.5  # 0.5 s, 1 s, 2 s between tries
+RETRY_AFTER_MAX = 30.0  # never sleep longer than this on a server's Retry-After
+
+NOT_DEPLOYED_HINT = "run python deploy_model.py first"
+
+# The deployment kinds (config.ENDPOINT_KINDS holds the same three; a test keeps them equal).
+KINDS = ("local", "azure-mlflow", "azure-catalog")
+PROMPT_KINDS = ("local", "azure-mlflow")  # our MLflow model: one prompt string in, a list of strings out
+KIND_VARIABLE = "AZURE_ML_ENDPOINT_KIND"
+# What an .env or connection written before kinds existed meant: deploy_model.py then only ever
+# deployed our own model, whose request shape "local" and "azure-mlflow" share.
+LEGACY_KIND = "local"
+# The prompt template our MLflow model is packaged with (finetuning_dir/fine_tune.py); shown here
+# because encode_prompt's output is meant to be wrapped in it.
+PROMPT_TEMPLATE = "<|user|>\n{prompt}<|end|>\n<|assistant|>\n"
+
+
+class EndpointError(RuntimeError):
+    """The endpoint could not be reached or did not answer; the message names it and the HTTP status."""
+
+    def __init__(self, message: str, *, endpoint: str = "", status: int | None = None):
+        super().__init__(message)
+        self.endpoint = endpoint
+        self.status = status
+
+
+def validate_endpoint(endpoint: str | None) -> str:
+    """Return the endpoint URL, or raise EndpointError saying how to get one."""
+    endpoint = (endpoint or "").strip()
+    if not endpoint:
+        raise EndpointError(
+            f"no endpoint URL: AZURE_ML_ENDPOINT (or the connection's endpoint) is empty; {NOT_DEPLOYED_HINT}"
+        )
+    parsed = urlparse(endpoint)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise EndpointError(
+            f"endpoint {endpoint!r} is not an http(s) URL (expected e.g. http://127.0.0.1:5001/score); "
+            f"{NOT_DEPLOYED_HINT}",
+            endpoint=endpoint,
+        )
+    return endpoint
+
+
+def make_session(retries: int = RETRIES, backoff_factor: float = BACKOFF_FACTOR) -> requests.Session:
+    """A Session that retries refused connections and 429/503 answers, with backoff and Retry-After."""
+    retry = Retry(
+        total=retries,
+        connect=retries,
+        # A read error means the server may be generating already: asking again doubles the load
+        # and the wait, so a read timeout is reported, not retried.
+        read=False,
+        status=retries,
+        other=0,
+        allowed_methods=frozenset({"POST"}),
+        status_forcelist=RETRY_STATUSES,
+        backoff_factor=backoff_factor,
+        respect_retry_after_header=True,
+        retry_after_max=RETRY_AFTER_MAX,
+        raise_on_status=False,  # hand back the last response, so its status can be reported
+    )
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def _hide(text: str, key: str) -> str:
+    return text.replace(key, "<key>") if key else text
+
+
+def _error_detail(response: requests.Response, key: str) -> str:
+    try:
+        body: Any = response.json()
+        if isinstance(body, dict):
+            body = body.get("error") or body.get("detail") or body.get("message") or body
+        text = body if isinstance(body, str) else json.dumps(body)
+    except ValueError:
+        text = response.text
+    text = " ".join(_hide(text, key).split())
+    return text[:300]
+
+
+def score(
+    endpoint: str,
+    key: str,
+    payload: Mapping[str, Any],
+    *,
+    timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
+    session: requests.Session | None = None,
+) -> Any:
+    """POST `payload` to the scoring URI with the key as a Bearer token; return the decoded JSON."""
+    endpoint = validate_endpoint(endpoint)
+    if not key:
+        raise EndpointError(
+            f"no key for endpoint {endpoint}: AZURE_ML_API_KEY (or the connection's key) is empty; "
+            f"{NOT_DEPLOYED_HINT}",
+            endpoint=endpoint,
+        )
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json", "Accept": "application/json"}
+    own_session = session is None
+    session = session or make_session()
+    try:
+        response = session.post(endpoint, json=dict(payload), headers=headers, timeout=timeout)
+    except requests.exceptions.Timeout as exc:
+        read = timeout[1] if isinstance(timeout, tuple) else timeout
+        raise EndpointError(
+            f"endpoint {endpoint} did not answer within {read:g} s (timeout); "
+            "is the model still loading, or is max_new_tokens too large?",
+            endpoint=endpoint,
+        ) from exc
+    except requests.exceptions.RetryError as exc:
+        # Only raised when urllib3 runs out of retries on a status it raises for; kept for safety.
+        raise EndpointError(f"endpoint {endpoint} kept refusing the request: {exc}", endpoint=endpoint) from exc
+    except requests.exceptions.ConnectionError as exc:
+        raise EndpointError(
+            f"cannot reach endpoint {endpoint} (connection failed, also on retry): "
+            f"is it running? {NOT_DEPLOYED_HINT}",
+            endpoint=endpoint,
+        ) from exc
+    finally:
+        if own_session:
+            session.close()
+
+    status = response.status_code
+    if status in (401, 403):
+        raise EndpointError(
+            f"endpoint {endpoint} rejected the key (HTTP {status}): {_error_detail(response, key)}; "
+            "the key in AZURE_ML_API_KEY / the Prompt flow connection is not this endpoint's — "
+            "re-run python deploy_model.py to refresh both",
+            endpoint=endpoint,
+            status=status,
+        )
+    if status in RETRY_STATUSES:
+        raise EndpointError(
+            f"endpoint {endpoint} is busy or not ready (HTTP {status}), also on retry: "
+            f"{_error_detail(response, key)}",
+            endpoint=endpoint,
+            status=status,
+        )
+    if status >= 400:
+        raise EndpointError(
+            f"endpoint {endpoint} answered HTTP {status}: {_error_detail(response, key)}",
+            endpoint=endpoint,
+            status=status,
+        )
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise EndpointError(
+            f"endpoint {endpoint} answered HTTP {status} with a body that is not JSON: "
+            f"{_hide(response.text[:200], key)!r}",
+            endpoint=endpoint,
+            status=status,
+        ) from exc
+
+
+# --- the request and reply of each kind ---------------------------------------------------------------
+
+_logged_without_kind: set[str] = set()
+
+
+def check_kind(kind: str | None, *, source: str = KIND_VARIABLE) -> str:
+    """The deployment kind, validated; an empty one (an .env or connection from an older deploy) is "local".
+
+    `source` names where the kind came from, for the messages: AZURE_ML_ENDPOINT_KIND or the connection.
+    """
+    kind = (kind or "").strip()
+    if not kind:
+        if source not in _logged_without_kind:  # once per source, not once per chat turn
+            _logged_without_kind.add(source)
+            log.info(
+                "%s is not set (written by an older deploy_model.py): using the request shape of %s; "
+                "re-run python deploy_model.py to record the kind",
+                source, " / ".join(PROMPT_KINDS),
+            )
+        return LEGACY_KIND
+    if kind not in KINDS:
+        raise EndpointError(
+            f"{source}={kind!r} is not a deployment kind: use one of {', '.join(KINDS)} "
+            f"(python deploy_model.py writes it)"
+        )
+    return kind
+
+
+def encode_prompt(messages: Iterable[Mapping[str, str]]) -> str:
+    """A conversation as the ONE prompt string our MLflow model's template (PROMPT_TEMPLATE) wraps.
+
+    The first user message's content, then "<|end|>\n<|ROLE|>\nCONTENT" for each following message;
+    inside the template that is byte for byte what Phi-3's chat template makes of the messages (with
+    add_generation_prompt). A leading system message is folded into the first user message
+    ("SYSTEM\n\nUSER"): the template opens with <|user|>, so a <|system|> turn cannot be expressed.
+    """
+    msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    if msgs and msgs[0]["role"] == "system":
+        system = msgs.pop(0)["content"]
+        if not msgs or msgs[0]["role"] != "user":
+            raise ValueError("a system message must be followed by a user message")
+        msgs[0] = {"role": "user", "content": f"{system}\n\n{msgs[0]['content']}"}
+    if not msgs or msgs[0]["role"] != "user":
+        raise ValueError("the conversation must start with a user message (after an optional system message)")
+    prompt = msgs[0]["content"]
+    for m in msgs[1:]:
+        prompt += f"<|end|>\n<|{m['role']}|>\n{m['content']}"
+    return prompt
+
+
+def request_body(
+    kind: str, messages: Sequence[Mapping[str, str]], params: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """What `kind`'s scoring endpoint expects for this conversation (see the module docstring)."""
+    kind = check_kind(kind)
+    parameters = {**DEFAULT_PARAMS, **(params or {})}
+    if kind == "azure-catalog":
+        msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+        return {"input_data": {"input_string": msgs, "parameters": parameters}}
+    return {"input_data": [encode_prompt(messages)], "params": parameters}
+
+
+def reply_text(kind: str, body: Any, endpoint: str = "") -> str:
+    """The reply in `kind`'s response: ["reply"] (local, azure-mlflow) or {"output": "reply"} (azure-catalog)."""
+    if check_kind(kind) == "azure-catalog":
+        if isinstance(body, dict) and isinstance(body.get("output"), str):
+            return body["output"]
+    elif isinstance(body, list) and body and isinstance(body[0], str):
+        return body[0]
+    raise EndpointError(
+        f"endpoint {endpoint} answered with an unexpected shape for kind {kind!r}: {json.dumps(body)[:200]}; "
+        f"if the deployment is another kind, set {KIND_VARIABLE} (one of {', '.join(KINDS)}) "
+        "or re-run python deploy_model.py",
+        endpoint=endpoint,
+    )
+
+
+def ask(
+    endpoint: str,
+    key: str,
+    question: str,
+    *,
+    kind: str = LEGACY_KIND,
+    params: Mapping[str, Any] | None = None,
+    timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
+    session: requests.Session | None = None,
+) -> str:
+    """One question, one reply."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("question is empty: pass the text to send to the model")
+    return chat(endpoint, key, [{"role": "user", "content": question}], kind=kind, params=params,
+                timeout=timeout, session=session)
+
+
+def chat(
+    endpoint: str,
+    key: str,
+    messages: Iterable[Mapping[str, str]],
+    *,
+    kind: str = LEGACY_KIND,
+    params: Mapping[str, Any] | None = None,
+    timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
+    session: requests.Session | None = None,
+) -> str:
+    """A conversation (role/content messages, the last one the user's) in, the assistant's reply out."""
+    msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    if not msgs or msgs[-1]["role"] != "user":
+        raise ValueError("messages must end with a user message: add the question as the last message")
+    payload = request_body(kind, msgs, params)
+    body = score(endpoint, key, payload, timeout=timeout, session=session)
+    return reply_text(kind, body, endpoint)
+
+
+def messages_from_history(chat_history: Iterable[Mapping[str, Any]], question: str) -> list[dict[str, str]]:
+    """Prompt flow's chat_history ([{"inputs": {"question"}, "outputs": {"answer"}}]) plus the new question."""
+    messages: list[dict[str, str]] = []
+    for turn in chat_history or []:
+        inputs, outputs = turn.get("inputs", {}), turn.get("outputs", {})
+        if inputs.get("question"):
+            messages.append({"role": "user", "content": str(inputs["question"])})
+        if outputs.get("answer"):
+            messages.append({"role": "assistant", "content": str(outputs["answer"])})
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("question is empty: type a question for the model")
+    messages.append({"role": "user", "content": question})
+    return messages
+
+
+# --- where a flow finds the endpoint -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    url: str
+    key: str = field(repr=False)  # never in a log line or a traceback
+    kind: str = LEGACY_KIND
+
+
+def endpoint_from_connection(configs: Mapping[str, Any], secrets: Mapping[str, Any]) -> Endpoint:
+    """The endpoint in a Prompt flow CustomConnection: configs.endpoint, configs.kind, secrets.key."""
+    url = str(configs["endpoint"]) if "endpoint" in configs else ""
+    key = str(secrets["key"]) if "key" in secrets else ""
+    if not url or not key:
+        raise EndpointError(
+            f"the Prompt flow connection lacks configs.endpoint or secrets.key; {NOT_DEPLOYED_HINT}"
+        )
+    kind = str(configs["kind"]) if "kind" in configs else ""
+    return Endpoint(url, key, check_kind(kind, source="the Prompt flow connection's configs.kind"))
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """NAME=value lines of a .env file (`export`, comments and quotes handled; what deploy_model.py writes).
+
+    Not python-dotenv, so that a flow needs nothing beyond requests; a test checks both read the
+    file deploy_model.py writes the same way.
+    """
+    values: dict[str, str] = {}
+    for raw in Path(path).read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        name, _, value = line.partition("=")
+        name = name.strip().removeprefix("export ").strip()
+        value = value.strip()
+        if value.startswith('"') and value.rfind('"') > 0:
+            quoted = value[: value.rfind('"') + 1]
+            try:
+                value = json.loads(quoted)  # deploy_model.py writes json.dumps(value)
+            except ValueError:
+                value = quoted[1:-1]
+        elif value.startswith("'") and value.rfind("'") > 0:
+            value = value[1 : value.rfind("'")]
+        else:
+            value = value.split(" #", 1)[0].strip()
+        values[name] = value
+    return values
+
+
+def find_env_file(environ: Mapping[str, str], folders: Iterable[Path]) -> Path | None:
+    """ENV_FILE when set (relative to the working directory), else the first `.env` in `folders`."""
+    if environ.get("ENV_FILE"):
+        return Path(environ["ENV_FILE"]).expanduser().resolve()
+    for folder in folders:
+        candidate = Path(folder) / ".env"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def endpoint_from_environment(
+    environ: Mapping[str, str] | None = None, folders: Iterable[Path] | None = None
+) -> Endpoint:
+    """AZURE_ML_ENDPOINT / AZURE_ML_API_KEY / AZURE_ML_ENDPOINT_KIND from the environment, else from the .env.
+
+    The .env is ENV_FILE (what deploy_model.py wrote to) or `.env` in one of `folders` (default: the
+    working directory). The environment wins over the file, as in config.py.
+    """
+    environ = os.environ if environ is None else environ
+    folders = [Path.cwd()] if folders is None else [Path(f) for f in folders]
+    names = ("AZURE_ML_ENDPOINT", "AZURE_ML_API_KEY", KIND_VARIABLE)
+    values = {n: environ[n] for n in names if environ.get(n)}
+    env_file = None
+    if len(values) < len(names):
+        env_file = find_env_file(environ, folders)
+        if env_file is not None and env_file.is_file():
+            values = {**{n: v for n, v in read_env_file(env_file).items() if n in names and v}, **values}
+    if not values.get("AZURE_ML_ENDPOINT") or not values.get("AZURE_ML_API_KEY"):
+        where = f"the environment or {env_file}" if env_file else "the environment (and no .env was found)"
+        raise EndpointError(
+            f"AZURE_ML_ENDPOINT or AZURE_ML_API_KEY is not set in {where}; {NOT_DEPLOYED_HINT}, "
+            "or set ENV_FILE to the .env it wrote"
+        )
+    return Endpoint(values["AZURE_ML_ENDPOINT"], values["AZURE_ML_API_KEY"], check_kind(values.get(KIND_VARIABLE)))

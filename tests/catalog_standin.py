@@ -1,0 +1,97 @@
+"""A stand-in for an Azure ML model-catalog chat-completion deployment (kind "azure-catalog"), on 127.0.0.1.
+
+It answers what the Phi-3-mini-4k-instruct model card documents for real-time inference
+(Azure/azureml-assets, assets/models/system/phi-3-mini-4k-instruct/description.md, "Inference sample
+inputs and outputs"): a POST of
+
+    {"input_data": {"input_string": [{"role": ..., "content": ...}, ...], "parameters": {...}}}
+
+with `Authorization: Bearer <key>` gets `{"output": "<reply>"}`. The reply is made up from the last
+user message, so a test can tell turns apart; every request is recorded.
+
+What it cannot show: the catalog scoring script itself (how it applies the chat template and the
+parameters, its real errors and status codes), a real model's replies and latency, Azure's front end
+(key rotation, throttling with 429, headers such as azureml-model-deployment), and whether a
+fine-tuned catalog deployment answers exactly like the base model's card. Only a real deployment can.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Exchange:
+    request: Any
+    authorization: str
+    status: int
+    response: Any
+
+
+# The catalog scoring script's own words for a request it cannot read (its "correct input format").
+CATALOG_FORMAT = (
+    '{"input_data": {"input_string": [{"role":"user", "content": "str1"}, '
+    '{"role": "assistant", "content": "str2"} ....], "parameters": {"k1":"v1", "k2":"v2"}}}'
+)
+
+
+@dataclass
+class CatalogStandIn:
+    key: str
+    exchanges: list[Exchange] = field(default_factory=list)
+    url: str = ""
+
+    @staticmethod
+    def reply_to(body: Any) -> tuple[int, Any]:
+        data = body.get("input_data") if isinstance(body, dict) else None
+        messages = data.get("input_string") if isinstance(data, dict) else None
+        if not isinstance(messages, list) or not messages or not isinstance(data.get("parameters", {}), dict):
+            return 400, {"error": f"Expected input format: {CATALOG_FORMAT}"}
+        if not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages):
+            return 400, {"error": f"Expected input format: {CATALOG_FORMAT}"}
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        # A leading space, as in the model card's sample output.
+        return 200, {"output": f" Catalog reply {len(users)} to: {users[-1] if users else ''}"}
+
+    def start(self) -> "CatalogStandIn":
+        standin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                auth = self.headers.get("Authorization", "")
+                try:
+                    body: Any = json.loads(raw or b"null")
+                except ValueError:
+                    body = raw.decode("utf-8", "replace")
+                if auth != f"Bearer {standin.key}":
+                    status, answer = 401, {"message": "Invalid authentication"}
+                else:
+                    status, answer = standin.reply_to(body)
+                standin.exchanges.append(Exchange(body, auth, status, answer))
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/score"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def since(self, n: int) -> list[Exchange]:
+        return self.exchanges[n:]
