@@ -4,9 +4,10 @@
     .venv/bin/python bench/serve_bench.py --state-dir .finetune_phi  # reuse the model registered there (after make demo)
     .venv/bin/python bench/serve_bench.py --clients 1 8 --seconds 5  # quicker, fewer levels
 
-The peer is what Azure ML's no-code MLflow deployment runs: MLflow's own scoring server
-(`mlflow models serve -m models:/NAME/VERSION --env-manager local`, one uvicorn worker) over the
-SAME registered model. Ours is `python -m finetune_phi.endpoint` (micro-batching, see
+The peer is MLflow's own scoring server (`mlflow models serve -m models:/NAME/VERSION
+--env-manager local`, one uvicorn worker) over the SAME registered model: the same mlflow.pyfunc
+predict that Azure ML's no-code deployment runs under azmlinfsrv (tests/test_azure_serving.py
+checks that one's replies against ours). Ours is `python -m finetune_phi.endpoint` (micro-batching, see
 finetune_phi/endpoint/batcher.py). Both run greedy decoding with 32 new tokens, on 127.0.0.1 only.
 
 The model is the tiny demo model trained by the real pipeline in a temp STATE_DIR
@@ -278,9 +279,9 @@ def ours_request(prompt: str, key: str) -> tuple[str, dict[str, Any], dict[str, 
 
 
 def peer_request(prompt: str, key: str) -> tuple[str, dict[str, Any], dict[str, str]]:
-    # MLflow's llm/v1/chat models take generation settings at the top level, beside the messages;
-    # `temperature: 0` is refused there, so greedy is asked for with do_sample.
-    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_NEW_TOKENS, "do_sample": False}
+    # The model is an MLflow text-generation model (a string input and a params schema): MLflow's
+    # scoring server takes {"inputs": [...], "params": {...}} and wraps each input in its prompt template.
+    body = {"inputs": [prompt], "params": {"max_new_tokens": MAX_NEW_TOKENS, "do_sample": False}}
     return "/invocations", body, {}
 
 
@@ -290,9 +291,9 @@ def ours_text(payload: Any) -> str:
 
 
 def peer_text(payload: Any) -> str:
-    # One chat-completion object per input, in a list.
-    completion = payload[0] if isinstance(payload, list) else payload
-    return str(completion["choices"][0]["message"]["content"]).strip()
+    # {"predictions": ["reply"]}: one string per input.
+    [text] = payload["predictions"]
+    return str(text).strip()
 
 
 Build = Callable[[str, str], tuple[str, dict[str, Any], dict[str, str]]]
