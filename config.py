@@ -51,6 +51,9 @@ class Settings:
     )
     # "default" = DefaultAzureCredential; "cli" = AzureCliCredential (after `az login`).
     AZURE_CREDENTIAL: str = "default"
+    # The Azure cloud the workspace lives in, as azure-ai-ml names it: AzureCloud (public),
+    # AzureChinaCloud or AzureUSGovernment. Every Resource Manager call goes to that cloud's URL.
+    AZURE_CLOUD: str = "AzureCloud"
 
     # --- Azure compute and training job ---------------------------------------------------
     AZURE_COMPUTE_NAME: str = "gpu-a100-cluster"
@@ -58,7 +61,8 @@ class Settings:
     AZURE_COMPUTE_SIZE: str = "Standard_NC24ads_A100_v4"
     AZURE_COMPUTE_MIN_INSTANCES: int = 0
     AZURE_COMPUTE_MAX_INSTANCES: int = 1
-    AZURE_COMPUTE_IDLE_SECONDS: int = 1800
+    # An idle node bills until it scales down: the tutorial's 120 s, not the SDK's 30 min.
+    AZURE_COMPUTE_IDLE_SECONDS: int = 120
     AZURE_JOB_INSTANCE_COUNT: int = 1  # nodes
     AZURE_JOB_PROCESSES_PER_NODE: int = 1  # GPUs used per node
     AZURE_EXPERIMENT_NAME: str = "finetune-phi3"
@@ -70,7 +74,10 @@ class Settings:
     # Endpoint names are unique per Azure region: change it before a real Azure run.
     AZURE_ENDPOINT_NAME: str = "finetune-phi3-endpoint"
     AZURE_DEPLOYMENT_NAME: str = "finetune-phi3-deployment"
-    AZURE_DEPLOYMENT_INSTANCE_TYPE: str = "Standard_E4s_v3"
+    # 64 GiB: Azure's no-code MLflow scoring loads the fine-tuned Phi-3-mini (3.8B parameters) in fp32
+    # on CPU, ~14 GiB of weights and about twice that at peak; the tutorial's Standard_E4s_v3 (32 GiB)
+    # cannot hold it. `deploy_model.py --backend azure --check` checks any size against the model.
+    AZURE_DEPLOYMENT_INSTANCE_TYPE: str = "Standard_E8s_v3"
     AZURE_DEPLOYMENT_INSTANCE_COUNT: int = 1
     # Written by deploy_model.py into ENV_FILE; the flows read them from there.
     AZURE_ML_ENDPOINT: str = ""

@@ -1,4 +1,11 @@
-"""A recording stand-in for azure.ai.ml.MLClient: Azure's control plane is the one thing the tests mock.
+"""A recording stand-in for azure.ai.ml.MLClient, plus the settings and credentials the Azure tests share.
+
+The Azure backend is tested through the real MLClient over HTTPS against tests/azure_standin.py
+(test_azure_wire.py). This fake is kept only where the wire cannot reach or need not go:
+test_azure_workflow.py (steps that must send nothing: no data, no recorded job, a refused credential;
+and a deployment whose final state is not Succeeded although its operation succeeded, which the
+stand-in does not produce) and test_azure_preflight.py (the role, quota and identity checks' own
+logic, fed directly). Unlike the real SDK it never raises for an operation that ends Failed.
 
 It keeps the entities it is given (the SDK's own objects, deep-copied), answers `get` with them or
 with the SDK's ResourceNotFoundError, returns poller-like objects from `begin_*`, and records every

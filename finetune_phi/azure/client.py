@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ARM_SCOPE = "https://management.azure.com/.default"
+PUBLIC_ARM_URL = "https://management.azure.com"
 # DefaultAzureCredential walks a chain (env, managed identity, CLI, ...); off Azure the managed-identity
 # probe alone can take seconds. Past this a missing login should not look like a hang.
 TOKEN_TIMEOUT_S = 30.0
@@ -36,15 +37,31 @@ def make_credential(settings: config.Settings) -> "TokenCredential":
     return DefaultAzureCredential()
 
 
-def probe_credential(credential: "TokenCredential", timeout: float = TOKEN_TIMEOUT_S) -> str | None:
+def arm_url(cloud: str = "AzureCloud") -> str:
+    """The Resource Manager base URL of an azure-ai-ml cloud name (sovereign clouds have their own)."""
+    if cloud == "AzureCloud":
+        return PUBLIC_ARM_URL  # no SDK import for the common case
+    from azure.ai.ml._azure_environments import _get_base_url_from_metadata
+
+    return _get_base_url_from_metadata(cloud_name=cloud).rstrip("/")
+
+
+def arm_scope(cloud: str = "AzureCloud") -> str:
+    return f"{arm_url(cloud)}/.default"
+
+
+def probe_credential(
+    credential: "TokenCredential", timeout: float = TOKEN_TIMEOUT_S, cloud: str = "AzureCloud"
+) -> str | None:
     """None when the credential yields an ARM token within `timeout`, else why not (with the fix)."""
     from azure.core.exceptions import ClientAuthenticationError
 
     outcome: dict[str, BaseException | None] = {}
+    scope = arm_scope(cloud)
 
     def fetch() -> None:
         try:
-            credential.get_token(ARM_SCOPE)
+            credential.get_token(scope)
             outcome["error"] = None
         except BaseException as exc:  # handed to the calling thread, which re-raises what it does not expect
             outcome["error"] = exc
@@ -80,17 +97,19 @@ def connect(
         return ml_client
     config.validate(settings, config.AZURE_WORKSPACE_FIELDS)
     credential = credential or make_credential(settings)
-    problem = probe_credential(credential) if probe else None
+    problem = probe_credential(credential, cloud=settings.AZURE_CLOUD) if probe else None
     if problem:
         raise RuntimeError(problem)
     from azure.ai.ml import MLClient
 
-    return MLClient(
-        credential,
-        subscription_id=settings.AZURE_SUBSCRIPTION_ID,
-        resource_group_name=settings.AZURE_RESOURCE_GROUP_NAME,
-        workspace_name=settings.AZURE_ML_WORKSPACE_NAME,
-    )
+    with azure_errors(f"AZURE_CLOUD={settings.AZURE_CLOUD}"):  # an unknown cloud name is an MlException
+        return MLClient(
+            credential,
+            subscription_id=settings.AZURE_SUBSCRIPTION_ID,
+            resource_group_name=settings.AZURE_RESOURCE_GROUP_NAME,
+            workspace_name=settings.AZURE_ML_WORKSPACE_NAME,
+            cloud=settings.AZURE_CLOUD,
+        )
 
 
 def is_quota_error(exc: BaseException) -> bool:
@@ -100,9 +119,13 @@ def is_quota_error(exc: BaseException) -> bool:
 
 
 @contextmanager
-def azure_errors(action: str, quota_hint: str = "") -> Iterator[None]:
-    """Turn the Azure failures we expect into RuntimeError naming the step and the fix."""
-    from azure.ai.ml.exceptions import ValidationException
+def azure_errors(action: str, quota_hint: str = "", failed_hint: str = "") -> Iterator[None]:
+    """Turn the Azure failures we expect into RuntimeError naming the step and the fix.
+
+    `failed_hint` is added when the service answered with an error other than quota or permission,
+    e.g. a long-running operation that ended Failed (the poller raises HttpResponseError for it).
+    """
+    from azure.ai.ml.exceptions import MlException, ValidationException
     from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ServiceRequestError
 
     try:
@@ -120,18 +143,34 @@ def azure_errors(action: str, quota_hint: str = "") -> Iterator[None]:
                 f"{action}: permission denied ({reason}). Your account needs at least the Contributor role "
                 "on the workspace's resource group (`python setup_ml.py --backend azure --check` lists the fixes)"
             ) from exc
-        raise RuntimeError(f"{action} failed: {reason}") from exc
+        raise RuntimeError(f"{action} failed: {reason}" + (f"; {failed_hint}" if failed_hint else "")) from exc
     except ValidationException as exc:
         raise RuntimeError(f"{action}: the Azure ML SDK rejected the definition: {_first_line(exc)}") from exc
+    except MlException as exc:  # DeploymentException, ModelException, JobException, ...: the SDK's own checks
+        raise RuntimeError(f"{action} failed: {_first_line(exc)}") from exc
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "message", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The line of an Azure error that says what went wrong.
+
+    The SDK's own validation errors are colored, multi-line reports whose reasons are the `(x) ...`
+    lines; Azure's HTTP errors put the reason on their first line.
+    """
+    text = _ANSI.sub("", str(getattr(exc, "message", None) or exc))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reasons = [line.removeprefix("(x)").strip() for line in lines if line.startswith("(x)")]
+    if reasons:
+        return "; ".join(reasons)
+    return lines[0] if lines else type(exc).__name__
 
 
-def arm_get(credential: "TokenCredential", path: str, api_version: str) -> dict[str, Any] | None:
-    """GET an Azure Resource Manager resource; None when it does not exist (404).
+def arm_get(
+    credential: "TokenCredential", path: str, api_version: str, *, cloud: str = "AzureCloud"
+) -> dict[str, Any] | None:
+    """GET an Azure Resource Manager resource of `cloud`; None when it does not exist (404).
 
     The identity and role-assignment checks need nothing more, so no management SDK is pulled in.
     """
@@ -140,14 +179,15 @@ def arm_get(credential: "TokenCredential", path: str, api_version: str) -> dict[
     from azure.core.pipeline.policies import BearerTokenCredentialPolicy, RetryPolicy, UserAgentPolicy
     from azure.core.rest import HttpRequest
 
+    base_url = arm_url(cloud)
     policies = [
         UserAgentPolicy(user_agent="finetune-phi-preflight"),
         RetryPolicy(total=2),
-        BearerTokenCredentialPolicy(credential, ARM_SCOPE),
+        BearerTokenCredentialPolicy(credential, arm_scope(cloud)),
     ]
     sep = "&" if "?" in path else "?"
-    with PipelineClient(base_url="https://management.azure.com", policies=policies) as client:
-        request = HttpRequest("GET", f"https://management.azure.com{path}{sep}api-version={api_version}")
+    with PipelineClient(base_url=base_url, policies=policies) as client:
+        request = HttpRequest("GET", f"{base_url}{path}{sep}api-version={api_version}")
         response = client.send_request(request, connection_timeout=10, read_timeout=30)
         if response.status_code == 404:
             return None

@@ -19,7 +19,7 @@ from finetune_phi.training import FINETUNING_DIR, fine_tune_command
 if TYPE_CHECKING:  # the SDK takes ~3 s to import: only the functions that build entities pay for it
     from azure.ai.ml.entities import (
         AmlCompute,
-        CommandJob,
+        Command,
         Environment,
         ManagedOnlineDeployment,
         ManagedOnlineEndpoint,
@@ -45,7 +45,8 @@ PLACEHOLDER_JOB_NAME = "your-training-job-name"
 # Loading Phi-3-mini (7.6 GB of weights) on a fresh instance takes minutes; the default 10 s probe
 # delay would restart the container before the model is ever ready.
 PROBE_INITIAL_DELAY_S = 600
-REQUEST_TIMEOUT_MS = 90_000  # the managed endpoint's maximum per request is 180 s; generation is slow on CPU
+# The tutorial's 180 s, the managed endpoint's maximum per request: generation on CPU is slow.
+REQUEST_TIMEOUT_MS = 180_000
 MAX_CONCURRENT_REQUESTS_PER_INSTANCE = 1  # one worker holds one model copy; more requests just queue
 
 ENDPOINT_NAME_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9-]{1,30}[a-zA-Z0-9]$")
@@ -110,8 +111,13 @@ def training_env_vars() -> dict[str, str]:
     }
 
 
-def training_job(settings: config.Settings) -> "CommandJob":
-    """Our fine_tune.py as a command job, with the exact command line the local backend runs."""
+def training_job(settings: config.Settings) -> "Command":
+    """Our fine_tune.py as a command job, with the exact command line the local backend runs.
+
+    The `command()` builder itself is what `jobs.create_or_update` takes: the CommandJob it builds
+    (`_to_job()`) is refused with "Non supported job type". Its YAML, though, is written from that
+    CommandJob (see to_yaml_dict), because the builder's own YAML does not load back with load_job.
+    """
     from azure.ai.ml import Input, Output, PyTorchDistribution, command
 
     distributed = settings.AZURE_JOB_PROCESSES_PER_NODE > 1 or settings.AZURE_JOB_INSTANCE_COUNT > 1
@@ -143,8 +149,7 @@ def training_job(settings: config.Settings) -> "CommandJob":
         experiment_name=settings.AZURE_EXPERIMENT_NAME,
         display_name=settings.AZURE_JOB_DISPLAY_NAME,
     )
-    # The builder's own YAML does not load back with load_job; the job it builds does, and submits the same.
-    return builder._to_job()
+    return builder
 
 
 def catalog_hyperparameters(settings: config.Settings) -> dict[str, str]:
@@ -287,6 +292,8 @@ def _clean(value: Any, yaml_dir: Path) -> Any:
 def to_yaml_dict(entity: Any, yaml_dir: Path) -> dict[str, Any]:
     """The entity as the dict `load_*` / `az ml ... create -f` accept, for a YAML file in `yaml_dir`."""
     # Serializing an endpoint with an identity rewrites the identity in place: work on a copy.
+    if hasattr(entity, "_to_job"):  # a command() builder: its own YAML does not load back, its job's does
+        entity = entity._to_job()  # (and it cannot be deep-copied; the job it builds is a new object)
     raw = copy.deepcopy(entity)._to_dict()
     return _clean(raw, Path(yaml_dir))
 

@@ -59,12 +59,12 @@ def check(
         return problems  # nothing online can be checked without the workspace coordinates
     if ml_client is None:
         credential = credential or client.make_credential(settings)
-        refused = client.probe_credential(credential)
+        refused = client.probe_credential(credential, cloud=settings.AZURE_CLOUD)
         if refused:
             return problems + [f"credential: {refused}"]
         ml_client = client.connect(settings, credential=credential, probe=False)
     if arm_get is None and credential is not None:
-        arm_get = functools.partial(client.arm_get, credential)
+        arm_get = functools.partial(client.arm_get, credential, cloud=settings.AZURE_CLOUD)
 
     workspace, problem = _workspace(settings, ml_client)
     if problem:
@@ -114,7 +114,98 @@ def config_problems(settings: config.Settings) -> list[str]:
     for path, name in ((settings.train_data_path, "TRAIN_DATA_PATH"), (settings.test_data_path, "TEST_DATA_PATH")):
         if not path.is_file():
             problems.append(f"{name}: {path} does not exist; run `python download_dataset.py` first")
-    return problems
+    return problems + fit_problems(settings)
+
+
+# --- does the model fit the deployment's VM? -----------------------------------------------------------
+
+# Parameters of the models a deployment may serve (their model cards). The catalog job always
+# fine-tunes Phi-3-mini; a command job serves BASE_MODEL, merged with its LoRA adapter.
+MODEL_PARAMS = {
+    "microsoft/phi-3-mini-4k-instruct": 3.82e9,
+    "microsoft/phi-3-mini-128k-instruct": 3.82e9,
+    "microsoft/phi-3.5-mini-instruct": 3.82e9,
+    "microsoft/phi-3-small-8k-instruct": 7.39e9,
+    "microsoft/phi-3-medium-4k-instruct": 14.0e9,
+    "microsoft/phi-3-medium-128k-instruct": 14.0e9,
+    "tiny": 1.1e6,
+}
+CATALOG_BASE_MODEL = "microsoft/phi-3-mini-4k-instruct"
+
+# (RAM, GPU memory) in GiB of the sizes managed online endpoints offer for models of this scale
+# (learn.microsoft.com/azure/machine-learning/reference-managed-online-endpoints-vm-sku-list).
+SKU_MEMORY_GIB: dict[str, tuple[float, float]] = {
+    "Standard_DS2_v2": (7, 0), "Standard_DS3_v2": (14, 0), "Standard_DS4_v2": (28, 0), "Standard_DS5_v2": (56, 0),
+    "Standard_F4s_v2": (8, 0), "Standard_F8s_v2": (16, 0), "Standard_F16s_v2": (32, 0), "Standard_F32s_v2": (64, 0),
+    "Standard_E2s_v3": (16, 0), "Standard_E4s_v3": (32, 0), "Standard_E8s_v3": (64, 0),
+    "Standard_E16s_v3": (128, 0), "Standard_E32s_v3": (256, 0), "Standard_E64s_v3": (432, 0),
+    "Standard_NC4as_T4_v3": (28, 16), "Standard_NC8as_T4_v3": (56, 16), "Standard_NC16as_T4_v3": (110, 16),
+    "Standard_NC6s_v3": (112, 16), "Standard_NC12s_v3": (224, 32), "Standard_NC24s_v3": (448, 64),
+    "Standard_NC24ads_A100_v4": (220, 80), "Standard_NC48ads_A100_v4": (440, 160),
+    "Standard_NC96ads_A100_v4": (880, 320), "Standard_ND96asr_v4": (900, 320),
+}  # fmt: skip
+
+# Azure's no-code MLflow scoring loads a transformers model with its default dtype, fp32, on CPU
+# (4 bytes a parameter: 14.2 GiB for Phi-3-mini). Peak use is about twice that: the bf16 checkpoint
+# is read while the fp32 model is built, and a 4k-token request adds a 3 GiB fp32 KV cache plus
+# activations. Add the inference server, and keep 10% of the VM for the OS and Azure's node agents.
+FP32_BYTES_PER_PARAM = 4
+PEAK_FACTOR = 2.0
+SERVER_GIB = 2.0
+USABLE_FRACTION = 0.9
+
+
+def deployed_model(settings: config.Settings) -> str:
+    """The base model the deployment will serve: what the recorded training job fine-tuned."""
+    from finetune_phi import common
+
+    training = common.read_state(settings).get("training", {})
+    if training.get("backend") == "azure" and training.get("mode") == "catalog":
+        return CATALOG_BASE_MODEL
+    return settings.BASE_MODEL
+
+
+def memory_need_gib(params: float) -> float:
+    return params * FP32_BYTES_PER_PARAM / 2**30 * PEAK_FACTOR + SERVER_GIB
+
+
+def fit_problems(settings: config.Settings) -> list[str]:
+    """Offline: will the deployed model fit in AZURE_DEPLOYMENT_INSTANCE_TYPE's memory? Unknowns only warn."""
+    sku = settings.AZURE_DEPLOYMENT_INSTANCE_TYPE
+    model = deployed_model(settings)
+    params = MODEL_PARAMS.get(model.lower())
+    if params is None:
+        log.warning("memory check skipped: the size of %s is not known here (check that %s holds it)", model, sku)
+        return []
+    memory = {name.lower(): m for name, m in SKU_MEMORY_GIB.items()}.get(sku.lower())
+    need = memory_need_gib(params)
+    if memory is None:
+        log.warning(
+            "memory check skipped: AZURE_DEPLOYMENT_INSTANCE_TYPE=%s is not in the table of known sizes; "
+            "%s needs about %.0f GiB of RAM", sku, model, need,
+        )  # fmt: skip
+        return []
+    ram, gpu = memory
+    if ram * USABLE_FRACTION >= need:
+        if gpu and gpu * USABLE_FRACTION < params * FP32_BYTES_PER_PARAM / 2**30:
+            log.warning(
+                "%s has %g GiB of GPU memory: %s in fp32 (%.0f GiB) will not fit on the GPU unless the model "
+                "was logged with a 16-bit dtype", sku, gpu, model, params * FP32_BYTES_PER_PARAM / 2**30,
+            )  # fmt: skip
+        return []
+    # The memory-optimised E series is the cheapest RAM per hour among these CPU sizes.
+    fits = sorted(
+        (not name.startswith("Standard_E"), r, name)
+        for name, (r, g) in SKU_MEMORY_GIB.items()
+        if not g and r * USABLE_FRACTION >= need
+    )
+    suggestion = fits[0][2] if fits else "a larger size"
+    return [
+        f"AZURE_DEPLOYMENT_INSTANCE_TYPE={sku} has {ram:g} GiB of RAM ({ram * USABLE_FRACTION:.0f} usable) but "
+        f"serving {model} needs about {need:.0f} GiB (fp32 weights {params * FP32_BYTES_PER_PARAM / 2**30:.1f} GiB, "
+        f"about twice that while loading and generating): set AZURE_DEPLOYMENT_INSTANCE_TYPE={suggestion} or larger"
+    ]
+
 
 
 def _workspace(settings: config.Settings, ml_client: "MLClient") -> tuple[Any, str | None]:
@@ -211,7 +302,7 @@ def quota_problems(settings: config.Settings, ml_client: "MLClient") -> list[str
 
     try:
         sizes = {s.name.lower(): s for s in ml_client.compute.list_sizes()}
-        usages = {str(getattr(u.name, "value", u.name)).lower(): u for u in ml_client.compute.list_usage()}
+        usages = {_usage_family(u).lower(): u for u in ml_client.compute.list_usage()}
     except (ClientAuthenticationError, HttpResponseError) as exc:
         return [f"quota: cannot read VM sizes and usage ({_first_line(exc)}); check them under ml.azure.com → Quota"]
     needs: dict[str, list[tuple[str, str, int]]] = {}  # family -> (what, size, vCPUs)
@@ -230,13 +321,13 @@ def quota_problems(settings: config.Settings, ml_client: "MLClient") -> list[str
                 "`az ml compute list-sizes` or use a workspace in another region"
             )
             continue
-        needs.setdefault(size.family, []).append((what, size_name, int(size.v_cp_us or 0) * count))
+        needs.setdefault(size.family, []).append((what, size_name, int(_field(size, "v_cp_us", "vCPUs") or 0) * count))
     for family, wanted in needs.items():
         usage = usages.get(str(family).lower())
         need = sum(v for _, _, v in wanted)
         if usage is None:
             continue  # the service reports no limit for this family
-        free = int(usage.limit or 0) - int(usage.current_value or 0)
+        free = int(usage.limit or 0) - int(_field(usage, "current_value", "currentValue") or 0)
         if free < need:
             parts = " + ".join(f"{v} for {what} ({size})" for what, size, v in wanted)
             problems.append(
@@ -245,3 +336,18 @@ def quota_problems(settings: config.Settings, ml_client: "MLClient") -> list[str
                 "or choose a size you have quota for"
             )
     return problems
+
+
+# azure-ai-ml 1.35.2 builds VmSize and Usage from its REST models' as_dict(), which keys them by the
+# wire names: over HTTP `vCPUs`, `currentValue` and a `name` dict are set while `v_cp_us`,
+# `current_value` stay None (found driving the real SDK against tests/azure_standin.py). Read both.
+def _field(entity: Any, python_name: str, wire_name: str) -> Any:
+    value = getattr(entity, python_name, None)
+    return value if value is not None else getattr(entity, wire_name, None)
+
+
+def _usage_family(usage: Any) -> str:
+    name = usage.name
+    if isinstance(name, dict):
+        return str(name.get("value", ""))
+    return str(getattr(name, "value", name))

@@ -33,6 +33,11 @@ MODES = ("command", "catalog")
 SUCCEEDED = "Succeeded"
 JOB_COMPLETED = "Completed"
 
+# What a deployment serves, and so the request shape it answers (config.ENDPOINT_KINDS):
+# a command job's MLflow model, served by Azure's no-code MLflow scoring ({"input_data": [...], "params"}),
+# or a model-catalog fine-tuned model ({"input_data": {"input_string": [messages], "parameters": {...}}}).
+KIND_BY_OUTPUT = {entities.COMMAND_OUTPUT: "azure-mlflow", entities.CATALOG_OUTPUT: "azure-catalog"}
+
 
 @dataclass(frozen=True)
 class AzureDeployInfo:
@@ -42,6 +47,7 @@ class AzureDeployInfo:
     model_id: str
     job_name: str
     key: str = field(repr=False)  # never in a log line or a traceback
+    kind: str = "azure-mlflow"  # "azure-mlflow" (command job) or "azure-catalog" (catalog job)
 
 
 # --- preflight -------------------------------------------------------------------------------------
@@ -190,7 +196,7 @@ def _stream_until_done(ml_client: "MLClient", job_name: str, studio_url: str) ->
             ml_client.jobs.stream(job_name)
         except JobException as exc:
             raise RuntimeError(f"job {job_name} failed: {str(exc).strip()[:500]} (logs: {studio_url})") from exc
-        status = ml_client.jobs.get(job_name).status
+        status = _value(ml_client.jobs.get(job_name).status)
     if status != JOB_COMPLETED:
         raise RuntimeError(f"job {job_name} ended with status {status}, not {JOB_COMPLETED} (logs: {studio_url})")
     log.info("job %s completed", job_name)
@@ -241,8 +247,14 @@ def dry_run_deployment(settings: config.Settings, out_dir: Path, job_name: str |
     return paths
 
 
+def _value(state: Any) -> str:
+    # The SDK hands back str-enums (provisioning states, job statuses): str() of one is
+    # "EndpointProvisioningState.SUCCEEDED" on Python 3.11, its value is "Succeeded".
+    return str(getattr(state, "value", state) or "")
+
+
 def _state_of(entity: Any) -> str:
-    return str(getattr(entity, "provisioning_state", "") or "")
+    return _value(getattr(entity, "provisioning_state", None))
 
 
 def _deployment_quota_hint(settings: config.Settings) -> str:
@@ -288,6 +300,12 @@ def deploy(
     """Register the job's MLflow model, create/update endpoint and deployment, route 100% traffic to it."""
     config.validate(settings, config.AZURE_WORKSPACE_FIELDS + config.AZURE_IDENTITY_FIELDS)
     job_name, output = recorded_job(settings, job_name)
+    kind = KIND_BY_OUTPUT.get(output, "azure-mlflow")
+    # Offline, before anything is created or billed: a VM too small for the model fails only after
+    # 10-30 min of provisioning, with the container killed for memory.
+    too_small = preflight.fit_problems(settings)
+    if too_small:
+        raise config.ConfigError(too_small)
     ml_client = client.connect(settings, ml_client=ml_client, credential=credential)
     endpoint_name, deployment_name = settings.AZURE_ENDPOINT_NAME, settings.AZURE_DEPLOYMENT_NAME
 
@@ -304,7 +322,10 @@ def deploy(
     )
     log.info("deploying %s to %s/%s on %s x%d (this takes 10-30 min)", model_ref, endpoint_name, deployment_name,
              settings.AZURE_DEPLOYMENT_INSTANCE_TYPE, settings.AZURE_DEPLOYMENT_INSTANCE_COUNT)  # fmt: skip
-    with client.azure_errors(f"deployment {deployment_name}", _deployment_quota_hint(settings)):
+    # A deployment that ends Failed makes the poller raise HttpResponseError (it returns no failed
+    # entity): the hint must ride on the error as well as on a final state other than Succeeded.
+    failed_hint = f"traffic was left as it was. Container logs: {logs_cmd}"
+    with client.azure_errors(f"deployment {deployment_name}", _deployment_quota_hint(settings), failed_hint):
         ml_client.online_deployments.begin_create_or_update(entities.deployment(settings, model_ref)).result()
         done = ml_client.online_deployments.get(name=deployment_name, endpoint_name=endpoint_name)
     if _state_of(done) != SUCCEEDED:
@@ -332,12 +353,14 @@ def deploy(
         model_id=model_ref,
         job_name=job_name,
         key=key,
+        kind=kind,
     )
     common.update_state(
         settings,
         "deployment",
         {
             "backend": "azure",
+            "kind": kind,
             "endpoint_name": endpoint_name,
             "deployment_name": deployment_name,
             "scoring_uri": scoring_uri,
@@ -346,7 +369,8 @@ def deploy(
             "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )
-    log.info("endpoint %s serves %s at %s (key %s)", endpoint_name, model_ref, scoring_uri, common.redact(key))
+    log.info("endpoint %s serves %s (%s) at %s (key %s)", endpoint_name, model_ref, kind, scoring_uri,
+             common.redact(key))  # fmt: skip
     return info
 
 

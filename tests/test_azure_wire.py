@@ -1,0 +1,402 @@
+"""The Azure backend end to end through the real azure-ai-ml MLClient, over HTTPS, against a local stand-in.
+
+`setup_ml.main` and `deploy_model.main` run as a user runs them; only the credential (a local fake)
+and AZURE_CLOUD (a cloud whose Resource Manager is tests/azure_standin.py on 127.0.0.1) differ. The
+assertions are on what the SDK actually sent. See azure_standin.py for what the stand-in serves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+import config
+import deploy_model
+import setup_ml
+from azure_standin import BLOB_HOST, FORBIDDEN_ERROR, PRIMARY_KEY, QUOTA_ERROR, AzureStandin, FakeCredential, azure_error
+from fake_mlclient import FILLED_IN, IDENTITY_CLIENT_ID, IDENTITY_RESOURCE_ID, RESOURCE_GROUP, SUBSCRIPTION, WORKSPACE
+from fake_mlclient import azure_settings
+from finetune_phi import common, training
+from finetune_phi.azure import client, entities, preflight
+
+JOB_NAME = "olden_forest_fb9r634swf"
+TRAINING_FILES = ["chat_format.py", "checkpoints.py", "fine_tune.py", "tiny_model.py"]
+
+
+@pytest.fixture
+def azure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    """A started stand-in, the process environment pointing the scripts at it, and helpers."""
+    from azure.ai.ml.operations._run_history_constants import RunHistoryConstants
+
+    standin = AzureStandin(tmp_path, SUBSCRIPTION, RESOURCE_GROUP, WORKSPACE).start()
+    for name, value in standin.env().items():
+        monkeypatch.setenv(name, value)
+    # MLClient writes the current cloud into os.environ; setting it first makes monkeypatch restore it.
+    monkeypatch.setenv("AZUREML_CURRENT_CLOUD", "AzureCloud")
+    cloud = standin.register_cloud()
+    settings = azure_settings(tmp_path, AZURE_CLOUD=cloud)  # also writes the data files
+    env = {
+        **FILLED_IN,
+        "AZURE_CLOUD": cloud,
+        "STATE_DIR": settings.STATE_DIR,
+        "TRAIN_DATA_PATH": settings.TRAIN_DATA_PATH,
+        "TEST_DATA_PATH": settings.TEST_DATA_PATH,
+        "ENV_FILE": str(tmp_path / "flows.env"),
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    credential = FakeCredential()
+    monkeypatch.setattr(client, "make_credential", lambda s: credential)
+    # jobs.stream sleeps at least this long between run-history polls (2 s by default)
+    monkeypatch.setattr(RunHistoryConstants, "_WAIT_COMPLETION_POLLING_INTERVAL_MIN", 0)
+    # The SDK logs every HTTP exchange at INFO. (set_level also sets caplog's handler level: INFO last.)
+    caplog.set_level(logging.WARNING, logger="azure")
+    caplog.set_level(logging.INFO)
+    yield SimpleNamespace(standin=standin, settings=settings, credential=credential, env_file=tmp_path / "flows.env")
+    standin.stop()
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What the scripts logged as errors (the SDK's telemetry logs an ERROR for every expected 404)."""
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and not r.name.startswith("azure")]
+
+
+def _record_job(settings: config.Settings, mode: str = "command") -> None:
+    output = entities.COMMAND_OUTPUT if mode == "command" else entities.CATALOG_OUTPUT
+    common.update_state(settings, "training", {"backend": "azure", "job_name": JOB_NAME, "mode": mode, "output": output})
+
+
+def _code_copy(tmp_path: Path) -> Path:
+    """finetuning_dir's code and .amlignore, plus what local runs leave beside them."""
+    code = tmp_path / "finetuning_dir"
+    code.mkdir()
+    for name in TRAINING_FILES + [".amlignore"]:
+        shutil.copy2(training.FINETUNING_DIR / name, code / name)
+    (code / "mlruns" / "0" / "run" / "artifacts").mkdir(parents=True)
+    (code / "mlruns" / "0" / "run" / "artifacts" / "model.safetensors").write_bytes(b"\0" * 1024)
+    (code / "__pycache__").mkdir()
+    (code / "__pycache__" / "fine_tune.cpython-311.pyc").write_bytes(b"\0")
+    (code / "outputs").mkdir()
+    (code / "outputs" / "adapter.bin").write_bytes(b"\0")
+    return code
+
+
+# --- training -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_command_job_sends_the_cluster_environment_code_data_and_job_then_streams_it(
+    azure, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s, standin = azure.settings, azure.standin
+    monkeypatch.setattr(entities, "FINETUNING_DIR", _code_copy(tmp_path))
+    assert setup_ml.main(["--backend", "azure"]) == 0
+
+    (compute_put,) = standin.sent("PUT", "/computes/")
+    cluster = compute_put.json["properties"]["properties"]
+    assert cluster["vmSize"] == s.AZURE_COMPUTE_SIZE and cluster["vmPriority"] == "Dedicated"
+    assert cluster["scaleSettings"] == {"maxNodeCount": 1, "minNodeCount": 0, "nodeIdleTimeBeforeScaleDown": "PT2M"}
+
+    (env_put,) = standin.sent("PUT", "/environments/")
+    assert env_put.path.endswith(f"/environments/{s.AZURE_ENVIRONMENT_NAME}/versions/{entities.environment_version(s)}")
+    assert env_put.json["properties"]["image"] == entities.GPU_BASE_IMAGE
+    assert yaml.safe_load(env_put.json["properties"]["condaFile"]) == yaml.safe_load(entities.CONDA_FILE.read_text())
+
+    # The code snapshot: the training code only, not what local runs leave in the folder (.amlignore).
+    (upload,) = standin.sent("POST", "/startPendingUpload$")
+    uploaded = {Path(k).name for k in standin.uploaded_files() if "/finetuning_dir/" in k}
+    assert uploaded == set(TRAINING_FILES)
+    assert not [k for k in standin.uploaded_files() if "mlruns" in k or "__pycache__" in k or "outputs" in k]
+
+    # The data files go to the workspace's blob store, a host name reached through the proxy.
+    assert f"{BLOB_HOST}:443" in standin.proxied_hosts
+    data = {Path(k).name: v for k, v in standin.blobs.items() if k.endswith(".jsonl")}
+    assert data == {"train.jsonl": s.train_data_path.read_bytes(), "test.jsonl": s.test_data_path.read_bytes()}
+
+    (job_put,) = standin.sent("PUT", "/jobs/")
+    job = job_put.json["properties"]
+    assert job["jobType"] == "Command"
+    assert job["command"] == training.fine_tune_command(
+        s, train_file="${{inputs.train_file}}", eval_file="${{inputs.eval_file}}",
+        model_output_dir="${{outputs.model_output}}", model=s.BASE_MODEL,
+    )  # fmt: skip
+    assert {k: v["jobInputType"] for k, v in job["inputs"].items()} == {"train_file": "uri_file", "eval_file": "uri_file"}
+    assert job["inputs"]["train_file"]["uri"].endswith("/train.jsonl")
+    assert job["inputs"]["train_file"]["uri"].startswith("azureml://datastores/workspaceblobstore/paths/LocalUpload/")
+    assert job["outputs"]["model_output"]["jobOutputType"] == "mlflow_model"
+    assert job["environmentId"].endswith(f"/environments/{s.AZURE_ENVIRONMENT_NAME}/versions/"
+                                         f"{entities.environment_version(s)}")  # fmt: skip
+    assert job["computeId"].endswith(f"/computes/{s.AZURE_COMPUTE_NAME}")
+    assert job["codeId"].startswith(standin.ws_id + "/codes/")
+    assert job["experimentName"] == s.AZURE_EXPERIMENT_NAME and job["displayName"] == s.AZURE_JOB_DISPLAY_NAME
+    assert job["environmentVariables"] == entities.training_env_vars()
+    assert standin.requests.index(upload) < standin.requests.index(job_put)
+
+    # Streamed until the run ended, and recorded for deploy_model.py.
+    assert len(standin.sent("GET", f"/runs/{job_put.path.rsplit('/', 1)[-1]}/details$")) == 2
+    recorded = common.read_state(s)["training"]
+    assert recorded["job_name"] == job_put.path.rsplit("/", 1)[-1] and recorded["mode"] == "command"
+    assert recorded["studio_url"].startswith("https://ml.azure.com/runs/")
+
+
+@pytest.mark.slow
+def test_a_second_submission_reuses_cluster_environment_and_code(azure) -> None:
+    standin = azure.standin
+    assert setup_ml.main(["--backend", "azure", "--no-stream"]) == 0
+    first = len(standin.requests)
+    assert setup_ml.main(["--backend", "azure", "--no-stream"]) == 0
+    again = standin.requests[first:]
+    assert not [r for r in again if r.method == "PUT" and "/computes/" in r.path]
+    assert not [r for r in again if r.method == "POST" and r.path.endswith("/startPendingUpload")]
+    assert len([r for r in again if r.method == "PUT" and "/jobs/" in r.path]) == 1
+
+
+@pytest.mark.slow
+def test_catalog_job_is_a_finetuning_job_and_deploys_as_azure_catalog(azure) -> None:
+    s, standin = azure.settings, azure.standin
+    assert setup_ml.main(["--backend", "azure", "--mode", "catalog", "--no-stream"]) == 0
+    assert not standin.sent("PUT", "/environments/") and not standin.sent("POST", "/startPendingUpload$")
+    (job_put,) = standin.sent("PUT", "/jobs/")
+    job = job_put.json["properties"]
+    assert job["jobType"] == "FineTuning"
+    details = job["fineTuningDetails"]
+    assert details["model"]["uri"] == entities.CATALOG_MODEL and details["taskType"] == "chatCompletion"
+    assert details["hyperParameters"] == entities.catalog_hyperparameters(s)
+    assert details["trainingData"]["uri"].endswith("/train.jsonl")
+    job_name = job_put.path.rsplit("/", 1)[-1]
+
+    assert deploy_model.main(["--backend", "azure", "--no-connection"]) == 0
+    (model_put,) = standin.sent("PUT", "/models/")
+    assert model_put.json["properties"]["modelUri"] == f"azureml://jobs/{job_name}/outputs/registered_model"
+    assert common.read_state(s)["deployment"]["kind"] == "azure-catalog"
+    assert config.read_dotenv(azure.env_file)["AZURE_ML_ENDPOINT_KIND"] == "azure-catalog"
+
+
+def test_quota_refusal_of_the_cluster_exits_1_naming_size_and_fix(azure, caplog: pytest.LogCaptureFixture) -> None:
+    azure.standin.fail("PUT", "/computes/", 400, QUOTA_ERROR)
+    assert setup_ml.main(["--backend", "azure", "--no-stream"]) == 1
+    (error,) = _errors(caplog)
+    assert "not enough quota" in error and "Standard_NC24ads_A100_v4" in error and "AZURE_COMPUTE_SIZE" in error
+    assert "--check" in error
+    assert not azure.standin.sent("PUT", "/jobs/")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outcome", ["Failed", "Canceled"])
+def test_a_job_that_does_not_complete_exits_1_with_why_and_the_studio_link(
+    azure, caplog: pytest.LogCaptureFixture, outcome: str
+) -> None:
+    azure.standin.job_outcome = outcome
+    assert setup_ml.main(["--backend", "azure"]) == 1
+    (error,) = _errors(caplog)
+    assert "https://ml.azure.com/runs/" in error
+    if outcome == "Failed":  # jobs.stream raises with the run's error
+        assert "failed" in error and "CUDA out of memory" in error
+    else:  # jobs.stream returns; the final status is checked
+        assert "ended with status Canceled, not Completed" in error
+    assert common.read_state(azure.settings)["training"]["job_name"]  # recorded all the same
+
+
+# --- deployment ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_deploy_sends_identity_probes_and_request_settings_and_routes_traffic_only_after_success(azure) -> None:
+    s, standin = azure.settings, azure.standin
+    _record_job(s)
+    standin.in_progress_polls = 1  # every operation is seen InProgress once before it ends
+    assert deploy_model.main(["--backend", "azure", "--no-connection"]) == 0
+
+    (model_put,) = standin.sent("PUT", "/models/")
+    assert model_put.path.endswith(f"/models/{s.AZURE_MODEL_NAME}/versions/1")
+    assert model_put.json["properties"]["modelType"] == "mlflow_model"
+    assert model_put.json["properties"]["modelUri"] == f"azureml://jobs/{JOB_NAME}/outputs/model_output"
+
+    create, route = standin.sent("PUT", "/onlineEndpoints/[^/]+$")
+    assert create.json["properties"]["authMode"] == "Key" and create.json["properties"]["traffic"] == {}
+    identity = create.json["identity"]
+    assert identity["type"] == "UserAssigned" and list(identity["userAssignedIdentities"]) == [IDENTITY_RESOURCE_ID]
+
+    (dep_put,) = standin.sent("PUT", "/deployments/")
+    dep = dep_put.json["properties"]
+    assert dep["model"] == model_put.path and dep["instanceType"] == "Standard_E8s_v3"
+    assert dep_put.json["sku"]["capacity"] == 1
+    for probe in (dep["livenessProbe"], dep["readinessProbe"]):
+        assert probe["initialDelay"] == "PT10M" and probe["failureThreshold"] == 30
+    assert dep["requestSettings"] == {"requestTimeout": "PT3M", "maxConcurrentRequestsPerInstance": 1,
+                                      "maxQueueWait": "PT1M"}  # fmt: skip
+    assert dep["environmentVariables"]["AZURE_CLIENT_ID"] == IDENTITY_CLIENT_ID
+
+    # Traffic moves only once the deployment's operation reported Succeeded; keys come after.
+    dep_op = next(op for op in standin.operations.values() if op["arm_id"].endswith(f"/deployments/{s.AZURE_DEPLOYMENT_NAME}"))
+    assert dep_op["polls"] >= 2 and dep_op["finished_at"] is not None
+    assert standin.requests.index(dep_put) < dep_op["finished_at"] < standin.requests.index(route)
+    assert route.json["properties"]["traffic"] == {s.AZURE_DEPLOYMENT_NAME: 100}
+    (keys,) = standin.sent("POST", "/listKeys$")
+    assert standin.requests.index(keys) > standin.requests.index(route)
+    assert not standin.sent("DELETE")
+
+    dotenv = config.read_dotenv(azure.env_file)
+    assert dotenv["AZURE_ML_ENDPOINT"] == f"https://{s.AZURE_ENDPOINT_NAME}.eastus2.inference.ml.azure.com/score"
+    assert dotenv["AZURE_ML_API_KEY"] == PRIMARY_KEY and dotenv["AZURE_ML_ENDPOINT_KIND"] == "azure-mlflow"
+    state_text = common.state_path(s).read_text()
+    assert PRIMARY_KEY not in state_text
+    assert json.loads(state_text)["deployment"]["kind"] == "azure-mlflow"
+
+
+@pytest.mark.slow
+def test_redeploy_updates_the_endpoint_in_place_keeping_traffic_until_the_new_deployment_succeeded(azure) -> None:
+    s, standin = azure.settings, azure.standin
+    _record_job(s)
+    assert deploy_model.main(["--backend", "azure", "--no-connection"]) == 0
+    first = len(standin.requests)
+    assert deploy_model.main(["--backend", "azure", "--no-connection", "--job-name", "second_job"]) == 0
+    again = standin.requests[first:]
+    update, route = [r for r in again if r.method == "PUT" and r.path.endswith(f"/onlineEndpoints/{s.AZURE_ENDPOINT_NAME}")]
+    assert update.json["properties"]["traffic"] == {s.AZURE_DEPLOYMENT_NAME: 100}  # today's routing, untouched
+    assert [r.json["properties"]["modelUri"] for r in again if r.method == "PUT" and "/models/" in r.path] == [
+        "azureml://jobs/second_job/outputs/model_output"
+    ]
+    assert not standin.sent("DELETE")
+
+
+@pytest.mark.slow
+def test_a_deployment_that_ends_failed_exits_1_with_the_logs_command_and_leaves_traffic(
+    azure, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
+) -> None:
+    s, standin = azure.settings, azure.standin
+    _record_job(s)
+    standin.deployment_outcome = "Failed"  # the operation ends Failed: the SDK's poller raises
+    assert deploy_model.main(["--backend", "azure", "--no-connection"]) == 1
+    (error,) = _errors(caplog)
+    assert not [r for r in caplog.records if r.exc_info and not r.name.startswith("azure")]
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    assert f"deployment {s.AZURE_DEPLOYMENT_NAME}" in error and "Liveness probe failed" in error
+    assert "traffic was left as it was" in error
+    assert f"az ml online-deployment get-logs --endpoint-name {s.AZURE_ENDPOINT_NAME}" in error
+    assert len(standin.sent("PUT", "/onlineEndpoints/[^/]+$")) == 1  # created, never routed
+    assert not standin.sent("POST", "/listKeys$") and not standin.sent("DELETE")
+    assert not azure.env_file.exists() and "deployment" not in common.read_state(s)
+
+
+def test_permission_denied_on_the_endpoint_exits_1_naming_the_role(azure, caplog: pytest.LogCaptureFixture) -> None:
+    _record_job(azure.settings)
+    azure.standin.fail("PUT", "/onlineEndpoints/[^/]+$", 403, FORBIDDEN_ERROR)
+    assert deploy_model.main(["--backend", "azure", "--no-connection"]) == 1
+    (error,) = _errors(caplog)
+    assert "permission denied" in error and "AuthorizationFailed" not in error.split("(")[0]
+    assert "Contributor" in error and "--check" in error
+    assert not azure.standin.sent("PUT", "/deployments/")
+
+
+def test_deployment_quota_refusal_names_the_instance_type(azure, caplog: pytest.LogCaptureFixture) -> None:
+    _record_job(azure.settings)
+    azure.standin.fail("PUT", "/deployments/", 400, QUOTA_ERROR)
+    assert deploy_model.main(["--backend", "azure", "--no-connection"]) == 1
+    (error,) = _errors(caplog)
+    assert "not enough quota" in error and "AZURE_DEPLOYMENT_INSTANCE_TYPE" in error and "Standard_E8s_v3" in error
+
+
+def test_a_vm_too_small_for_the_model_is_refused_before_anything_is_sent(
+    azure, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _record_job(azure.settings)
+    monkeypatch.setenv("AZURE_DEPLOYMENT_INSTANCE_TYPE", "Standard_E4s_v3")  # the tutorial's size, 32 GiB
+    assert deploy_model.main(["--backend", "azure", "--no-connection"]) == 1
+    (error,) = _errors(caplog)
+    assert "AZURE_DEPLOYMENT_INSTANCE_TYPE=Standard_E4s_v3 has 32 GiB" in error
+    assert "set AZURE_DEPLOYMENT_INSTANCE_TYPE=Standard_E8s_v3" in error
+    assert azure.standin.requests == []
+
+
+# --- preflight and teardown ---------------------------------------------------------------------------
+
+
+def _grant_roles(standin: AzureStandin) -> None:
+    group = f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}"
+    workspace = standin.get_resource(standin.ws_id)["properties"]
+    for role, scope in ((preflight.CONTRIBUTOR, group), (preflight.STORAGE_BLOB_DATA_READER, workspace["storageAccount"]),
+                        (preflight.ACR_PULL, workspace["containerRegistry"])):  # fmt: skip
+        # the REST spec example authorization/.../examples/RoleAssignments_ListForSubscription.json (trimmed)
+        standin.role_assignments.append({"properties": {
+            "roleDefinitionId": f"/subscriptions/{SUBSCRIPTION}/providers/Microsoft.Authorization/roleDefinitions/{role}",
+            "principalId": "pppppppp-0000-0000-0000-000000000000", "principalType": "ServicePrincipal", "scope": scope,
+        }})  # fmt: skip
+    standin.identity["properties"]["clientId"] = IDENTITY_CLIENT_ID
+
+
+def test_check_reads_workspace_identity_roles_and_quota_from_the_cloud_and_writes_nothing(
+    azure, caplog: pytest.LogCaptureFixture
+) -> None:
+    standin = azure.standin
+    _grant_roles(standin)
+    assert deploy_model.main(["--backend", "azure", "--check"]) == 0, _errors(caplog)
+    assert any("preflight: OK" in r.getMessage() for r in caplog.records)
+    assert {r.method for r in standin.requests} == {"GET"}
+    assert standin.sent("GET", f"^{IDENTITY_RESOURCE_ID}$") and standin.sent("GET", "/roleAssignments$")
+    assert standin.sent("GET", "/vmSizes$") and standin.sent("GET", "/usages$")
+    assert all(scope == (standin.base_url + "/.default",) for scope in azure.credential.scopes)
+
+    standin.role_assignments.clear()
+    standin.usages["standardESv3Family"] = (90, 100)
+    assert deploy_model.main(["--backend", "azure", "--check"]) == 1
+    errors = _errors(caplog)
+    assert any("lacks AcrPull" in e for e in errors) and any("standardESv3Family needs 16 vCPUs" in e for e in errors)
+
+
+def test_check_names_the_fix_for_a_missing_workspace_and_a_vm_too_small(
+    azure, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    azure.standin.fail("GET", f"^{azure.standin.ws_id}$", 404,
+                       azure_error("ResourceNotFound", f"Workspace {WORKSPACE} not found"))  # fmt: skip
+    monkeypatch.setenv("AZURE_DEPLOYMENT_INSTANCE_TYPE", "Standard_DS3_v2")
+    assert setup_ml.main(["--backend", "azure", "--check"]) == 1
+    errors = "\n".join(_errors(caplog))
+    assert f"{WORKSPACE!r} not found" in errors and "AZURE_RESOURCE_GROUP_NAME" in errors
+    assert "AZURE_DEPLOYMENT_INSTANCE_TYPE=Standard_DS3_v2 has 14 GiB" in errors
+
+
+@pytest.mark.slow
+def test_teardown_deletes_the_endpoint_and_scales_the_cluster_to_zero(azure, caplog: pytest.LogCaptureFixture) -> None:
+    s, standin = azure.settings, azure.standin
+    _record_job(s)
+    assert deploy_model.main(["--backend", "azure", "--no-connection"]) == 0
+    compute_id = f"{standin.ws_id}/computes/{s.AZURE_COMPUTE_NAME}"
+    cluster = {"id": compute_id, "name": s.AZURE_COMPUTE_NAME, "location": "eastus2", "properties": {
+        "computeType": "AmlCompute", "properties": {"vmSize": s.AZURE_COMPUTE_SIZE.upper(), "scaleSettings": {
+            "maxNodeCount": 1, "minNodeCount": 1, "nodeIdleTimeBeforeScaleDown": "PT2M"}}}}  # fmt: skip
+    standin._fill_computes(cluster, None, compute_id)
+    cluster["properties"]["provisioningState"] = "Succeeded"
+    standin.put_resource(compute_id, cluster)
+    first = len(standin.requests)
+
+    assert deploy_model.main(["--backend", "azure", "--teardown"]) == 0
+    (delete,) = standin.sent("DELETE")
+    assert delete.path == f"{standin.ws_id}/onlineEndpoints/{s.AZURE_ENDPOINT_NAME}"
+    (scale,) = [r for r in standin.requests[first:] if r.method == "PUT"]
+    assert scale.json["properties"]["properties"]["scaleSettings"]["minNodeCount"] == 0
+    assert standin.get_resource(f"{standin.ws_id}/onlineEndpoints/{s.AZURE_ENDPOINT_NAME}") is None
+    assert common.read_state(s)["deployment"] == {}
+
+    caplog.clear()
+    assert deploy_model.main(["--backend", "azure", "--teardown"]) == 0
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("not found, nothing to delete" in m for m in lines) and any("already scales to 0" in m for m in lines)
+    assert len(standin.sent("DELETE")) == 1
+
+
+def test_an_sdk_exception_becomes_a_message_not_a_traceback() -> None:
+    from azure.ai.ml.exceptions import DeploymentException, ModelException
+
+    for exc in (DeploymentException(message="\x1b[31mModel path is invalid\x1b[39m", no_personal_data_message="x"),
+                ModelException(message="Model type unsupported", no_personal_data_message="x")):  # fmt: skip
+        with pytest.raises(RuntimeError, match=r"^registering failed: (Model path is invalid|Model type unsupported)$"):
+            with client.azure_errors("registering"):
+                raise exc
