@@ -371,3 +371,72 @@ def test_what_azure_ignores_silently_the_local_endpoint_refuses(azure: AzureServ
         assert ours.status_code == 422, f"{name}: {ours.status_code} {ours.text}"
         error = ours.json()["error"]
         assert error["param"] == field and words in error["message"], f"{name}: {error}"
+
+
+# --- the flows, through the real pf CLI, against Azure's scoring of the model --------------------------------
+
+
+def test_the_clients_encoding_is_the_agreed_contract() -> None:
+    from chat_flow.endpoint_client import encode_prompt, request_body
+
+    for conversation in (MULTI_TURN, WITH_SYSTEM, MULTI_TURN[:1]):
+        assert encode_prompt(conversation) == encode_conversation(conversation)
+        body = request_body("azure-mlflow", conversation)
+        assert body["input_data"] == [encode_conversation(conversation)]
+        assert set(body["params"]) <= set(SCORE_PARAMS_SCHEMA)  # nothing the model would ignore
+
+
+SCORE_PARAMS_SCHEMA = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+
+
+@pytest.fixture(scope="module")
+def pf_env_for_azure(azure: AzureServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A pf environment with an isolated home whose connection and AZURE_ML_* name azmlinfsrv (kind azure-mlflow)."""
+    import config
+    from finetune_phi import pf_connection, pf_env
+
+    tmp = tmp_path_factory.mktemp("pf-azure")
+    (tmp / "home").mkdir()
+    settings = config.load(env={}, dotenv_path=tmp / "no.env", STATE_DIR=str(tmp / "state"))
+    url = f"{azure.base}/score"
+    env = {**pf_env.subprocess_env(settings), "HOME": str(tmp / "home"), "AZURE_ML_ENDPOINT": url,
+           "AZURE_ML_API_KEY": KEY, "AZURE_ML_ENDPOINT_KIND": "azure-mlflow"}  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", env["HOME"])
+        pf_connection.upsert_connection(settings, endpoint=url, key=KEY, kind="azure-mlflow")
+    try:
+        yield env
+    finally:
+        subprocess.run([str(Path(sys.executable).parent / "pf"), "service", "stop"], env=env, capture_output=True, timeout=60)
+
+
+def pf_run(env: dict[str, str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([str(Path(sys.executable).parent / "pf"), *args], input=stdin, capture_output=True,
+                          text=True, cwd=REPO, env=env, timeout=240)  # fmt: skip
+    assert proc.returncode == 0, f"pf {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def served_by_azure(azure: AzureServer) -> int:
+    """Requests azmlinfsrv answered 200 for python-requests (the flows' client), from its access log."""
+    return sum('"POST /score HTTP/1.1" 200' in line and "python-requests" in line for line in azure.log_path.read_text(errors="replace").splitlines())
+
+
+@pytest.mark.slow
+def test_the_standard_flow_answers_through_azures_scoring(azure: AzureServer, pf_env_for_azure: dict[str, str]) -> None:
+    before = served_by_azure(azure)
+    proc = pf_run(pf_env_for_azure, "flow", "test", "--flow", ".", "--inputs", f"input_data={DEMO_QUESTION}")
+    outputs = json.loads(proc.stdout[proc.stdout.rindex("{"):])
+    assert isinstance(outputs["answer"], str) and outputs["answer"].strip(), proc.stdout[-2000:]
+    assert "Microsoft" in outputs["answer"]  # the trained answer, sampled at the client's temperature 0.7
+    assert served_by_azure(azure) == before + 1
+
+
+@pytest.mark.slow
+def test_the_chat_flow_keeps_the_history_through_azures_scoring(azure: AzureServer, pf_env_for_azure: dict[str, str]) -> None:
+    before = served_by_azure(azure)
+    env = {k: v for k, v in pf_env_for_azure.items() if not k.startswith("AZURE_ML_")}  # the connection only
+    proc = pf_run(env, "flow", "test", "--flow", "chat_flow", "--interactive", stdin=f"{DEMO_QUESTION}\nWho founded Apple?\n")
+    assert proc.stdout.count("Bot:") == 2, proc.stdout[-2000:]
+    assert "Microsoft" in proc.stdout.split("Bot:")[1]
+    assert served_by_azure(azure) == before + 2  # the second turn carried the history as one encoded prompt
