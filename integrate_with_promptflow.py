@@ -2,17 +2,18 @@
 
     pf flow test --flow . --inputs input_data="Who founded Microsoft?"
     pf flow serve --source . --port 8080 --host 127.0.0.1          # then POST {"input_data": "..."} to /score
-    ENV_FILE="$PWD/.env" pf run create --flow . --data data/test_data.jsonl \
-        --column-mapping input_data='${data.prompt}' --stream
+    pf run create --flow . --data data/test_data.jsonl --column-mapping input_data='${data.prompt}' --stream
+    pf flow validate --source .
 
 Run `eval "$(python -m finetune_phi.pf_env)"` first so that pf uses this project's Prompt flow home
-(offline, with the connection deploy_model.py created); see chat_flow/ for the chat version.
+(offline, with the connection deploy_model.py created) and finds the .env (it exports ENV_FILE);
+see chat_flow/ for the chat version, and chat_flow/README.md for running either on Azure.
 
 Where the endpoint comes from:
   * SDK variant (default): AZURE_ML_ENDPOINT, AZURE_ML_API_KEY and AZURE_ML_ENDPOINT_KIND from the
     environment, else from the .env python deploy_model.py wrote: ENV_FILE when set, else `.env` in
     the working directory or beside this file. A batch run works in a snapshot without the .env
-    (.amlignore keeps it out), hence ENV_FILE above.
+    (.amlignore keeps it out), hence ENV_FILE.
   * Studio variant: pass a CustomConnection (configs.endpoint, configs.kind, secrets.key) as `connection`.
 
 The flow's snapshot is the repository minus .amlignore: this file, flow.dag.yml and chat_flow/

@@ -1,6 +1,6 @@
 """Prompt flow's environment for this project: its home, keyring and offline switches, in one place.
 
-    eval "$(python -m finetune_phi.pf_env)"               # export them into your shell, then use pf as usual
+    eval "$(python -m finetune_phi.pf_env)"               # export them (and ENV_FILE) into your shell, then use pf
     python -m finetune_phi.pf_env pf flow test --flow chat_flow --interactive   # or run one command with them
 
 Prompt flow keeps connections, runs and its config under a home directory (default ~/.promptflow)
@@ -111,11 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    # For a person's shell, also the .env deploy_model.py writes, by absolute path: a batch run of the
+    # standard flow works in a snapshot that .amlignore keeps the .env out of.
+    shell = {**promptflow_env(settings), "ENV_FILE": str(settings.env_file)}
     if not argv:
-        for name, value in promptflow_env(settings).items():
+        for name, value in shell.items():
             print(f"export {name}={shlex.quote(value)}")
         return 0
-    env = subprocess_env(settings)
+    env = {**subprocess_env(settings), **shell}
     os.execvpe(argv[0], argv, env)
     return 127  # not reached: exec replaces this process
 

@@ -308,6 +308,16 @@ def test_pf_env_prepares_an_offline_isolated_home(tmp_path: Path) -> None:
     assert home.stat().st_mode & 0o077 == 0
 
 
+def test_pf_env_exports_the_home_and_the_env_file_for_a_shell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("ENV_FILE", "deploy.env")  # relative: exported as the absolute path config resolves
+    assert pf_env.main([]) == 0
+    exported = dict(line.removeprefix("export ").split("=", 1) for line in capsys.readouterr().out.splitlines())
+    assert exported["PF_HOME_DIRECTORY"] == str(tmp_path / "state" / "promptflow")
+    assert exported["ENV_FILE"] == str(config.ROOT / "deploy.env")
+
+
 def test_project_pf_yaml_keeps_pf_offline_from_the_checkout() -> None:
     cfg = yaml.safe_load((REPO / "pf.yaml").read_text())
     assert cfg["telemetry"]["enabled"] is False and cfg["trace"]["destination"] == "none"
@@ -332,6 +342,18 @@ def test_flow_definitions_match_the_contract() -> None:
         assert flow["$schema"].endswith("/Flow.schema.json")
         requirements = folder / flow["environment"]["python_requirements_txt"]
         assert requirements.resolve().is_relative_to(folder) and requirements.is_file()
+
+
+def test_flow_requirements_pin_what_the_project_pins() -> None:
+    """What an Azure runtime installs for the flows is what the tests ran with (constraints.txt)."""
+    def pins(path: Path) -> dict[str, str]:
+        found = (re.fullmatch(r"([A-Za-z0-9_.\-]+)==(\S+)", line.split("#")[0].strip())
+                 for line in path.read_text().splitlines())
+        return {m.group(1).lower(): m.group(2) for m in found if m}
+
+    flow_pins, project_pins = pins(REPO / "chat_flow" / "requirements.txt"), pins(REPO / "constraints.txt")
+    assert set(flow_pins) == {"promptflow", "requests", "urllib3"}
+    assert {name: project_pins.get(name) for name in flow_pins} == flow_pins
 
 
 def test_tool_imports_quietly_and_takes_the_studio_connection() -> None:
