@@ -24,6 +24,11 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # azure-core logs every HTTP request and response, headers included, at INFO: ~50 entries for one
+    # Azure job submission. They stay available with --verbose.
+    logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(
+        logging.DEBUG if verbose else logging.WARNING
+    )
 
 
 def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:

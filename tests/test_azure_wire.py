@@ -55,8 +55,6 @@ def azure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCap
     monkeypatch.setattr(client, "make_credential", lambda s: credential)
     # jobs.stream sleeps at least this long between run-history polls (2 s by default)
     monkeypatch.setattr(RunHistoryConstants, "_WAIT_COMPLETION_POLLING_INTERVAL_MIN", 0)
-    # The SDK logs every HTTP exchange at INFO. (set_level also sets caplog's handler level: INFO last.)
-    caplog.set_level(logging.WARNING, logger="azure")
     caplog.set_level(logging.INFO)
     yield SimpleNamespace(standin=standin, settings=settings, credential=credential, env_file=tmp_path / "flows.env")
     standin.stop()
@@ -92,7 +90,7 @@ def _code_copy(tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 def test_command_job_sends_the_cluster_environment_code_data_and_job_then_streams_it(
-    azure, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    azure, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     s, standin = azure.settings, azure.standin
     monkeypatch.setattr(entities, "FINETUNING_DIR", _code_copy(tmp_path))
@@ -137,6 +135,9 @@ def test_command_job_sends_the_cluster_environment_code_data_and_job_then_stream
     assert job["experimentName"] == s.AZURE_EXPERIMENT_NAME and job["displayName"] == s.AZURE_JOB_DISPLAY_NAME
     assert job["environmentVariables"] == entities.training_env_vars()
     assert standin.requests.index(upload) < standin.requests.index(job_put)
+
+    # azure-core's per-request INFO logging (headers and all) is off unless --verbose.
+    assert not [r for r in caplog.records if r.name == "azure.core.pipeline.policies.http_logging_policy"]
 
     # Streamed until the run ended, and recorded for deploy_model.py.
     assert len(standin.sent("GET", f"/runs/{job_put.path.rsplit('/', 1)[-1]}/details$")) == 2
