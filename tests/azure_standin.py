@@ -37,6 +37,7 @@ import socket
 import socketserver
 import ssl
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -64,6 +65,7 @@ class Request:
     query: dict[str, str]
     headers: dict[str, str]  # without Authorization
     raw: bytes = b""
+    at: float = field(default_factory=time.monotonic)
 
     @property
     def json(self) -> Any:
@@ -150,6 +152,8 @@ class AzureStandin:
         self.job_log = "step 1/1: loss 1.23\nmodel saved\n"
         # Polls that see InProgress before an operation ends: each costs the SDK one Retry-After (1 s).
         self.in_progress_polls = 0
+        # GETs of a fine-tuning job that still see it Running (the SDK itself GETs it twice on submit).
+        self.finetuning_running_gets = 3
         self.sizes = [
             # recordings/compute/e2etests/test_compute.pyTestComputetest_compute_list_sizes... (trimmed)
             {"name": "Standard_NC24ads_A100_v4", "family": "standardNCADSA100v4Family", "vCPUs": 24, "gpus": 1,
@@ -366,6 +370,8 @@ class AzureStandin:
         kind = _kind(arm_id)
         stored = self.get_resource(arm_id)
         if req.method == "GET":
+            if stored is not None and kind == "jobs" and stored["properties"].get("jobType") == "FineTuning":
+                self._advance_finetuning(stored)
             if stored is None:
                 return Response(404, azure_error(
                     "UserError" if kind != "computes" else "ResourceNotFound",
@@ -379,6 +385,12 @@ class AzureStandin:
                 return Response(204)
             return self._delete(arm_id)
         return Response(405, azure_error("MethodNotAllowed", req.method))
+
+    def _advance_finetuning(self, job: dict[str, Any]) -> None:
+        """A fine-tuning job has no run-history stream: its status moves with each GET of the job."""
+        run = self.runs.setdefault(job["name"], {"polls": 0})
+        run["polls"] += 1
+        job["properties"]["status"] = "Running" if run["polls"] <= self.finetuning_running_gets else self.job_outcome
 
     def _arm_list(self, req: Request, collection: str) -> Response:
         if req.method != "GET":
@@ -549,6 +561,21 @@ class AzureStandin:
         props["status"] = "Starting"
         props.setdefault("experimentName", "Default")
         props.setdefault("properties", {})
+        self.runs[name] = {"polls": 0}
+        if props.get("jobType") == "FineTuning":
+            # recordings/finetuning_job/e2e_tests/test_maap_finetuning_job.pyTestCustomModelFineTuningJob_MaaP
+            # test_using_aml_compute.json (PUT jobs response, trimmed): status "Running", "services": null,
+            # computeId as sent, taskType echoed in PascalCase, outputs with mode and a null uri
+            props["status"] = "Running"
+            props["services"] = None
+            details = props.get("fineTuningDetails") or {}
+            task = details.get("taskType") or ""
+            details["taskType"] = task[:1].upper() + task[1:]
+            props["properties"].update({"PipelineType": "FineTuning", "azureml.PipelineType": "FineTuning",
+                                        "_fineTuningJobType": "MaaP", "StartTimeUtc": "2024-11-25 07:35:39"})  # fmt: skip
+            for out in (props.get("outputs") or {}).values():
+                out.update({"description": None, "uri": None, "mode": "ReadWriteMount"})
+            return
         props["services"] = {
             "Tracking": {"jobServiceType": "Tracking", "endpoint": f"azureml://{LOCATION}.api.azureml.ms/mlflow/v1.0"
                          f"{self.ws_id}?"},  # fmt: skip
@@ -559,7 +586,6 @@ class AzureStandin:
         for out_name, out in outputs.items():
             if isinstance(out, dict) and out.get("uri") is None and props.get("jobType") == "Command":
                 out["uri"] = f"azureml://datastores/workspaceartifactstore/ExperimentRun/dcid.{name}/{out_name}"
-        self.runs[name] = {"polls": 0}
 
     def _fill_onlineEndpoints(self, res: dict[str, Any], stored: Any, arm_id: str) -> None:  # noqa: N802
         # recordings/online_services/.../test_online_deployment_create.json (PUT onlineEndpoints response; trimmed)

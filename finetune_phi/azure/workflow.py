@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 MODES = ("command", "catalog")
 SUCCEEDED = "Succeeded"
 JOB_COMPLETED = "Completed"
+JOB_RUNNING = ("NotStarted", "Queued", "Preparing", "Provisioning", "Starting", "Running", "Finalizing",
+               "CancelRequested")  # fmt: skip
+JOB_POLL_S = 30.0  # between status checks of a catalog job (it has no log stream to follow)
 
 # What a deployment serves, and so the request shape it answers (config.ENDPOINT_KINDS):
 # a command job's MLflow model, served by Azure's no-code MLflow scoring ({"input_data": [...], "params"}),
@@ -183,9 +186,29 @@ def submit_training(
             "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )
-    if stream:
+    if stream and mode == "catalog":
+        # jobs.stream reads the job's services, which a fine-tuning job does not have: it would
+        # crash with AttributeError ('NoneType' object has no attribute 'get').
+        _poll_until_done(ml_client, job_name, studio_url)
+    elif stream:
         _stream_until_done(ml_client, job_name, studio_url)
     return job_name
+
+
+def _poll_until_done(ml_client: "MLClient", job_name: str, studio_url: str) -> None:
+    last = None
+    with client.azure_errors(f"following job {job_name}"):
+        while True:
+            status = _value(ml_client.jobs.get(job_name).status)
+            if status != last:
+                log.info("job %s: %s", job_name, status)
+                last = status
+            if status not in JOB_RUNNING:
+                break
+            time.sleep(JOB_POLL_S)
+    if status != JOB_COMPLETED:
+        raise RuntimeError(f"job {job_name} ended with status {status}, not {JOB_COMPLETED} (logs: {studio_url})")
+    log.info("job %s completed", job_name)
 
 
 def _stream_until_done(ml_client: "MLClient", job_name: str, studio_url: str) -> None:
