@@ -26,10 +26,20 @@ from typing import Any
 
 @dataclass
 class Exchange:
+    """One request a recording server saw, and what it answered (shared with test_promptflow's proxy)."""
+
     request: Any
     authorization: str
     status: int
     response: Any
+
+
+def serve_on_loopback(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, str]:
+    """Serve `handler` on a free port of 127.0.0.1 in a daemon thread; returns the server and its /score URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}/score"
 
 
 # The catalog scoring script's own words for a request it cannot read (its "correct input format").
@@ -83,10 +93,7 @@ class CatalogStandIn:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/score"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+        self.httpd, self.url = serve_on_loopback(Handler)
         return self
 
     def stop(self) -> None:

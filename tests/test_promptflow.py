@@ -23,10 +23,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,7 +35,7 @@ import requests
 import yaml
 
 import config
-from catalog_standin import CatalogStandIn
+from catalog_standin import CatalogStandIn, Exchange, serve_on_loopback
 from chat_flow.endpoint_client import encode_prompt
 from finetune_phi import pf_connection, pf_env
 
@@ -132,14 +131,6 @@ def stop_group(proc: subprocess.Popen) -> None:
 
 
 @dataclass
-class Exchange:
-    request: Any
-    authorization: str
-    status: int
-    response: Any
-
-
-@dataclass
 class RecordingProxy:
     upstream: str
     exchanges: list[Exchange] = field(default_factory=list)
@@ -169,10 +160,7 @@ class RecordingProxy:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/score"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+        self.httpd, self.url = serve_on_loopback(Handler)
         return self
 
     def stop(self) -> None:
