@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
+from conftest import REPO
 from finetune_phi.endpoint import KEY_ENV
 from finetune_phi.endpoint.__main__ import EXIT_PORT_BUSY, EXIT_USAGE
 from finetune_phi.endpoint.__main__ import main as endpoint_main
@@ -154,6 +155,28 @@ def test_score_prompt_is_wrapped_in_the_models_template_as_mlflow_does(engine: E
     # Tokenized with the tokenizer's defaults (as MLflow's pipeline does): Phi-3 adds no BOS, so the
     # ids are those of the chat template's rendering.
     assert templated.encode("Hi") == engine.encode([{"role": "user", "content": "Hi"}])
+
+
+def test_score_params_default_to_the_models_params_schema_as_mlflow_fills_them() -> None:
+    import sys
+
+    from finetune_phi.endpoint import schemas
+    from finetune_phi.endpoint.engine import ScoreDefaults
+    from finetune_phi.endpoint.server import _score_sampling
+
+    sys.path.insert(0, str(REPO / "finetuning_dir"))
+    import fine_tune
+
+    defaults = ScoreDefaults.from_params_schema(fine_tune.generation_params_schema())
+    assert defaults == ScoreDefaults(max_new_tokens=fine_tune.DEFAULT_MAX_NEW_TOKENS, do_sample=False, temperature=1.0,
+                                     top_p=1.0, top_k=50, repetition_penalty=1.0)  # fmt: skip
+    assert set(defaults.names()) == set(schemas.SCORE_PARAMS) == {p.name for p in fine_tune.generation_params_schema().params}
+    model, tokenizer = tiny_phi3()
+    engine = Engine(model, tokenizer, score_defaults=ScoreDefaults(max_new_tokens=7, top_k=9))
+    none = _score_sampling(None, engine)
+    assert (none.max_new_tokens, none.do_sample) == (7, False)
+    sampled = _score_sampling(schemas.GenerationParams(do_sample=True, temperature=0.5), engine)
+    assert (sampled.do_sample, sampled.temperature, sampled.top_k, sampled.max_new_tokens) == (True, 0.5, 9, 7)
 
 
 def test_greedy_is_reproducible_and_max_new_tokens_is_honoured(client: httpx.Client) -> None:

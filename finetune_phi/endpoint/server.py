@@ -366,7 +366,8 @@ def _score_sampling(options: schemas.GenerationParams | None, engine: Engine) ->
         temperature=float(values["temperature"]) if sample else 1.0,
         top_p=float(values["top_p"]),
         top_k=int(values["top_k"]),
-        repetition_penalty=float(values["repetition_penalty"]),
+        # 1.0 is no penalty (generate() adds no processor for it): None lets these rows batch with chat ones.
+        repetition_penalty=None if values["repetition_penalty"] == 1.0 else float(values["repetition_penalty"]),
     )
 
 
