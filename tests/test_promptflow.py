@@ -741,6 +741,17 @@ def test_each_flow_snapshot_holds_its_code_and_imports_nothing_from_outside() ->
 
 
 @pytest.mark.slow
+def test_azure_uploads_the_files_pf_puts_in_a_snapshot() -> None:
+    """Azure's code upload reads the same .amlignore with gitignore rules (azure-ai-ml 1.35.2's
+    get_upload_files_from_folder): it must pick the same files as Prompt flow's name patterns."""
+    from azure.ai.ml._utils._asset_utils import get_ignore_file, get_upload_files_from_folder
+
+    for folder in FLOWS.values():
+        uploaded = get_upload_files_from_folder(folder, ignore_file=get_ignore_file(folder))
+        assert {Path(local).relative_to(folder) for local, _ in uploaded} == set(flow_snapshot_files(folder))
+
+
+@pytest.mark.slow
 def test_the_snapshot_guard_hides_the_installed_project(rig: FlowRig, tmp_path: Path) -> None:
     """The control for the snapshot runs below: with the guard on, the project cannot be imported."""
     code = "import importlib.util as u; print([u.find_spec(m) is None for m in ('finetune_phi', 'config', 'chat_flow')])"
