@@ -108,6 +108,17 @@ QUOTA_ERROR = azure_error(
     "444444444444. Current usage/limit: 0/0. Additional needed: 24 Please see troubleshooting guide, "
     "available here: https://aka.ms/oe-tsg#error-outofquota",
 )
+CONTAINER_CRASH = {
+    "code": "ResourceNotReady",
+    "message": "User container has crashed or terminated: Liveness probe failed. Please see troubleshooting "
+               "guide, available here: https://aka.ms/oe-tsg#error-resourcenotready",
+}  # fmt: skip
+OUT_OF_QUOTA = {
+    "code": "OutOfQuota",
+    "message": "Not enough quota available for Standard_E8s_v3 in SubscriptionId 00000000-1111-2222-3333-"
+               "444444444444. Current usage/limit: 96/100. Additional needed: 16 Please see troubleshooting guide, "
+               "available here: https://aka.ms/oe-tsg#error-outofquota",
+}  # fmt: skip
 FORBIDDEN_ERROR = azure_error(
     "AuthorizationFailed",
     "The client 'user@example.com' with object id '00000000-0000-0000-0000-000000000000' does not have "
@@ -154,6 +165,9 @@ class AzureStandin:
         self.in_progress_polls = 0
         # GETs of a fine-tuning job that still see it Running (the SDK itself GETs it twice on submit).
         self.finetuning_running_gets = 3
+        # The error a Failed operation carries (the codes and texts of Azure's online-endpoint
+        # troubleshooting guide, https://aka.ms/oe-tsg).
+        self.operation_error = CONTAINER_CRASH
         self.sizes = [
             # recordings/compute/e2etests/test_compute.pyTestComputetest_compute_list_sizes... (trimmed)
             {"name": "Standard_NC24ads_A100_v4", "family": "standardNCADSA100v4Family", "vCPUs": 24, "gpus": 1,
@@ -477,11 +491,7 @@ class AzureStandin:
         body: dict[str, Any] = {"id": op["status_url"], "name": op["id"], "status": op["outcome"],
                                 "startTime": "2025-02-27T10:35:41.000Z", "endTime": "2025-02-27T10:36:41.000Z"}
         if op["outcome"] != "Succeeded":
-            body["error"] = {
-                "code": "ResourceNotReady",
-                "message": "User container has crashed or terminated: Liveness probe failed. Please see "
-                           "troubleshooting guide, available here: https://aka.ms/oe-tsg#error-resourcenotready",
-            }  # fmt: skip
+            body["error"] = copy.deepcopy(self.operation_error)
         return Response(200, body)
 
     def _finish(self, op: dict[str, Any]) -> None:

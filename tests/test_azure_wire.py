@@ -19,14 +19,15 @@ import yaml
 import config
 import deploy_model
 import setup_ml
-from azure_standin import BLOB_HOST, FORBIDDEN_ERROR, PRIMARY_KEY, QUOTA_ERROR, AzureStandin, FakeCredential, azure_error
+from azure_standin import BLOB_HOST, CONTAINER_CRASH, FORBIDDEN_ERROR, OUT_OF_QUOTA, PRIMARY_KEY, QUOTA_ERROR
+from azure_standin import AzureStandin, FakeCredential, azure_error
 from fake_mlclient import FILLED_IN, IDENTITY_CLIENT_ID, IDENTITY_RESOURCE_ID, RESOURCE_GROUP, SUBSCRIPTION, WORKSPACE
 from fake_mlclient import azure_settings
 from finetune_phi import common, training
 from finetune_phi.azure import client, entities, preflight, workflow
 
 JOB_NAME = "olden_forest_fb9r634swf"
-TRAINING_FILES = ["chat_format.py", "checkpoints.py", "fine_tune.py", "tiny_model.py"]
+TRAINING_FILES = sorted(p.name for p in training.FINETUNING_DIR.glob("*.py"))  # the code the job needs
 
 
 @pytest.fixture
@@ -158,6 +159,9 @@ def test_a_second_submission_reuses_cluster_environment_and_code(azure) -> None:
     assert not [r for r in again if r.method == "PUT" and "/computes/" in r.path]
     assert not [r for r in again if r.method == "POST" and r.path.endswith("/startPendingUpload")]
     assert len([r for r in again if r.method == "PUT" and "/jobs/" in r.path]) == 1
+    # The real finetuning_dir's snapshot: whatever local runs left there stays out (.amlignore).
+    uploaded = {Path(k).name for k in standin.uploaded_files() if "/finetuning_dir/" in k}
+    assert uploaded == set(TRAINING_FILES)
 
 
 @pytest.mark.slow
@@ -278,20 +282,25 @@ def test_redeploy_updates_the_endpoint_in_place_keeping_traffic_until_the_new_de
 
 
 @pytest.mark.slow
-def test_a_deployment_that_ends_failed_exits_1_with_the_logs_command_and_leaves_traffic(
-    azure, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
+@pytest.mark.parametrize("why", ["crash", "quota"])
+def test_a_deployment_that_ends_failed_exits_1_with_the_fix_and_leaves_traffic(
+    azure, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture, why: str
 ) -> None:
     s, standin = azure.settings, azure.standin
     _record_job(s)
     standin.deployment_outcome = "Failed"  # the operation ends Failed: the SDK's poller raises
+    standin.operation_error = {"crash": CONTAINER_CRASH, "quota": OUT_OF_QUOTA}[why]
     assert deploy_model.main(["--backend", "azure", "--no-connection"]) == 1
     (error,) = _errors(caplog)
     assert not [r for r in caplog.records if r.exc_info and not r.name.startswith("azure")]
     captured = capsys.readouterr()
     assert "Traceback" not in captured.out + captured.err
-    assert f"deployment {s.AZURE_DEPLOYMENT_NAME}" in error and "Liveness probe failed" in error
-    assert "traffic was left as it was" in error
-    assert f"az ml online-deployment get-logs --endpoint-name {s.AZURE_ENDPOINT_NAME}" in error
+    assert f"deployment {s.AZURE_DEPLOYMENT_NAME}" in error
+    if why == "crash":
+        assert "Liveness probe failed" in error and "traffic was left as it was" in error
+        assert f"az ml online-deployment get-logs --endpoint-name {s.AZURE_ENDPOINT_NAME}" in error
+    else:
+        assert "not enough quota" in error and "AZURE_DEPLOYMENT_INSTANCE_TYPE" in error
     assert len(standin.sent("PUT", "/onlineEndpoints/[^/]+$")) == 1  # created, never routed
     assert not standin.sent("POST", "/listKeys$") and not standin.sent("DELETE")
     assert not azure.env_file.exists() and "deployment" not in common.read_state(s)
