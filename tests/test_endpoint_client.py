@@ -230,6 +230,17 @@ def test_encoded_prompt_in_the_template_is_phi3s_chat_template_byte_for_byte(nam
     assert tokenizer(ours, add_special_tokens=False)["input_ids"] == tokenizer(expected, add_special_tokens=False)["input_ids"]
 
 
+def test_the_template_is_the_one_the_model_is_packaged_and_served_with() -> None:
+    import ast
+
+    from finetune_phi.endpoint import engine
+
+    source = (Path(__file__).resolve().parents[1] / "finetuning_dir" / "fine_tune.py").read_text(encoding="utf-8")
+    packaged = next(node.value.value for node in ast.parse(source).body if isinstance(node, ast.Assign)
+                    and any(getattr(t, "id", "") == "PROMPT_TEMPLATE" for t in node.targets))
+    assert ec.PROMPT_TEMPLATE == packaged == engine.PHI3_PROMPT_TEMPLATE
+
+
 def test_encode_prompt_refuses_conversations_the_template_cannot_hold() -> None:
     with pytest.raises(ValueError, match="start with a user message"):
         ec.encode_prompt([{"role": "assistant", "content": "hi"}])
