@@ -19,8 +19,9 @@ cloud_metadata={"resource_manager": <this server>, ...})` points every ARM call 
 
 Response shapes are copied (trimmed, ids rewritten) from Azure's sanitized SDK recordings in
 github.com/Azure/azure-sdk-assets, python/sdk/ml/azure-ai-ml/tests/recordings/... (cited next to each
-shape as `recordings/...`), and from the REST specs' examples in github.com/Azure/azure-rest-api-specs,
-specification/machinelearningservices/resource-manager/Microsoft.MachineLearningServices/....
+shape as `recordings/...`). Where no recording was read, the comment names the REST model the shape
+follows (azure-rest-api-specs, specification/machinelearningservices/..., as the SDK's generated
+models spell it) and says "not checked against a recording".
 
 Every request is recorded (`requests`): method, host, path, query, JSON body, headers without
 Authorization.
@@ -169,7 +170,8 @@ class AzureStandin:
         # troubleshooting guide, https://aka.ms/oe-tsg).
         self.operation_error = CONTAINER_CRASH
         self.sizes = [
-            # recordings/compute/e2etests/test_compute.pyTestComputetest_compute_list_sizes... (trimmed)
+            # the REST VirtualMachineSize (vmSizes list), with the wire names the SDK's arm_ml_service models
+            # map: vCPUs, memoryGB, osVhdSizeMB, ... (not checked against a recording)
             {"name": "Standard_NC24ads_A100_v4", "family": "standardNCADSA100v4Family", "vCPUs": 24, "gpus": 1,
              "osVhdSizeMB": 1047552, "maxResourceVolumeMB": 65536, "memoryGB": 220.0, "lowPriorityCapable": True,
              "premiumIO": True, "supportedComputeTypes": ["ComputeInstance", "AmlCompute"]},
@@ -189,7 +191,7 @@ class AzureStandin:
         self.runs: dict[str, dict[str, Any]] = {}  # job name -> run-history polls so far
         self.role_assignments: list[dict[str, Any]] = []  # of the managed identity
         self.identity = {
-            # the REST spec example ManagedIdentity/stable/2023-01-31/examples/IdentityGet.json (trimmed)
+            # the REST Identity of Microsoft.ManagedIdentity 2023-01-31 (not checked against a recording)
             "id": f"/subscriptions/{subscription}/resourcegroups/{resource_group}/providers/"
                   "Microsoft.ManagedIdentity/userAssignedIdentities/{name}",
             "type": "Microsoft.ManagedIdentity/userAssignedIdentities",
@@ -329,7 +331,8 @@ class AzureStandin:
             "sku": {"name": "Basic", "tier": "Basic"},
         })  # fmt: skip
         ds_id = f"{self.ws_id}/datastores/workspaceblobstore"
-        # recordings/datastore/e2etests/test_datastore.pyTestDatastoretest_blob_store.json (GET datastore; trimmed)
+        # recordings/finetuning_job/e2e_tests/test_maap_finetuning_job.pyTestCustomModelFineTuningJob_MaaP
+        # test_using_aml_compute.json (its first entry: GET datastores/workspaceblobstore; trimmed)
         self.put_resource(ds_id, {
             "id": ds_id, "name": "workspaceblobstore", "type": "Microsoft.MachineLearningServices/workspaces/datastores",
             "properties": {
@@ -441,6 +444,7 @@ class AzureStandin:
         resource["properties"]["provisioningState"] = "Updating" if stored else "Creating"
         self.put_resource(arm_id, resource)
         op = self._new_operation(arm_id, outcome, final_resource_state=outcome, compute=kind == "computes")
+        op["working"] = "Updating" if stored else "Creating"
         # recordings/online_services/e2etests/test_online_deployment.pyTestOnlineDeploymenttest_online_deployment_create.json:
         # PUT onlineEndpoints -> 201, Azure-AsyncOperation .../mfeOperationsStatus/<id>, Location <the resource>
         return Response(200 if stored else 201, resource, {
@@ -452,8 +456,8 @@ class AzureStandin:
 
     def _delete(self, arm_id: str) -> Response:
         op = self._new_operation(arm_id, "Succeeded", delete=True)
-        # recordings/online_services/e2etests/test_online_endpoint.pyTestOnlineEndpointtest_online_endpoint_e2e.json:
-        # DELETE onlineEndpoints -> 202 with Location .../mfeOperationResults/<id> and Azure-AsyncOperation
+        # ARM's asynchronous delete: 202 with Location .../mfeOperationResults/<id> and Azure-AsyncOperation
+        # (not checked against a recording)
         return Response(202, None, {
             "Azure-AsyncOperation": op["status_url"], "Location": op["result_url"], "Retry-After": "1",
         })  # fmt: skip
@@ -467,7 +471,7 @@ class AzureStandin:
         status_kind = "computeOperationsStatus" if compute else "mfeOperationsStatus"
         op = {
             "id": op_id, "arm_id": arm_id, "outcome": outcome, "polls": 0, "delete": delete,
-            "final_state": final_resource_state, "finished_at": None,
+            "final_state": final_resource_state, "finished_at": None, "compute": compute, "working": "Deleting",
             "status_url": f"{base}/{status_kind}/{op_id}?api-version=2024-10-01",
             "result_url": f"{base}/mfeOperationResults/{op_id}?api-version=2024-10-01",
         }
@@ -480,16 +484,23 @@ class AzureStandin:
             return Response(404, azure_error("NotFound", f"operation {op_id}"))
         op["polls"] += 1
         if op["polls"] <= self.in_progress_polls and which == "Status":  # as Azure answers while it works
-            # recordings/compute/...test_aml_compute_create_and_delete.json: {"status": "InProgress"}
-            return Response(200, {"id": op["status_url"], "name": op["id"], "status": "InProgress",
-                                  "startTime": "2025-02-27T10:35:41.000Z"}, {"Retry-After": "1"})  # fmt: skip
+            if op["compute"]:  # recordings/compute/...test_aml_compute_create_and_delete.json
+                return Response(200, {"status": "InProgress"}, {"Retry-After": "1"})
+            # recordings/online_services/.../test_online_deployment_create.json: a deployment's operation reads
+            # "Updating" (not "InProgress") with a zero endTime while it runs
+            return Response(200, {"id": op["status_url"], "name": op["id"], "status": op["working"],
+                                  "startTime": "2025-02-27T10:37:16.6388327+00:00",
+                                  "endTime": "0001-01-01T00:00:00+00:00", "percentComplete": 0.0},
+                            {"Retry-After": "1"})  # fmt: skip
         self._finish(op)
         if which == "Results":
             return Response(200 if not op["delete"] else 204, None)
         # recordings/online_services/.../test_online_deployment_create.json: GET mfeOperationsStatus ->
-        # {"id", "name", "status": "Succeeded", "startTime", "endTime"}; a failed one carries "error".
+        # {"id", "name", "status", "startTime", "endTime", "percentComplete"}; a failed one carries "error";
+        # recordings/compute/...: {"status": "Succeeded", "percentComplete": 100.0}
         body: dict[str, Any] = {"id": op["status_url"], "name": op["id"], "status": op["outcome"],
-                                "startTime": "2025-02-27T10:35:41.000Z", "endTime": "2025-02-27T10:36:41.000Z"}
+                                "startTime": "2025-02-27T10:37:16.6388327+00:00",
+                                "endTime": "2025-02-27T10:39:16.6388327+00:00", "percentComplete": 100.0}
         if op["outcome"] != "Succeeded":
             body["error"] = copy.deepcopy(self.operation_error)
         return Response(200, body)
@@ -540,14 +551,14 @@ class AzureStandin:
         props.setdefault("isArchived", False)
         props.setdefault("isAnonymous", False)
         if kind == "models":
-            # recordings/model/e2etests/test_model.pyTestModeltest_crud_file.json (PUT versions response: "flavors",
-            # "modelType", "modelUri", "jobName", ...). An mlflow_model registered from a job output gets the
-            # flavors the service reads from its MLmodel file.
+            # the REST ModelVersion ("flavors", "modelType", "modelUri", "jobName"): the SDK dereferences
+            # "flavors", which the service fills in from the MLmodel file (known-traps; not checked against
+            # a recording)
             props.setdefault("flavors", {"python_function": {"data": {"loader_module": "mlflow.transformers"}}})
             props.setdefault("jobName", None)
         if kind == "environments":
-            # recordings/environment/e2etests/test_environment.pyTestEnvironmenttest_create_update_and_get... :
-            # "environmentType": "UserCreated", "osType": "Linux", "autoRebuild": "OnBaseImageUpdate", "stage"
+            # the REST EnvironmentVersion: "environmentType": "UserCreated", "osType": "Linux", "autoRebuild"
+            # (not checked against a recording)
             props.setdefault("environmentType", "UserCreated")
             props.setdefault("osType", "Linux")
             props.setdefault("autoRebuild", "OnBaseImageUpdate")
@@ -564,8 +575,8 @@ class AzureStandin:
         self.put_resource(container_id, container)
 
     def _fill_jobs(self, res: dict[str, Any], stored: Any, arm_id: str) -> None:
-        # recordings/command_job/e2etests/test_command_job.pyTestCommandJobtest_command_job.json (PUT jobs response:
-        # status "Starting", services.Studio/Tracking endpoints, outputs "default" added; trimmed)
+        # A command job's PUT response as the SDK reads it: status, services.Studio/Tracking, each output's uri
+        # (the REST CommandJob; not checked against a recording). A fine-tuning job's is from its recording.
         props = res["properties"]
         name = res["name"]
         props["status"] = "Starting"
@@ -617,8 +628,9 @@ class AzureStandin:
         res["identity"] = identity
 
     def _fill_deployments(self, res: dict[str, Any], stored: Any, arm_id: str) -> None:
-        # recordings/online_services/.../test_online_deployment_create.json (PUT deployments response: "sku",
-        # properties.scaleSettings, livenessProbe/readinessProbe with defaults, requestSettings; trimmed)
+        # The REST ManagedOnlineDeployment as the service returns it: "sku", properties.scaleSettings,
+        # endpointComputeType. The SDK dereferences scaleSettings and sku (known-traps); the rest echoes the
+        # request (not checked against a recording).
         res.setdefault("location", LOCATION)
         res["kind"] = "Managed"
         props = res["properties"]
@@ -648,7 +660,7 @@ class AzureStandin:
     def _sizes_or_usages(self, req: Request, location: str, which: str) -> Response:
         if which == "vmSizes":
             return Response(200, {"value": self.sizes})
-        # the REST spec example .../examples/Usage/list.json (trimmed)
+        # the REST Usage list (name {value, localizedValue}, currentValue, limit; not checked against a recording)
         return Response(200, {"value": [
             {"id": f"/subscriptions/{self.sub}{ML}/locations/{location}/usages/{family}", "type":
              "Microsoft.MachineLearningServices/totalCores", "unit": "Count", "currentValue": used, "limit": limit,
@@ -657,8 +669,9 @@ class AzureStandin:
         ]})  # fmt: skip
 
     def _start_pending_upload(self, req: Request, name: str, version: str) -> Response:
-        # recordings/code/e2etests/test_code.pyTestCodetest_create_and_get.json? (POST startPendingUpload ->
-        # blobReferenceForConsumption.blobUri + credential.sasUri; trimmed)
+        # The REST PendingUploadResponseDto: blobReferenceForConsumption {blobUri, storageAccountArmId,
+        # credential {credentialType: "SAS", sasUri}}, pendingUploadId, pendingUploadType (not checked against
+        # a recording). The SAS URI points here: the SDK uploads wherever it says.
         blob_uri = f"{self.base_url}/{CONTAINER}/LocalUpload/{name}"
         return Response(200, {
             "blobReferenceForConsumption": {
@@ -671,13 +684,15 @@ class AzureStandin:
         })  # fmt: skip
 
     def _datastore_secrets(self, req: Request, name: str) -> Response:
-        # recordings/datastore/...: POST datastores/<name>/listSecrets -> {"secretsType": "AccountKey", "key"}
+        # recordings/finetuning_job/...test_using_aml_compute.json: POST listSecrets {"expirableSecret": true,
+        # "expireAfterHours": 1} -> {"secretsType": "Sas", "sasToken"}; an account-key datastore answers
+        # {"secretsType": "AccountKey", "key"} (Az PowerShell's recorded debug output)
         return Response(200, {"secretsType": "AccountKey", "key": "a2V5" * 22})
 
     def _list_keys(self, req: Request, name: str) -> Response:
         if self.get_resource(f"{self.ws_id}/onlineEndpoints/{name}") is None:
             return Response(404, azure_error("UserError", f"endpoint {name} not found"))
-        # recordings/online_services/.../test_online_endpoint_e2e.json: POST listKeys -> primaryKey/secondaryKey
+        # the REST EndpointAuthKeys: POST listKeys -> {"primaryKey", "secondaryKey"} (not checked against a recording)
         return Response(200, {"primaryKey": PRIMARY_KEY, "secondaryKey": "s" * 44})
 
     def _run_details(self, req: Request, run_id: str) -> Response:

@@ -344,7 +344,7 @@ def _grant_roles(standin: AzureStandin) -> None:
     workspace = standin.get_resource(standin.ws_id)["properties"]
     for role, scope in ((preflight.CONTRIBUTOR, group), (preflight.STORAGE_BLOB_DATA_READER, workspace["storageAccount"]),
                         (preflight.ACR_PULL, workspace["containerRegistry"])):  # fmt: skip
-        # the REST spec example authorization/.../examples/RoleAssignments_ListForSubscription.json (trimmed)
+        # the REST RoleAssignment of Microsoft.Authorization 2022-04-01 (not checked against a recording)
         standin.role_assignments.append({"properties": {
             "roleDefinitionId": f"/subscriptions/{SUBSCRIPTION}/providers/Microsoft.Authorization/roleDefinitions/{role}",
             "principalId": "pppppppp-0000-0000-0000-000000000000", "principalType": "ServicePrincipal", "scope": scope,
