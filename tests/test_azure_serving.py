@@ -173,13 +173,21 @@ def azure_env(script: Path, model_dir: Path, home: Path) -> dict[str, str]:
     }
 
 
+# `azmlinfsrv` itself, but bound to 127.0.0.1: it hard-codes 0.0.0.0 (constants.DEFAULT_HOST) and passes it
+# to gunicorn on the command line, which outranks GUNICORN_CMD_ARGS, so the constant is set before run().
+LOOPBACK_AZMLINFSRV = (
+    "import sys, azureml_inference_server_http.amlserver as server; server.DEFAULT_HOST = '127.0.0.1'; "
+    "sys.argv[0] = 'azmlinfsrv'; sys.exit(server.run())"
+)
+
+
 @pytest.fixture(scope="module")
 def azure(azureml_python: Path, demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzureServer]:
     script = scoring_script()
     home = tmp_path_factory.mktemp("azmlinfsrv-home")
     port = free_port()
     log_path = home / "azmlinfsrv.log"
-    argv = [str(azureml_python.parent / "azmlinfsrv"), "--entry_script", str(script), "--port", str(port)]
+    argv = [str(azureml_python), "-c", LOOPBACK_AZMLINFSRV, "--entry_script", str(script), "--port", str(port)]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(argv, cwd=home, env=azure_env(script, demo_model, home), stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
@@ -199,6 +207,7 @@ def azure(azureml_python: Path, demo_model: Path, tmp_path_factory: pytest.TempP
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
+        assert "Listening at: http://127.0.0.1:" in log_path.read_text(errors="replace"), server.log()
         yield server
     finally:
         os.killpg(proc.pid, 15)  # gunicorn's master and its worker: the session this fixture started
