@@ -81,7 +81,7 @@ class Request:
 
 @dataclass
 class Failure:
-    """Answer the first `times` requests matching `method` and `path_re` with `status` and `body`."""
+    """Answer the first `times` requests matching `method` ("*": any) and `path_re` with `status` and `body`."""
 
     method: str
     path_re: str
@@ -350,7 +350,8 @@ class AzureStandin:
         with self.lock:
             self.requests.append(req)
             for failure in self.failures:
-                if failure.times > 0 and failure.method == req.method and re.search(failure.path_re, req.path, re.I):
+                if (failure.times > 0 and failure.method in ("*", req.method)
+                        and re.search(failure.path_re, req.path, re.I)):  # fmt: skip
                     failure.times -= 1
                     return Response(failure.status, failure.body, {"x-ms-failure-cause": "service"})
             if req.host.split(":")[0].lower() == BLOB_HOST or req.path.startswith(f"/{CONTAINER}/"):

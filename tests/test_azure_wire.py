@@ -316,6 +316,21 @@ def test_permission_denied_on_the_endpoint_exits_1_naming_the_role(azure, caplog
     assert not azure.standin.sent("PUT", "/deployments/")
 
 
+def test_a_workspace_that_does_not_exist_exits_1_naming_the_values_to_check(
+    azure, caplog: pytest.LogCaptureFixture
+) -> None:
+    _record_job(azure.settings)
+    azure.standin.fail("*", f"^{azure.standin.ws_id}(/|$)", 404, azure_error(
+        "ResourceNotFound", f"The Resource 'Microsoft.MachineLearningServices/workspaces/{WORKSPACE}' under resource "
+        f"group '{RESOURCE_GROUP}' was not found."), times=99)  # fmt: skip
+    assert deploy_model.main(["--backend", "azure", "--no-connection"]) == 1
+    (error,) = _errors(caplog)
+    assert error.startswith(f"registering model {azure.settings.AZURE_MODEL_NAME} from job {JOB_NAME}: Azure says")
+    assert "does not exist" in error and f"workspaces/{WORKSPACE}' under resource group" in error
+    assert "AZURE_ML_WORKSPACE_NAME" in error and "--check" in error
+    assert len(azure.standin.sent("PUT")) == 1  # the model registration, refused; nothing after it
+
+
 def test_deployment_quota_refusal_names_the_instance_type(azure, caplog: pytest.LogCaptureFixture) -> None:
     _record_job(azure.settings)
     azure.standin.fail("PUT", "/deployments/", 400, QUOTA_ERROR)

@@ -138,6 +138,12 @@ def azure_errors(action: str, quota_hint: str = "", failed_hint: str = "") -> It
         reason = _first_line(exc)
         if is_quota_error(exc):
             raise RuntimeError(f"{action}: not enough quota ({reason}). {quota_hint}".strip()) from exc
+        if exc.status_code == 404:
+            raise RuntimeError(
+                f"{action}: Azure says it does not exist ({reason}); check AZURE_SUBSCRIPTION_ID, "
+                "AZURE_RESOURCE_GROUP_NAME, AZURE_ML_WORKSPACE_NAME and the names you passed "
+                "(`python deploy_model.py --backend azure --check` verifies the workspace)"
+            ) from exc
         if exc.status_code == 403:
             raise RuntimeError(
                 f"{action}: permission denied ({reason}). Your account needs at least the Contributor role "
