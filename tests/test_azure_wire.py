@@ -186,11 +186,17 @@ def test_catalog_job_is_a_finetuning_job_followed_to_its_end_and_deploys_as_azur
     job_name = job_put.path.rsplit("/", 1)[-1]
     assert f"/runs/{job_name}?wsid=/subscriptions/{SUBSCRIPTION}/" in common.read_state(s)["training"]["studio_url"]
 
-    assert deploy_model.main(["--backend", "azure", "--no-connection"]) == 0
+    # With the Prompt flow connection this time (its store lives under the test's STATE_DIR).
+    assert deploy_model.main(["--backend", "azure"]) == 0, _errors(caplog)
     (model_put,) = standin.sent("PUT", "/models/")
     assert model_put.json["properties"]["modelUri"] == f"azureml://jobs/{job_name}/outputs/registered_model"
     assert common.read_state(s)["deployment"]["kind"] == "azure-catalog"
     assert config.read_dotenv(azure.env_file)["AZURE_ML_ENDPOINT_KIND"] == "azure-catalog"
+    from finetune_phi import pf_connection
+
+    stored = pf_connection.read_connection(s, with_secret=True)
+    assert stored["configs"]["kind"] == "azure-catalog" and stored["secrets"]["key"] == PRIMARY_KEY
+    assert stored["configs"]["endpoint"] == config.read_dotenv(azure.env_file)["AZURE_ML_ENDPOINT"]
 
 
 def test_quota_refusal_of_the_cluster_exits_1_naming_size_and_fix(azure, caplog: pytest.LogCaptureFixture) -> None:
