@@ -312,6 +312,18 @@ def test_a_deployment_that_ends_failed_exits_1_with_the_fix_and_leaves_traffic(
     assert not azure.env_file.exists() and "deployment" not in common.read_state(s)
 
 
+def test_an_endpoint_that_ends_failed_exits_1_before_any_deployment(azure, caplog: pytest.LogCaptureFixture) -> None:
+    s, standin = azure.settings, azure.standin
+    _record_job(s)
+    standin.endpoint_outcome = "Failed"
+    standin.operation_error = {"code": "BadArgument", "message": "User-assigned identity is not in this tenant."}
+    assert deploy_model.main(["--backend", "azure", "--no-connection"]) == 1
+    (error,) = _errors(caplog)
+    assert error.startswith(f"endpoint {s.AZURE_ENDPOINT_NAME} failed: (BadArgument) User-assigned identity")
+    assert f"az ml online-endpoint show -n {s.AZURE_ENDPOINT_NAME}" in error
+    assert not standin.sent("PUT", "/deployments/") and not standin.sent("DELETE")
+
+
 def test_permission_denied_on_the_endpoint_exits_1_naming_the_role(azure, caplog: pytest.LogCaptureFixture) -> None:
     _record_job(azure.settings)
     azure.standin.fail("PUT", "/onlineEndpoints/[^/]+$", 403, FORBIDDEN_ERROR)

@@ -294,7 +294,8 @@ def ensure_endpoint(ml_client: "MLClient", settings: config.Settings) -> Any:
 
     name = settings.AZURE_ENDPOINT_NAME
     desired = entities.endpoint(settings)
-    with client.azure_errors(f"endpoint {name}"):
+    show = f"see it in ml.azure.com → Endpoints, or `az ml online-endpoint show -n {name}`"
+    with client.azure_errors(f"endpoint {name}", failed_hint=show):
         try:
             existing = ml_client.online_endpoints.get(name)
         except ResourceNotFoundError:
@@ -306,10 +307,7 @@ def ensure_endpoint(ml_client: "MLClient", settings: config.Settings) -> Any:
         ml_client.online_endpoints.begin_create_or_update(desired).result()
         current = ml_client.online_endpoints.get(name)
     if _state_of(current) != SUCCEEDED:
-        raise RuntimeError(
-            f"endpoint {name} is in state {_state_of(current) or 'unknown'}, not {SUCCEEDED}: see it in "
-            f"ml.azure.com → Endpoints, or `az ml online-endpoint show -n {name}`"
-        )
+        raise RuntimeError(f"endpoint {name} is in state {_state_of(current) or 'unknown'}, not {SUCCEEDED}: {show}")
     return current
 
 
