@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -49,42 +49,26 @@ CATALOG_FORMAT = (
 )
 
 
-@dataclass
-class CatalogStandIn:
-    key: str
-    exchanges: list[Exchange] = field(default_factory=list)
-    url: str = ""
+class RecordingServer:
+    """A JSON server on 127.0.0.1 that records every POST; subclasses say what to answer."""
 
-    @staticmethod
-    def reply_to(body: Any) -> tuple[int, Any]:
-        data = body.get("input_data") if isinstance(body, dict) else None
-        messages = data.get("input_string") if isinstance(data, dict) else None
-        if not isinstance(messages, list) or not messages or not isinstance(data.get("parameters", {}), dict):
-            return 400, {"error": f"Expected input format: {CATALOG_FORMAT}"}
-        if not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages):
-            return 400, {"error": f"Expected input format: {CATALOG_FORMAT}"}
-        users = [m["content"] for m in messages if m["role"] == "user"]
-        # A leading space, as in the model card's sample output.
-        return 200, {"output": f" Catalog reply {len(users)} to: {users[-1] if users else ''}"}
+    def __init__(self) -> None:
+        self.exchanges: list[Exchange] = []
+        self.url = ""
 
-    def start(self) -> "CatalogStandIn":
-        standin = self
+    def handle(self, raw: bytes, headers: Any) -> tuple[Exchange, bytes]:
+        """The exchange to record for one POST body, and the response body to send."""
+        raise NotImplementedError
+
+    def start(self) -> Any:
+        server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                auth = self.headers.get("Authorization", "")
-                try:
-                    body: Any = json.loads(raw or b"null")
-                except ValueError:
-                    body = raw.decode("utf-8", "replace")
-                if auth != f"Bearer {standin.key}":
-                    status, answer = 401, {"message": "Invalid authentication"}
-                else:
-                    status, answer = standin.reply_to(body)
-                standin.exchanges.append(Exchange(body, auth, status, answer))
-                data = json.dumps(answer).encode()
-                self.send_response(status)
+                exchange, data = server.handle(raw, self.headers)
+                server.exchanges.append(exchange)
+                self.send_response(exchange.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -102,3 +86,33 @@ class CatalogStandIn:
 
     def since(self, n: int) -> list[Exchange]:
         return self.exchanges[n:]
+
+
+class CatalogStandIn(RecordingServer):
+    def __init__(self, key: str) -> None:
+        super().__init__()
+        self.key = key
+
+    @staticmethod
+    def reply_to(body: Any) -> tuple[int, Any]:
+        data = body.get("input_data") if isinstance(body, dict) else None
+        messages = data.get("input_string") if isinstance(data, dict) else None
+        if not isinstance(messages, list) or not messages or not isinstance(data.get("parameters", {}), dict):
+            return 400, {"error": f"Expected input format: {CATALOG_FORMAT}"}
+        if not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages):
+            return 400, {"error": f"Expected input format: {CATALOG_FORMAT}"}
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        # A leading space, as in the model card's sample output.
+        return 200, {"output": f" Catalog reply {len(users)} to: {users[-1] if users else ''}"}
+
+    def handle(self, raw: bytes, headers: Any) -> tuple[Exchange, bytes]:
+        auth = headers.get("Authorization", "")
+        try:
+            body: Any = json.loads(raw or b"null")
+        except ValueError:
+            body = raw.decode("utf-8", "replace")
+        if auth != f"Bearer {self.key}":
+            status, answer = 401, {"message": "Invalid authentication"}
+        else:
+            status, answer = self.reply_to(body)
+        return Exchange(body, auth, status, answer), json.dumps(answer).encode()

@@ -24,8 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,7 +34,7 @@ import requests
 import yaml
 
 import config
-from catalog_standin import CatalogStandIn, Exchange, serve_on_loopback
+from catalog_standin import CatalogStandIn, Exchange, RecordingServer
 from chat_flow.endpoint_client import encode_prompt
 from finetune_phi import pf_connection, pf_env
 
@@ -130,45 +129,19 @@ def stop_group(proc: subprocess.Popen) -> None:
 # --- a recording pass-through proxy in front of the real endpoint --------------------------------------
 
 
-@dataclass
-class RecordingProxy:
-    upstream: str
-    exchanges: list[Exchange] = field(default_factory=list)
-    url: str = ""
+class RecordingProxy(RecordingServer):
+    def __init__(self, upstream: str) -> None:
+        super().__init__()
+        self.upstream = upstream
 
-    def start(self) -> "RecordingProxy":
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")}
-                upstream = requests.post(proxy.upstream, data=raw, headers=headers, timeout=120)
-                try:
-                    decoded = upstream.json()
-                except ValueError:
-                    decoded = upstream.text
-                proxy.exchanges.append(
-                    Exchange(json.loads(raw), self.headers.get("Authorization", ""), upstream.status_code, decoded)
-                )
-                self.send_response(upstream.status_code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(upstream.content)))
-                self.end_headers()
-                self.wfile.write(upstream.content)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd, self.url = serve_on_loopback(Handler)
-        return self
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def since(self, n: int) -> list[Exchange]:
-        return self.exchanges[n:]
+    def handle(self, raw: bytes, headers: Any) -> tuple[Exchange, bytes]:
+        forwarded = {k: v for k, v in headers.items() if k.lower() in ("authorization", "content-type")}
+        upstream = requests.post(self.upstream, data=raw, headers=forwarded, timeout=120)
+        try:
+            decoded = upstream.json()
+        except ValueError:
+            decoded = upstream.text
+        return Exchange(json.loads(raw), headers.get("Authorization", ""), upstream.status_code, decoded), upstream.content
 
 
 # --- fixtures -----------------------------------------------------------------------------------------
