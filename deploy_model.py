@@ -90,10 +90,7 @@ def run_azure(settings: config.Settings, args: argparse.Namespace) -> int:
             log.info("%s", line)
         return 0
     info = workflow.deploy(settings, job_name=args.job_name)
-    # AzureDeployInfo.kind says which deployment workflow.deploy made; until it carries one, the
-    # command-mode job's no-code MLflow deployment is the only kind it makes.
-    kind = getattr(info, "kind", "azure-mlflow")
-    publish(settings, info.scoring_uri, info.key, kind, connection=not args.no_connection)
+    publish(settings, info.scoring_uri, info.key, info.kind, connection=not args.no_connection)
     return 0
 
 

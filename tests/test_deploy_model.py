@@ -42,9 +42,8 @@ def test_azure_deploy_publishes_the_kind_of_deployment_it_made(tmp_path: Path, m
     monkeypatch.setattr(deploy_model, "publish", lambda s, uri, key, kind, connection: published.append(kind))
     args = SimpleNamespace(dry_run=None, check=False, teardown=False, job_name=None, no_connection=True)
     settings = _settings(tmp_path)
-    info = SimpleNamespace(scoring_uri="https://e/score", key="k")  # an AzureDeployInfo without `kind`
-    monkeypatch.setattr(workflow, "deploy", lambda s, job_name=None: info)
-    assert deploy_model.run_azure(settings, args) == 0
-    info.kind = "azure-catalog"
-    assert deploy_model.run_azure(settings, args) == 0
+    for kind in ("azure-mlflow", "azure-catalog"):
+        info = workflow.AzureDeployInfo("e", "d", "https://e/score", "azureml:m:1", "job", key="k", kind=kind)
+        monkeypatch.setattr(workflow, "deploy", lambda s, job_name=None: info)
+        assert deploy_model.run_azure(settings, args) == 0
     assert published == ["azure-mlflow", "azure-catalog"]
