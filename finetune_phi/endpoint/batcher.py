@@ -13,6 +13,11 @@ Cancellation: a caller whose await is cancelled (e.g. `asyncio.wait_for` timing 
 work cancelled. Queued work is then dropped before generation; rows already generating are marked
 finished at the next step, and a batch whose callers have all gone stops early.
 
+Streaming hook: `submit(..., on_tokens=f)` calls `f(row, ids)` on the generation thread as each
+row of the request gets new token ids; joined in order they are the row's result ids (so they
+may run past a stop token, as the result does). `f` must be quick and thread-safe (the server's
+hands the ids to its event loop with call_soon_threadsafe).
+
 Continuous batching (transformers' ContinuousBatchingManager) was measured against this on the
 2-core CPU with the tiny model: see bench/RESULTS.md ("Serving").
 """
@@ -28,7 +33,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Sequence
 
 from finetune_phi.endpoint.engine import Completion, Engine, Message, SamplingParams
 
@@ -75,6 +80,7 @@ class _Work:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[list[list[int]]]
     cancelled: bool = False
+    on_tokens: Callable[[int, list[int]], None] | None = None  # the streaming hook (module docstring)
     enqueued_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -142,8 +148,15 @@ class Batcher:
     def queue_full(self) -> bool:
         return self.queued >= self.max_queue
 
-    async def submit(self, conversations: Sequence[Sequence[Message] | str], params: SamplingParams) -> list[Completion]:
-        """One completion per conversation. Raises QueueFull, InputTooLong, or the generation's error."""
+    async def submit(
+        self,
+        conversations: Sequence[Sequence[Message] | str],
+        params: SamplingParams,
+        on_tokens: Callable[[int, list[int]], None] | None = None,
+    ) -> list[Completion]:
+        """One completion per conversation. Raises QueueFull, InputTooLong, or the generation's error.
+
+        `on_tokens(row, ids)` receives each row's new ids as they are generated (module docstring)."""
         if not conversations:
             return []
         with self._cond:
@@ -166,6 +179,7 @@ class Batcher:
             key=batch_key(params),
             loop=loop,
             future=loop.create_future(),
+            on_tokens=on_tokens,
         )
         with self._cond:
             self._queue.append(work)
@@ -277,7 +291,7 @@ class Batcher:
 
         started = time.perf_counter()
         try:
-            new_ids = self.engine.generate_ids(rows, limits, batch[0].params, cancelled)
+            new_ids = self.engine.generate_ids(rows, limits, batch[0].params, cancelled, _stream_to(batch))
         except BaseException as exc:  # handed to every caller of this batch, who re-raises it
             log.error("generate failed for a batch of %d requests: %s", len(batch), exc, exc_info=exc)
             for work in batch:
@@ -292,6 +306,22 @@ class Batcher:
         for work in batch:
             _deliver(work, result=new_ids[start : start + len(work.rows)])
             start += len(work.rows)
+
+
+def _stream_to(batch: list[_Work]) -> Callable[[list[int]], None] | None:
+    """The engine's per-step callback, dispatching each row's new id to its request's on_tokens."""
+    if not any(w.on_tokens for w in batch):
+        return None
+    targets = [(w, j, limit) for w in batch for j, limit in enumerate(w.limits)]
+    sent = [0] * len(targets)
+
+    def on_step(ids: list[int]) -> None:
+        for i, ((work, row, limit), token) in enumerate(zip(targets, ids)):
+            if work.on_tokens is not None and not work.cancelled and sent[i] < limit:
+                sent[i] += 1
+                work.on_tokens(row, [token])
+
+    return on_step
 
 
 def _deliver(work: _Work, result: list[list[int]] | None = None, error: BaseException | None = None) -> None:

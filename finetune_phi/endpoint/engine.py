@@ -261,6 +261,7 @@ class Engine:
         limits: Sequence[int],
         params: SamplingParams,
         cancelled: Callable[[], Sequence[bool]] | None = None,
+        on_step: Callable[[list[int]], None] | None = None,
     ) -> list[list[int]]:
         """The new token ids for each prompt row, from ONE `model.generate` over the left-padded rows.
 
@@ -270,6 +271,9 @@ class Engine:
         holds after it finished (padding) is never returned. Greedy rows come out the same as when
         generated alone: left padding plus the attention mask, from which generate() derives
         position ids, make padding invisible to the model.
+
+        Streaming hook: `on_step(ids)`, if given, is called on this thread after every decoding step
+        with the one new token id of each row (a finished row gets padding, as in the result).
         """
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
@@ -313,6 +317,8 @@ class Engine:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if params.repetition_penalty is not None:
             kwargs["repetition_penalty"] = params.repetition_penalty
+        if on_step is not None:
+            kwargs["streamer"] = _StepStreamer(on_step)
         with self._lock, torch.inference_mode():
             if params.seed is not None:
                 torch.manual_seed(params.seed)
@@ -331,6 +337,23 @@ class Engine:
             kept, counted, reason = new_ids[:stop], stop + 1, "stop"
         text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
         return Completion(text=text, prompt_tokens=int(prompt_tokens), completion_tokens=counted, finish_reason=reason)
+
+
+class _StepStreamer:
+    """transformers' streamer protocol (put the prompt once, then each step's tokens; end) as a callback."""
+
+    def __init__(self, on_step: Callable[[list[int]], None]) -> None:
+        self.on_step = on_step
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt ids
+            self.prompt_seen = True
+            return
+        self.on_step([int(t) for t in value.reshape(-1).tolist()])
+
+    def end(self) -> None:
+        pass
 
 
 def served_name(model_uri: str) -> str:
