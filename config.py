@@ -28,6 +28,7 @@ BACKENDS = ("local", "azure")
 # "local" = finetune_phi.endpoint; "azure-mlflow" = Azure's no-code deployment of our MLflow model;
 # "azure-catalog" = a model-catalog fine-tuned Phi-3 deployment.
 ENDPOINT_KINDS = ("local", "azure-mlflow", "azure-catalog")
+ENDPOINT_DTYPES = ("auto", "float32", "bfloat16", "float16")  # finetune_phi.endpoint.loading.DTYPES
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,15 @@ class Settings:
     ENDPOINT_REQUEST_TIMEOUT_S: float = 90.0  # past it: 408 and the request's generation is abandoned
     ENDPOINT_MAX_BODY_BYTES: int = 1_048_576  # larger bodies: 413
     ENDPOINT_GRACEFUL_SHUTDOWN_S: float = 30.0  # SIGTERM lets requests in flight finish this long
+    # Load policy (finetune_phi/endpoint/loading.py). dtype auto: bfloat16 on CUDA; on a CPU float32
+    # unless it has native bf16 units (avx512_bf16/amx_bf16) and the weights were saved in 16 bits.
+    ENDPOINT_DTYPE: str = "auto"  # auto, float32, bfloat16 or float16
+    ENDPOINT_DEVICE: str = "auto"  # auto (CUDA if torch sees one), cpu, cuda or cuda:N
+    # Prompt + new tokens per conversation; 0 = the model's own context (4096 for Phi-3-mini-4k). The
+    # endpoint refuses to start when weights + the KV cache of ENDPOINT_MAX_CONCURRENT_REQUESTS such
+    # contexts exceed free memory (or ENDPOINT_MEMORY_BUDGET_MB when > 0): lower one of them.
+    ENDPOINT_MAX_CONTEXT_TOKENS: int = 0
+    ENDPOINT_MEMORY_BUDGET_MB: int = 0
     # The .env file read here and written by deploy_model.py. Only the environment can move it
     # (a .env cannot name itself); tests point it at a temp file so a user's .env is never touched.
     ENV_FILE: str = ".env"
@@ -251,6 +261,14 @@ def _check_values(s: Settings) -> list[str]:
     for name in ("ENDPOINT_MAX_CONCURRENT_REQUESTS", "ENDPOINT_REQUEST_TIMEOUT_S", "ENDPOINT_MAX_BODY_BYTES"):
         if getattr(s, name) <= 0:
             problems.append(f"{name}={getattr(s, name)}: use a positive number")
+    if s.ENDPOINT_DTYPE not in ENDPOINT_DTYPES:
+        problems.append(f"ENDPOINT_DTYPE={s.ENDPOINT_DTYPE!r}: use one of {', '.join(ENDPOINT_DTYPES)}")
+    device, _, index = s.ENDPOINT_DEVICE.partition(":")
+    if s.ENDPOINT_DEVICE not in ("auto", "cpu", "cuda") and not (device == "cuda" and index.isdigit()):
+        problems.append(f"ENDPOINT_DEVICE={s.ENDPOINT_DEVICE!r}: use auto, cpu, cuda or cuda:N")
+    for name in ("ENDPOINT_MAX_CONTEXT_TOKENS", "ENDPOINT_MEMORY_BUDGET_MB"):
+        if getattr(s, name) < 0:
+            problems.append(f"{name}={getattr(s, name)}: use 0 (no limit of its own) or a positive number")
     for name in ("LOCAL_ENDPOINT_PORT",):
         if not 0 < getattr(s, name) < 65536:
             problems.append(f"{name}={getattr(s, name)}: use a TCP port between 1 and 65535")

@@ -332,6 +332,10 @@ def start_server(
         "--request-timeout-s", repr(settings.ENDPOINT_REQUEST_TIMEOUT_S),
         "--max-body-bytes", str(settings.ENDPOINT_MAX_BODY_BYTES),
         "--graceful-shutdown-s", repr(settings.ENDPOINT_GRACEFUL_SHUTDOWN_S),
+        "--dtype", settings.ENDPOINT_DTYPE,
+        "--device", settings.ENDPOINT_DEVICE,
+        "--max-context-tokens", str(settings.ENDPOINT_MAX_CONTEXT_TOKENS),
+        "--memory-budget-mb", str(settings.ENDPOINT_MEMORY_BUDGET_MB),
     ]  # fmt: skip
     env = {**os.environ, **mlflow_env(settings), KEY_ENV: key}
     offset = log_path.stat().st_size if log_path.is_file() else 0

@@ -31,9 +31,12 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from finetune_phi.endpoint import KEY_ENV
 from finetune_phi.endpoint.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENT_REQUESTS, DEFAULT_REQUEST_TIMEOUT_S
+from finetune_phi.endpoint.loading import DTYPES, LoadPolicy, NotEnoughMemory, check_decode_speed, valid_device
 
 if TYPE_CHECKING:
     import uvicorn
+
+    from finetune_phi.endpoint.engine import Engine
 
 log = logging.getLogger("finetune_phi.endpoint")
 
@@ -48,6 +51,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, not {text}")
     return value
 
 
@@ -96,8 +106,53 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_GRACEFUL_SHUTDOWN_S,
         help="on SIGTERM, how long requests in flight may still run (default: %(default)s)",
     )
+    load = parser.add_argument_group("load policy (finetune_phi/endpoint/loading.py)")
+    load.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="weights dtype: auto = bfloat16 on CUDA; on a CPU float32 unless it has native bf16 and the "
+        "weights were saved in 16 bits (default: %(default)s; ENDPOINT_DTYPE)",
+    )
+    load.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s; ENDPOINT_DEVICE)")
+    load.add_argument(
+        "--max-context-tokens",
+        type=_non_negative_int,
+        default=0,
+        help="prompt + new tokens per conversation; 0 = the model's context (default: %(default)s; ENDPOINT_MAX_CONTEXT_TOKENS)",
+    )
+    load.add_argument(
+        "--memory-budget-mb",
+        type=_non_negative_int,
+        default=0,
+        help="memory the model may use (weights + KV cache for --max-concurrent-requests full contexts); "
+        "0 = what is free on the device (default: %(default)s; ENDPOINT_MEMORY_BUDGET_MB)",
+    )
+    load.add_argument(
+        "--no-memory-check", action="store_true", help="start even when the estimate says the model does not fit"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     return parser
+
+
+def load_policy(args: argparse.Namespace) -> LoadPolicy:
+    return LoadPolicy(
+        dtype=args.dtype,
+        device=args.device,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_context_tokens=args.max_context_tokens,
+        memory_budget_mb=args.memory_budget_mb,
+        check_memory=not args.no_memory_check,
+    )
+
+
+def load_engine(args: argparse.Namespace, name: str) -> "Engine":
+    """The engine under the load policy, warmed up by one short generate that also checks the timeout."""
+    from finetune_phi.endpoint.engine import Engine
+
+    engine = Engine.from_mlflow(args.model_uri, name, policy=load_policy(args))
+    check_decode_speed(engine, args.request_timeout_s)
+    return engine
 
 
 def is_loopback(host: str) -> bool:
@@ -195,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     warn_if_exposed(args.host)
+    if not valid_device(args.device):
+        log.error("--device %s: use auto, cpu, cuda or cuda:N", args.device)
+        return EXIT_USAGE
     key = os.environ.get(KEY_ENV, "")
     if not key:
         log.error("set %s to the endpoint key (deploy_model.py does this for you)", KEY_ENV)
@@ -208,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
     from finetune_phi.common import redact
-    from finetune_phi.endpoint.engine import Engine, served_name
+    from finetune_phi.endpoint.engine import served_name
     from finetune_phi.endpoint.server import create_app
 
     name = args.served_model_name or served_name(args.model_uri)
@@ -226,7 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.load_before_listen:
         try:
-            engine = Engine.from_mlflow(args.model_uri, name)
+            engine = load_engine(args, name)
+        except NotEnoughMemory as exc:  # the message says what to change: no traceback
+            log.error("%s", exc)
+            return EXIT_LOAD_FAILED
         except Exception as exc:  # any load failure ends this process; the deployer shows this log
             log.error("could not load %s: %s", args.model_uri, exc, exc_info=exc)
             log.error("not serving: could not load %s (%s)", args.model_uri, exc)
@@ -234,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         app = create_app(key, engine=engine, model_name=name, **limits)
     else:
         app = create_app(
-            key, loader=lambda: Engine.from_mlflow(args.model_uri, name), model_name=name, on_load_error=stop, **limits
+            key, loader=lambda: load_engine(args, name), model_name=name, on_load_error=stop, **limits
         )
     log.info(
         "limits: %d requests in flight, %g s per request, %d-byte bodies; %g s to finish on SIGTERM",

@@ -10,7 +10,10 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:
+    from finetune_phi.endpoint.loading import LoadPolicy
 
 log = logging.getLogger(__name__)
 
@@ -160,30 +163,49 @@ class Engine:
         )
 
     @classmethod
-    def from_mlflow(cls, model_uri: str, name: str | None = None) -> "Engine":
+    def from_mlflow(cls, model_uri: str, name: str | None = None, policy: "LoadPolicy | None" = None) -> "Engine":
         """Load a transformers model logged with MLflow (e.g. `models:/NAME/VERSION`).
 
         Besides weights and tokenizer, the MLmodel gives what MLflow's own serving (and Azure's
         scoring script) applies to a prompt string: the prompt template and the params-schema defaults.
+        `policy` (loading.py) sets device, dtype and context; before any weight is read, the
+        weights plus the KV cache its limits allow are checked against free memory (NotEnoughMemory).
         """
+        from pathlib import Path
+
         import mlflow.artifacts
         import mlflow.transformers
+        import torch
         from mlflow.models import Model
 
+        from finetune_phi.endpoint.loading import LoadPolicy, apply_plan, plan_load
+
+        policy = policy or LoadPolicy()
         local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
-        components = mlflow.transformers.load_model(local, return_type="components")
+        plan = plan_load(Path(local), policy)
+        # The dtype goes to from_pretrained, so weights are converted as they load (no second copy).
+        components = mlflow.transformers.load_model(local, return_type="components", torch_dtype=getattr(torch, plan.dtype))
         saved = Model.load(local)
         config = (saved.flavors.get("python_function") or {}).get("config") or {}
         if config.get("return_full_text"):
             log.warning("the model was saved with return_full_text; this endpoint returns the generated text only")
         signature = saved.signature
-        return cls(
-            components["model"],
+        engine = cls(
+            apply_plan(components["model"], plan),
             components["tokenizer"],
             name=name or served_name(model_uri),
             prompt_template=(saved.metadata or {}).get("prompt_template"),
             score_defaults=ScoreDefaults.from_params_schema(signature.params if signature else None),
         )
+        if plan.context < engine.max_context:
+            log.info("context limited to %d tokens (prompt + new tokens) by the load policy", plan.context)
+            engine.max_context = plan.context
+        return engine
+
+    @property
+    def device(self) -> Any:
+        """The model's device: build input tensors there."""
+        return self.model.device
 
     def _pad_token_id(self) -> int:
         tok = self.tokenizer
