@@ -29,6 +29,8 @@ BACKENDS = ("local", "azure")
 # "azure-catalog" = a model-catalog fine-tuned Phi-3 deployment.
 ENDPOINT_KINDS = ("local", "azure-mlflow", "azure-catalog")
 ENDPOINT_DTYPES = ("auto", "float32", "bfloat16", "float16")  # finetune_phi.endpoint.loading.DTYPES
+# The scores fine_tune.py logs that the deploy gate can use as its primary metric (higher is better).
+EVAL_GATE_METRICS = ("f1", "rougeL", "exact_match", "contains")
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,24 @@ class Settings:
     # > 0: checkpoint every N optimizer steps; a killed local run resumes when setup_ml.py is run
     # again (checkpoints in STATE_DIR/checkpoints, removed once the run finishes). 0 = none.
     SAVE_STEPS: int = 0
+
+    # --- evaluation (finetuning_dir/evaluation.py, the gate in deploy_model.py, eval_flow/) --------
+    # After training, the first EVAL_MAX_ROWS questions of the test split are answered greedily by the
+    # base and the fine-tuned model (two passes, batched) and scored; 0 skips it. Each answer stops at
+    # EVAL_MAX_NEW_TOKENS: one that reaches it counts as "did not stop".
+    EVAL_MAX_ROWS: int = 50
+    EVAL_MAX_NEW_TOKENS: int = 256
+    # deploy_model.py refuses a model whose EVAL_PRIMARY_METRIC (f1, rougeL, exact_match or contains)
+    # is more than EVAL_GATE_MARGIN below the base model's (same run) or the deployed model's, or whose
+    # stop rate is lower than either; --force deploys it anyway (and records that it was forced).
+    EVAL_PRIMARY_METRIC: str = "f1"
+    EVAL_GATE_MARGIN: float = 0.02
+    # An OpenAI-compatible judge for eval_flow/ (relevance, coherence, fluency, similarity through
+    # azure-ai-evaluation). Empty = the flow scores offline only and says which scores it skipped.
+    # Azure OpenAI: the resource URL (https://<name>.openai.azure.com) and the deployment name as model.
+    EVAL_JUDGE_ENDPOINT: str = ""
+    EVAL_JUDGE_API_KEY: str = ""  # secret: environment or .env only
+    EVAL_JUDGE_MODEL: str = ""
 
     # --- local backend ---------------------------------------------------------------------------
     STATE_DIR: str = ".finetune_phi"  # local state: MLflow store, endpoint pid/log, Prompt flow home
@@ -252,6 +272,14 @@ def _check_values(s: Settings) -> list[str]:
         problems.append(f"DATASET_PERCENT={s.DATASET_PERCENT}: use a percentage in (0, 100]")
     if not 0 < s.TEST_SIZE < 1:
         problems.append(f"TEST_SIZE={s.TEST_SIZE}: use a fraction in (0, 1), e.g. 0.2")
+    if s.EVAL_MAX_ROWS < 0:
+        problems.append(f"EVAL_MAX_ROWS={s.EVAL_MAX_ROWS}: use 0 (no evaluation) or a positive row count")
+    if s.EVAL_MAX_NEW_TOKENS <= 0:
+        problems.append(f"EVAL_MAX_NEW_TOKENS={s.EVAL_MAX_NEW_TOKENS}: use a positive token count")
+    if s.EVAL_PRIMARY_METRIC not in EVAL_GATE_METRICS:
+        problems.append(f"EVAL_PRIMARY_METRIC={s.EVAL_PRIMARY_METRIC!r}: use one of {', '.join(EVAL_GATE_METRICS)}")
+    if not 0 <= s.EVAL_GATE_MARGIN <= 1:
+        problems.append(f"EVAL_GATE_MARGIN={s.EVAL_GATE_MARGIN}: use a score difference in [0, 1], e.g. 0.02")
     if s.PEFT not in ("auto", "lora", "full"):
         problems.append(f"PEFT={s.PEFT!r}: use auto, lora or full")
     if s.AZURE_ML_ENDPOINT_KIND not in ENDPOINT_KINDS:

@@ -3,11 +3,14 @@
     python deploy_model.py                          # local: register in the local MLflow registry, start the local endpoint
     python deploy_model.py --teardown               # local: stop the local endpoint
     python deploy_model.py --rotate-key             # local: re-deploy with a fresh key
+    python deploy_model.py --force                  # deploy although the gate finds the model worse (either backend)
     python deploy_model.py --backend azure --dry-run dryrun/   # write model/endpoint/deployment YAML, no network
     python deploy_model.py --backend azure --check  # read-only preflight
     python deploy_model.py --backend azure          # register, create/update endpoint + deployment, route 100% traffic
     python deploy_model.py --backend azure --teardown   # delete the endpoint and scale the cluster to 0
 
+Before anything is registered, the gate (finetune_phi/gate.py) compares the run's evaluation with its
+base model and with the deployed model's run, and refuses a worse model unless --force.
 Either way the scoring URI, key and deployment kind land in ENV_FILE (default `.env`;
 AZURE_ML_ENDPOINT / AZURE_ML_API_KEY / AZURE_ML_ENDPOINT_KIND, mode 0600) and in the Prompt flow
 connection named PROMPTFLOW_CONNECTION_NAME (configs.endpoint, configs.kind, secrets.key), so the
@@ -33,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = common.base_parser(__doc__)
     parser.add_argument("--teardown", action="store_true", help="stop/delete the endpoint instead of deploying")
     parser.add_argument("--no-connection", action="store_true", help="do not create/update the Prompt flow connection")
+    parser.add_argument("--force", action="store_true",
+                        help="deploy even when the gate finds the model worse than its base model or the deployed one "
+                        "(EVAL_PRIMARY_METRIC, stop rate); the decision is recorded as forced")
     parser.add_argument("--rotate-key", action="store_true",
                         help="local: serve with a fresh key (written to ENV_FILE and the connection); the old key stops working")
     azure = parser.add_argument_group("azure backend")
@@ -70,7 +76,7 @@ def run_local(settings: config.Settings, args: argparse.Namespace) -> int:
     if args.teardown:
         log.info("%s", local_deploy.teardown(settings))
         return 0
-    info = local_deploy.deploy(settings, rotate_key=args.rotate_key)
+    info = local_deploy.deploy(settings, rotate_key=args.rotate_key, force=args.force)
     publish(settings, info.scoring_uri, info.key, "local", connection=not args.no_connection)
     log.info("endpoint serving %s at %s (pid %s, log %s)", info.model_uri, info.scoring_uri, info.pid, info.log_path)
     return 0
@@ -89,7 +95,7 @@ def run_azure(settings: config.Settings, args: argparse.Namespace) -> int:
         for line in workflow.teardown(settings):
             log.info("%s", line)
         return 0
-    info = workflow.deploy(settings, job_name=args.job_name)
+    info = workflow.deploy(settings, job_name=args.job_name, force=args.force)
     publish(settings, info.scoring_uri, info.key, info.kind, connection=not args.no_connection)
     return 0
 

@@ -31,6 +31,10 @@ DEMO_OVERRIDES = {
     # the tiny model takes a much higher rate than LoRA on real Phi-3 (config default 5e-5).
     "NUM_TRAIN_EPOCHS": "15",
     "LEARNING_RATE": "3e-3",
+    # Every demo answer is one short sentence (under 30 tokens); the base model never stops, so its
+    # answers run to this limit. All 24 held-out rows are evaluated.
+    "EVAL_MAX_ROWS": "24",
+    "EVAL_MAX_NEW_TOKENS": "48",
 }
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Iterator
 
 import config
-from finetune_phi import common
+from finetune_phi import common, gate
 from finetune_phi.endpoint import KEY_ENV
 from finetune_phi.training import mlflow_env, use_local_mlflow
 
@@ -392,24 +392,83 @@ def register_model(settings: config.Settings, source_uri: str) -> str:
     return str(version.version)
 
 
+# --- the gate (finetune_phi/gate.py) -------------------------------------------------------------------
+
+
+def _run_id(model_uri: str | None) -> str | None:
+    """runs:/<run_id>/model -> <run_id>."""
+    if not model_uri or not model_uri.startswith("runs:/"):
+        return None
+    return model_uri.removeprefix("runs:/").split("/", 1)[0] or None
+
+
+def run_metrics(settings: config.Settings, run_id: str) -> dict[str, float] | None:
+    """The metrics a training run logged, or None when the local store does not have the run."""
+    use_local_mlflow(settings)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return dict(mlflow.MlflowClient().get_run(run_id).data.metrics)
+    except MlflowException:
+        return None
+
+
+def check_gate(settings: config.Settings, source_uri: str, force: bool = False) -> gate.Decision:
+    """Compare the run about to be served with its base model and the running endpoint's run; raise
+    DeployError when it scores worse (unless `force`). A refusal is recorded in the state file and on the run."""
+    import mlflow
+
+    candidate = _run_id(source_uri) or source_uri
+    deployment = common.read_state(settings).get("deployment") or {}
+    serving = deployment.get("backend") == "local" and deployment.get("status") == "running"
+    deployed = _run_id(deployment.get("source_uri")) if serving else None
+    decision = gate.decide(
+        settings, f"run {candidate}", run_metrics(settings, candidate) or {},
+        deployed=f"run {deployed}" if deployed else None,
+        deployed_metrics=run_metrics(settings, deployed) if deployed else None, force=force,
+    )  # fmt: skip
+    common.update_state(settings, "gate", decision.record())
+    if decision.verdict != "unchecked":
+        mlflow.MlflowClient().set_tag(candidate, gate.TAG, decision.verdict)
+    try:
+        return gate.enforce(decision)
+    except gate.GateRefused as exc:
+        raise DeployError(str(exc)) from exc
+
+
+def tag_version(settings: config.Settings, version: str, decision: gate.Decision) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for key, value in decision.tags().items():
+        client.set_model_version_tag(settings.AZURE_MODEL_NAME, version, key, value)
+
+
 # --- deploy and teardown -------------------------------------------------------------------------------
 
 
 def deploy(
-    settings: config.Settings, ready_timeout: float = READY_TIMEOUT_S, rotate_key: bool = False
+    settings: config.Settings, ready_timeout: float = READY_TIMEOUT_S, rotate_key: bool = False, force: bool = False
 ) -> LocalDeployment:
     """Register the newest fine-tuned model and serve it, replacing a running endpoint in place.
+
+    First the gate (check_gate): a model that scores worse than its base model or the one being
+    served is refused with DeployError, unless `force`.
 
     With `rotate_key`, the new endpoint gets a fresh key, which replaces the stored one only once the
     new endpoint is ready: a failed rotation leaves the old endpoint and its key working.
     Raises DeployError at once if another deploy or teardown of this STATE_DIR is running.
     """
     with deploy_lock(settings):
-        return _deploy_locked(settings, ready_timeout, rotate_key)
+        return _deploy_locked(settings, ready_timeout, rotate_key, force)
 
 
-def _deploy_locked(settings: config.Settings, ready_timeout: float, rotate_key: bool = False) -> LocalDeployment:
+def _deploy_locked(
+    settings: config.Settings, ready_timeout: float, rotate_key: bool = False, force: bool = False
+) -> LocalDeployment:
     source_uri = trained_model_uri(settings)
+    decision = check_gate(settings, source_uri, force)
     host, port = settings.LOCAL_ENDPOINT_HOST, settings.LOCAL_ENDPOINT_PORT
     recorded_pid = _read_pid(settings)
     old_pid = running_pid(settings)
@@ -426,6 +485,7 @@ def _deploy_locked(settings: config.Settings, ready_timeout: float, rotate_key: 
             "stop it or set LOCAL_ENDPOINT_PORT to a free port"
         )
     version = register_model(settings, source_uri)
+    tag_version(settings, version, decision)
     model_uri = f"models:/{settings.AZURE_MODEL_NAME}/{version}"
     log.info("registered %s as %s", source_uri, model_uri)
     key = secrets.token_urlsafe(32) if rotate_key else get_or_create_key(settings)
@@ -472,6 +532,7 @@ def _deploy_locked(settings: config.Settings, ready_timeout: float, rotate_key: 
             "port": port,
             "pid": info.pid,
             "log_path": str(info.log_path),
+            "gate": decision.verdict,
             "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )

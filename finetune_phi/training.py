@@ -64,6 +64,8 @@ def fine_tune_args(
         "--lora-dropout", repr(settings.LORA_DROPOUT),
         "--seed", str(settings.SEED),
         "--save-steps", str(settings.SAVE_STEPS),
+        "--eval-max-rows", str(settings.EVAL_MAX_ROWS),
+        "--eval-max-new-tokens", str(settings.EVAL_MAX_NEW_TOKENS),
     ]  # fmt: skip
     return args
 

@@ -23,6 +23,10 @@ OFFLINE_ENV = {
     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
 }
 os.environ.update(OFFLINE_ENV)
+# Every fine-tune ends with a before/after evaluation (finetuning_dir/evaluation.py); tests that do not
+# check it keep it to a few short answers. Tests that check it pass their own limits.
+os.environ.setdefault("EVAL_MAX_ROWS", "4")
+os.environ.setdefault("EVAL_MAX_NEW_TOKENS", "8")
 # Prompt flow fixes its home when first imported: keep an in-process import away from ~/.promptflow.
 os.environ.setdefault("PF_HOME_DIRECTORY", tempfile.mkdtemp(prefix="finetune-phi-pf-home-"))
 

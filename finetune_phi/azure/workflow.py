@@ -13,6 +13,7 @@ Each public function takes `ml_client=` / `credential=` so tests can inject fake
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import config
-from finetune_phi import common
+from finetune_phi import common, gate
 from finetune_phi.azure import client, entities, preflight
 
 if TYPE_CHECKING:
@@ -311,14 +312,63 @@ def ensure_endpoint(ml_client: "MLClient", settings: config.Settings) -> Any:
     return current
 
 
+def job_metrics(ml_client: "MLClient", job_name: str) -> dict[str, float] | None:
+    """The before/after scores a command job's fine_tune.py recorded, or None when it recorded none.
+
+    Read from the job's tags (finetuning_dir/evaluation.py sets the run tag `eval_scores`, and a job's
+    MLflow run tags are the job's tags), through the same ARM API as every other call here: the
+    workspace's MLflow endpoint would need azureml-mlflow's own cloud lookup and credential.
+    """
+    from azure.core.exceptions import ResourceNotFoundError
+
+    with client.azure_errors(f"reading job {job_name}"):
+        try:
+            job = ml_client.jobs.get(job_name)
+        except ResourceNotFoundError:
+            log.warning("job %s not found in the workspace: no evaluation to compare", job_name)
+            return None
+    raw = (getattr(job, "tags", None) or {}).get(gate.SCORES_TAG)
+    if not raw:
+        return None
+    try:
+        return {str(k): float(v) for k, v in json.loads(raw).items()}
+    except (ValueError, AttributeError, TypeError):
+        log.warning("job %s has an unreadable %s tag: %r", job_name, gate.SCORES_TAG, raw[:200])
+        return None
+
+
+def check_gate(
+    ml_client: "MLClient", settings: config.Settings, job_name: str, kind: str, force: bool = False,
+    metrics: "Any" = None,
+) -> gate.Decision:
+    """The gate (finetune_phi/gate.py) for a job about to be deployed: its base model's scores and the
+    deployed job's. A catalog job runs Azure's own pipeline and logs no such scores: unchecked.
+    `metrics(job_name)` reads a job's metrics (default: job_metrics)."""
+    fetch = metrics or (lambda name: job_metrics(ml_client, name))
+    deployment = common.read_state(settings).get("deployment") or {}
+    deployed = deployment.get("job_name") if deployment.get("backend") == "azure" else None
+    candidate = fetch(job_name) if kind == "azure-mlflow" else None
+    decision = gate.decide(
+        settings, f"job {job_name}", candidate or {}, deployed=f"job {deployed}" if deployed else None,
+        deployed_metrics=fetch(deployed) if deployed and deployed != job_name else None, force=force,
+    )  # fmt: skip
+    common.update_state(settings, "gate", decision.record())
+    return gate.enforce(decision)
+
+
 def deploy(
     settings: config.Settings,
     job_name: str | None = None,
     *,
+    force: bool = False,
     ml_client: "MLClient | None" = None,
     credential: "TokenCredential | None" = None,
+    metrics: "Any" = None,
 ) -> AzureDeployInfo:
-    """Register the job's MLflow model, create/update endpoint and deployment, route 100% traffic to it."""
+    """Register the job's MLflow model, create/update endpoint and deployment, route 100% traffic to it.
+
+    First the gate: a model scoring worse than its base model or the deployed job's raises
+    gate.GateRefused (a RuntimeError) unless `force`; the verdict is tagged on the registered model."""
     config.validate(settings, config.AZURE_WORKSPACE_FIELDS + config.AZURE_IDENTITY_FIELDS)
     job_name, output = recorded_job(settings, job_name)
     kind = KIND_BY_OUTPUT.get(output, "azure-mlflow")
@@ -330,8 +380,11 @@ def deploy(
     ml_client = client.connect(settings, ml_client=ml_client, credential=credential)
     endpoint_name, deployment_name = settings.AZURE_ENDPOINT_NAME, settings.AZURE_DEPLOYMENT_NAME
 
+    decision = check_gate(ml_client, settings, job_name, kind, force, metrics)
+    model_entity = entities.model(settings, job_name, output)
+    model_entity.tags = {**(model_entity.tags or {}), **decision.tags()}
     with client.azure_errors(f"registering model {settings.AZURE_MODEL_NAME} from job {job_name}"):
-        registered = ml_client.models.create_or_update(entities.model(settings, job_name, output))
+        registered = ml_client.models.create_or_update(model_entity)
     model_ref = f"azureml:{registered.name}:{registered.version}"
     log.info("registered %s from %s", model_ref, entities.model_path(job_name, output))
 
@@ -387,6 +440,7 @@ def deploy(
             "scoring_uri": scoring_uri,
             "model": model_ref,
             "job_name": job_name,
+            "gate": decision.verdict,
             "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )
