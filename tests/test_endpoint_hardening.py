@@ -256,7 +256,7 @@ def count_forward_passes(engine: Engine) -> tuple[list[int], Callable[[], None]]
     def hook(*_: object) -> None:
         calls[0] += 1
 
-    return calls, engine.model.register_forward_hook(hook).remove
+    return calls, engine.model.lm_head.register_forward_hook(hook).remove  # once per decoding step, batched or not
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:

@@ -1,25 +1,37 @@
-"""Dynamic micro-batching: concurrent requests share one `model.generate` call.
+"""Continuous batching: every running request advances by one token per step of ONE packed forward.
 
     batcher = Batcher(engine)                      # starts the one generation thread
     completions = await batcher.submit(conversations, params)
 
-Requests wait in a bounded FIFO queue. The generation thread takes the oldest request and every
-other queued request that can share its pass (same sampling settings, no seed, room in the batch
-and the context), runs one left-padded `generate` for all their rows, and hands each caller its
-rows. Tokenizing (chat template, encode) and decoding run on a small pool off both the event loop
-and the generation thread, so the next batch starts as soon as the previous one ends.
+Requests wait in a bounded FIFO queue (QueueFull past `max_queue`: HTTP 429). The generation
+thread runs steps (finetune_phi/endpoint/continuous.py): before each step it admits queued rows
+(one row per conversation) while fewer than `max_batch_rows` run and their KV cache fits
+`max_batch_tokens`; a step feeds every running row's next token, plus prompt chunks of rows still
+in prefill, as one packed sequence of at most `max_step_tokens` tokens. So a request joins the
+running batch at the next step instead of waiting for it to end, nothing is padded to a
+neighbour's length, and each row keeps its own sampling parameters (temperature, top-p, top-k,
+repetition penalty, seed: a seeded row has its own generator), its own limit and its own cache.
+A request is answered as soon as its last row ends. Tokenizing and decoding run on a small pool
+off both the event loop and the generation thread.
+
+Caps (item 6 of issue #10): `max_step_tokens` (rows x tokens of one forward) and
+`max_batch_tokens` (prompt + new tokens of all running rows: their KV cache) split a big request
+(e.g. 32 long conversations in one /score call) over steps: its rows start as room frees up and
+long prompts are fed in chunks. It is refused only when the queue is full, never for its size.
+Defaults below; ENDPOINT_MAX_STEP_TOKENS / ENDPOINT_MAX_BATCH_TOKENS override them.
 
 Cancellation: a caller whose await is cancelled (e.g. `asyncio.wait_for` timing out) marks its
-work cancelled. Queued work is then dropped before generation; rows already generating are marked
-finished at the next step, and a batch whose callers have all gone stops early.
+work cancelled. Queued work is then dropped before generation; its running rows leave the batch
+(and free their cache) before the next step.
 
 Streaming hook: `submit(..., on_tokens=f)` calls `f(row, ids)` on the generation thread as each
-row of the request gets new token ids; joined in order they are the row's result ids (so they
-may run past a stop token, as the result does). `f` must be quick and thread-safe (the server's
+row of the request gets new token ids; joined in order they are the row's result ids (they end
+with the stop token when the row stopped on one). `f` must be quick and thread-safe (the server
 hands the ids to its event loop with call_soon_threadsafe).
 
-Continuous batching (transformers' ContinuousBatchingManager) was measured against this on the
-2-core CPU with the tiny model: see bench/RESULTS.md ("Serving").
+Models not laid out like Phi-3 (continuous.supports) fall back to one `model.generate` per request.
+Measurements against micro-batching and `transformers serve --continuous-batching`:
+bench/RESULTS.md ("Serving").
 """
 
 from __future__ import annotations
@@ -33,25 +45,25 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 from finetune_phi.endpoint.engine import Completion, Engine, Message, SamplingParams
 
 log = logging.getLogger(__name__)
 
-# Rows (conversations) per generate call. On 2 CPU cores a batch of 8 short prompts costs about
-# twice a batch of 1 (per-step Python overhead dominates the tiny model); past 16 the step itself
-# grows linearly, so a bigger batch adds latency without adding throughput.
+# Rows (conversations) decoding together. On 2 CPU cores the tiny model's step costs little more
+# for 16 rows than for 1 (per-step Python overhead dominates); past 16 the step grows linearly.
 DEFAULT_MAX_BATCH_ROWS = 16
 # Requests admitted but not yet generating; past this, submit() raises QueueFull (HTTP 429).
 DEFAULT_MAX_QUEUE = 64
-# How long the generation thread may hold a batch open for requests it knows are on their way.
+# Tokens of one packed forward (rows x tokens): a longer prefill is fed in chunks of this size.
+DEFAULT_MAX_STEP_TOKENS = 1024
+# Prompt + new tokens of every running row (the KV cache held at once): 16 rows of 1,024. For
+# Phi-3-mini that is 6 GiB of cache in bf16 (12 in fp32): KV bytes per token =
+# 2 x layers x kv_heads x head_dim x dtype bytes (kv_bytes_per_token).
+DEFAULT_MAX_BATCH_TOKENS = 16 * 1024
+# Kept for the fallback path's API (micro-batching window); continuous batching needs none.
 DEFAULT_MAX_WAIT_S = 0.004
-
-
-# Padding budget of one batch: padded prompt tokens <= PAD_FACTOR x real tokens + PAD_SLACK_TOKENS.
-PAD_FACTOR = 2
-PAD_SLACK_TOKENS = 256
 
 # Below this many parameters a model's matrices are too small to split across threads: on the
 # 2-core bench machine the tiny demo model served 5 req/s with 2 torch threads and 35 with 1
@@ -60,11 +72,31 @@ SMALL_MODEL_PARAMETERS = 50_000_000
 
 
 def default_torch_threads(engine: Engine) -> int:
-    """Threads for one generate: OMP_NUM_THREADS if set, 1 for a small model, else every core; 0 = leave as is."""
+    """Threads for generation: OMP_NUM_THREADS if set, 1 for a small model, else every core; 0 = leave as is."""
     if os.environ.get("OMP_NUM_THREADS"):
         return 0  # torch already took it at import
     parameters = sum(p.numel() for p in engine.model.parameters())
     return 1 if parameters < SMALL_MODEL_PARAMETERS else (os.cpu_count() or 1)
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    value = int(raw)
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {raw}")
+    return value
+
+
+def kv_bytes_per_token(model: Any) -> int:
+    """Bytes of KV cache one token of one row holds (what max_batch_tokens multiplies)."""
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    itemsize = next(model.parameters()).element_size()
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
 
 
 class QueueFull(RuntimeError):
@@ -82,6 +114,9 @@ class _Work:
     cancelled: bool = False
     on_tokens: Callable[[int, list[int]], None] | None = None  # the streaming hook (module docstring)
     enqueued_at: float = field(default_factory=time.monotonic)
+    started: int = 0  # rows admitted into the running batch
+    running: list[Any] = field(default_factory=list)  # continuous.Row per admitted row
+    finished: int = 0
 
     @property
     def width(self) -> int:
@@ -92,10 +127,11 @@ _solo = count()
 
 
 def batch_key(params: SamplingParams) -> Hashable:
-    """Requests with equal keys may share a generate call.
+    """Requests with equal keys could share one `generate` call (the fallback path's grouping).
 
     Greedy decoding ignores temperature/top-p/top-k, so all greedy requests share one key. A seeded
     request runs alone: its random draws would otherwise depend on who it was batched with.
+    (Continuous batching needs no key: every row samples with its own parameters and generator.)
     """
     if params.seed is not None:
         return ("seeded", next(_solo))
@@ -105,7 +141,7 @@ def batch_key(params: SamplingParams) -> Hashable:
 
 
 class Batcher:
-    """The queue and the one thread that runs `model.generate` for an engine."""
+    """The queue and the one thread that runs the decoding steps for an engine."""
 
     def __init__(
         self,
@@ -114,6 +150,8 @@ class Batcher:
         max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
         max_queue: int = DEFAULT_MAX_QUEUE,
         max_wait_s: float = DEFAULT_MAX_WAIT_S,
+        max_step_tokens: int | None = None,
+        max_batch_tokens: int | None = None,
         tokenizer_threads: int = 2,
         torch_threads: int | None = None,
     ) -> None:
@@ -123,17 +161,28 @@ class Batcher:
         self.max_batch_rows = max_batch_rows
         self.max_queue = max_queue
         self.max_wait_s = max_wait_s
+        self.max_step_tokens = max_step_tokens or _env_int("ENDPOINT_MAX_STEP_TOKENS", DEFAULT_MAX_STEP_TOKENS)
+        self.max_batch_tokens = max_batch_tokens or _env_int("ENDPOINT_MAX_BATCH_TOKENS", DEFAULT_MAX_BATCH_TOKENS)
+        if self.max_step_tokens < 1 or self.max_batch_tokens < 1:
+            raise ValueError("max_step_tokens and max_batch_tokens must be >= 1")
         self._queue: deque[_Work] = deque()
         self._cond = threading.Condition()
-        self._preparing = 0  # admitted requests still being tokenized: the batch may wait for them
-        self._last_batch_requests = 0
+        self._preparing = 0  # admitted requests still being tokenized
         self._closed = False
-        # Counters for tests and logs: generate calls run, and requests/rows they served.
-        self.batches = 0
-        self.batched_requests = 0
-        self.dropped = 0
+        # Counters for tests and logs.
+        self.steps = 0  # packed forwards run
+        self.batches = 0  # requests' generation passes (fallback) / kept for logs
+        self.batched_requests = 0  # requests answered
+        self.dropped = 0  # queued requests dropped because their caller left
+        self.peak_rows = 0  # most rows running at once
+        self.peak_step_tokens = 0  # most tokens in one forward
         self._pool = ThreadPoolExecutor(max_workers=tokenizer_threads, thread_name_prefix="tokenize")
         self.torch_threads = torch_threads if torch_threads is not None else default_torch_threads(engine)
+        from finetune_phi.endpoint import continuous
+
+        self.stepper = continuous.Stepper(engine) if continuous.supports(engine.model) else None
+        if self.stepper is None:
+            log.warning("%s is not laid out like Phi-3: one generate() per request, no continuous batching", type(engine.model).__name__)
         self._thread = threading.Thread(target=self._run, name="generate", daemon=True)
         self._thread.start()
 
@@ -182,6 +231,8 @@ class Batcher:
             on_tokens=on_tokens,
         )
         with self._cond:
+            if self._closed:
+                raise RuntimeError("the batcher is closed: the server is shutting down")
             self._queue.append(work)
             self._cond.notify()
         try:
@@ -201,10 +252,10 @@ class Batcher:
                 self._queue.remove(work)
                 self.dropped += 1
             except ValueError:
-                pass  # already taken into a batch: the stopping criterion sees the flag
+                pass  # already running: its rows leave the batch before the next step
 
     def close(self) -> None:
-        """Stop taking work; queued callers get an error. The running batch finishes."""
+        """Stop taking work; queued callers get an error. Running rows stop after the current step."""
         with self._cond:
             self._closed = True
             abandoned = list(self._queue)
@@ -221,107 +272,127 @@ class Batcher:
             import torch
 
             torch.set_num_threads(self.torch_threads)
+        if self.stepper is None:
+            self._run_fallback()
+        else:
+            self._run_continuous()
+
+    def _run_continuous(self) -> None:
+        running: list[Any] = []  # continuous.Row, oldest first
+        held = 0  # KV tokens the running rows hold (prompt + limit each)
         while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            self._generate(batch)
-
-    def _next_batch(self) -> list[_Work] | None:
-        with self._cond:
-            while not self._queue and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                return None
-            # Linger only for requests known to be coming: ones being tokenized now, or the
-            # previous batch's callers, whose next requests (closed-loop clients) arrive within a
-            # few ms. With one client neither holds, so a lone request never waits.
-            deadline = time.monotonic() + self.max_wait_s
-            while not self._closed and self._rows_queued() < self.max_batch_rows:
-                expected = self._preparing > 0 or len(self._queue) < self._last_batch_requests
-                remaining = deadline - time.monotonic()
-                if not expected or remaining <= 0:
+            with self._cond:
+                while not self._queue and not running and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    abandoned = {row.owner for row in running if not row.owner.cancelled}
+                    for row in running:
+                        row.release()
                     break
-                self._cond.wait(remaining)
-            if self._closed or not self._queue:
-                return None if self._closed else []
-            batch = self._take()
-            self._last_batch_requests = len(batch)
-            return batch
+                # Rows of cancelled requests leave before the step (their cache is freed).
+                if any(row.owner.cancelled for row in running):
+                    for row in running:
+                        if row.owner.cancelled:
+                            held -= row.capacity
+                            row.release()
+                    running = [row for row in running if not row.owner.cancelled]
+                admitted = self._admit(running, held)
+            for row in admitted:
+                held += row.capacity
+            running.extend(admitted)
+            live = [row for row in running if not row.done]
+            if live:
+                self.peak_rows = max(self.peak_rows, len(live))
+                try:
+                    with self.engine._lock:
+                        emitted = self.stepper.step(live, self.max_step_tokens)  # type: ignore[union-attr]
+                except BaseException as exc:  # handed to every caller with a running row
+                    log.error("decoding step failed for %d rows: %s", len(live), exc, exc_info=exc)
+                    for work in {row.owner for row in running}:
+                        work.cancelled = True  # its rows not started yet are dropped from the queue
+                        _deliver(work, error=exc)
+                    for row in running:
+                        row.release()
+                    running, held = [], 0
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                self.steps += 1
+                self.peak_step_tokens = max(self.peak_step_tokens, self.stepper.last_tokens)  # type: ignore[union-attr]
+                for row in emitted:
+                    work = row.owner
+                    if work.on_tokens is not None and not work.cancelled:
+                        work.on_tokens(row.index, [row.generated[-1]])
+            # Answer every request whose rows have all ended.
+            if any(row.done for row in running):
+                still = []
+                for row in running:
+                    if not row.done:
+                        still.append(row)
+                        continue
+                    held -= row.capacity
+                    work = row.owner
+                    work.finished += 1
+                    if work.finished == len(work.rows) and not work.cancelled:
+                        self.batched_requests += 1
+                        _deliver(work, result=[r.generated for r in work.running])
+                running = still
+        for work in abandoned:
+            _deliver(work, error=RuntimeError("the server is shutting down"))
 
-    def _rows_queued(self) -> int:
-        return sum(len(w.rows) for w in self._queue)
-
-    def _take(self) -> list[_Work]:
-        """The oldest request plus every queued request that fits beside it (FIFO order)."""
-        first = self._queue.popleft()
-        batch, rows = [first], len(first.rows)
-        width, longest = first.width, max(first.limits)
-        real = sum(len(r) for r in first.rows)
-        context = self.engine.max_context
-        for work in list(self._queue):
-            if work.key != first.key or rows + len(work.rows) > self.max_batch_rows:
+    def _admit(self, running: list[Any], held: int) -> list[Any]:
+        """Rows to start now, FIFO: while rows and KV budget allow (called under the lock)."""
+        admitted: list[Any] = []
+        count_running = sum(1 for row in running if not row.done)
+        while self._queue:
+            work = self._queue[0]
+            if work.cancelled:
+                self._queue.popleft()
                 continue
-            new_width = max(width, work.width)
-            # Alone, a request's rows get their full limit; beside a longer prompt the padded
-            # batch must still leave room for every row's limit, or the request waits its turn.
-            if new_width + max(longest, *work.limits) > context:
-                continue
-            # Every row is padded to the longest prompt, and prefill and attention pay for the
-            # padding: a 500-token prompt would make seven 14-token ones cost 500 each. Cap the
-            # padded tokens at PAD_FACTOR times the real ones (plus slack for short prompts).
-            new_real = real + sum(len(r) for r in work.rows)
-            if (rows + len(work.rows)) * new_width > PAD_FACTOR * new_real + PAD_SLACK_TOKENS:
-                continue
-            self._queue.remove(work)
-            batch.append(work)
-            rows += len(work.rows)
-            width, longest, real = new_width, max(longest, *work.limits), new_real
-        return batch
+            index = work.started
+            capacity = len(work.rows[index]) + work.limits[index]
+            busy = count_running + len(admitted)
+            # A row that alone exceeds the KV budget still runs, alone: a big request is split, never refused.
+            if busy >= self.max_batch_rows or (busy and held + capacity > self.max_batch_tokens):
+                break
+            row = self.stepper.start(work.rows[index], work.limits[index], work.params, owner=work, index=index)  # type: ignore[union-attr]
+            work.running.append(row)
+            work.started += 1
+            held += capacity
+            admitted.append(row)
+            if work.started == len(work.rows):
+                self._queue.popleft()
+        return admitted
 
-    def _generate(self, batch: list[_Work]) -> None:
-        if not batch:
-            return
-        rows = [r for w in batch for r in w.rows]
-        limits = [n for w in batch for n in w.limits]
-        owners = [w for w in batch for _ in w.rows]
+    def _run_fallback(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                work = self._queue.popleft()
 
-        def cancelled() -> list[bool]:
-            return [w.cancelled for w in owners]
+            def cancelled(work: _Work = work) -> list[bool]:
+                return [work.cancelled] * len(work.rows)
 
-        started = time.perf_counter()
-        try:
-            new_ids = self.engine.generate_ids(rows, limits, batch[0].params, cancelled, _stream_to(batch))
-        except BaseException as exc:  # handed to every caller of this batch, who re-raises it
-            log.error("generate failed for a batch of %d requests: %s", len(batch), exc, exc_info=exc)
-            for work in batch:
+            def on_step(ids: list[int], work: _Work = work, sent: list[int] = [0] * len(work.rows)) -> None:
+                for i, token in enumerate(ids):
+                    if work.on_tokens is not None and not work.cancelled and sent[i] < work.limits[i]:
+                        sent[i] += 1
+                        work.on_tokens(i, [token])
+
+            try:
+                new_ids = self.engine.generate_ids(work.rows, work.limits, work.params, cancelled, on_step if work.on_tokens else None)
+            except BaseException as exc:
+                log.error("generate failed: %s", exc, exc_info=exc)
                 _deliver(work, error=exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        self.batches += 1
-        self.batched_requests += len(batch)
-        log.debug("batch of %d requests, %d rows in %.0f ms", len(batch), len(rows), 1000 * (time.perf_counter() - started))
-        start = 0
-        for work in batch:
-            _deliver(work, result=new_ids[start : start + len(work.rows)])
-            start += len(work.rows)
-
-
-def _stream_to(batch: list[_Work]) -> Callable[[list[int]], None] | None:
-    """The engine's per-step callback, dispatching each row's new id to its request's on_tokens."""
-    if not any(w.on_tokens for w in batch):
-        return None
-    targets = [(w, j, limit) for w in batch for j, limit in enumerate(w.limits)]
-    sent = [0] * len(targets)
-
-    def on_step(ids: list[int]) -> None:
-        for i, ((work, row, limit), token) in enumerate(zip(targets, ids)):
-            if work.on_tokens is not None and not work.cancelled and sent[i] < limit:
-                sent[i] += 1
-                work.on_tokens(row, [token])
-
-    return on_step
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            self.batches += 1
+            self.batched_requests += 1
+            _deliver(work, result=new_ids)
 
 
 def _deliver(work: _Work, result: list[list[int]] | None = None, error: BaseException | None = None) -> None:
