@@ -279,14 +279,14 @@ def test_bad_input_is_422_naming_the_field(client: httpx.Client, body: dict[str,
     [
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
-        ({"messages": [{"role": "user", "content": "hi"}], "stream": True}, "stream"),
         ({"messages": [{"role": "user", "content": "hi"}], "stream": 0}, "stream"),
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "temperature"),
     ],
 )
-def test_bad_chat_completion_is_422_naming_the_field(client: httpx.Client, body: dict[str, Any], param: str) -> None:
+def test_bad_chat_completion_is_400_naming_the_field(client: httpx.Client, body: dict[str, Any], param: str) -> None:
+    # OpenAI and vLLM answer an invalid chat request with 400 (/score keeps FastAPI's 422).
     response = client.post("/v1/chat/completions", json=body, headers=AUTH)
-    assert response.status_code == 422, response.text
+    assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
 
 
@@ -342,7 +342,7 @@ def test_openai_client_gets_a_chat_completion(server: ThreadServer, tiny_model: 
 
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.base}/v1", api_key="wrong", max_retries=0).models.list()
-    with pytest.raises(openai.UnprocessableEntityError, match="n: "):
+    with pytest.raises(openai.BadRequestError, match="n: "):
         client.chat.completions.create(model=card.id, messages=[{"role": "user", "content": "hi"}], n=2)
 
 

@@ -41,6 +41,7 @@ OPERATIONS = [
     ("POST", "/score"),
     ("POST", "/v1/chat/completions"),
     ("GET", "/v1/models"),
+    ("GET", "/v1/models/{model_id}"),
     ("GET", "/"),
     ("GET", "/health/live"),
     ("GET", "/health/ready"),
@@ -92,7 +93,7 @@ def few_new_tokens(case: Any) -> Any:
     return case
 
 
-# Negative data needs something to break: a body. The GETs take no parameters.
+# Negative data needs something to break: a body. The GETs take no body (a model id is any string).
 RUNS = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [
     (m, p, GenerationMode.NEGATIVE) for m, p in OPERATIONS if m == "POST"
 ]

@@ -8,7 +8,13 @@ own and hides cancellation) that answers, before the app sees the request:
     429  more requests in flight than allowed (with Retry-After): a bounded load, not an unbounded queue
     408  the request (reading the body included) ran past the timeout; its work is cancelled
 
-and cancels a request's work when its client disconnects. Health, model list and the API document
+and cancels a request's work when its client disconnects.
+
+A streamed response (text/event-stream) that has started when the timeout runs out is not cut
+off here: the route reads the same deadline (scope[DEADLINE_SCOPE_KEY], event-loop time) and ends
+its stream with an error event and `data: [DONE]`, as vLLM ends a stream on an error; this
+middleware gives it STREAM_GRACE_S to do so, then cancels it. A stream counts as in flight until
+it ends, so max_concurrent_requests bounds streams too. Health, model list and the API document
 are GETs and never limited, so probes keep answering while the server is saturated.
 """
 
@@ -46,6 +52,10 @@ DEFAULT_MAX_CONCURRENT_REQUESTS = 16
 # The same as the Azure deployment's request_timeout_ms (finetune_phi.azure.entities.REQUEST_TIMEOUT_MS).
 DEFAULT_REQUEST_TIMEOUT_S = 90.0
 RETRY_AFTER_S = 1
+# Where the route finds the request's deadline (asyncio loop time), and how long past it a started
+# stream may take to send its closing error event before it is cancelled.
+DEADLINE_SCOPE_KEY = "finetune_phi.deadline"
+STREAM_GRACE_S = 5.0
 
 
 class AsciiJSONResponse(JSONResponse):
@@ -57,10 +67,16 @@ class AsciiJSONResponse(JSONResponse):
 
 
 def error_response(
-    status: int, message: str, type_: str, param: str | None = None, headers: dict[str, str] | None = None, **extra: Any
+    status: int,
+    message: str,
+    type_: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+    code: str | None = None,
+    **extra: Any,
 ) -> JSONResponse:
     """OpenAI's error shape, used by every error this server sends."""
-    body = schemas.ErrorResponse(error=schemas.ErrorBody(message=message, type=type_, param=param))
+    body = schemas.ErrorResponse(error=schemas.ErrorBody(message=message, type=type_, param=param, code=code))
     if status == 401:
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return AsciiJSONResponse({**body.model_dump(), **extra}, status_code=status, headers=headers)
@@ -151,13 +167,15 @@ class RequestLimits:
         return None
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = finished = False
+        started = finished = streaming = False
         disconnected = asyncio.Event()
 
         async def send_tracked(message: Message) -> None:
-            nonlocal started, finished
+            nonlocal started, finished, streaming
             if message["type"] == "http.response.start":
                 started = True
+                content_type = Headers(raw=message.get("headers") or []).get("content-type", "")
+                streaming = content_type.startswith("text/event-stream")
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 finished = True
             await send(message)
@@ -191,12 +209,15 @@ class RequestLimits:
                 pass
             disconnected.set()
 
+        scope[DEADLINE_SCOPE_KEY] = deadline
         app_task = asyncio.ensure_future(self.app(scope, replay, send_tracked))
         watcher = asyncio.ensure_future(watch())
         try:
             done, _ = await asyncio.wait(
                 {app_task, watcher}, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED
             )
+            if not done and streaming:  # the stream ends itself with an error event (docstring)
+                done, _ = await asyncio.wait({app_task, watcher}, timeout=STREAM_GRACE_S, return_when=asyncio.FIRST_COMPLETED)
         finally:
             # Also when this task is cancelled (uvicorn's graceful-shutdown timeout ran out).
             watcher.cancel()

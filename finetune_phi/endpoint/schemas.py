@@ -52,7 +52,6 @@ Text = Annotated[str, Field(max_length=MAX_CONTENT_CHARS), AfterValidator(_unico
 # The bounds sit inside, next to int, so that /openapi.json shows them as minimum/maximum.
 TokenCount = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS_CAP), BeforeValidator(_integer)]
 TopK = Annotated[int, Field(ge=1, le=1000), BeforeValidator(_integer)]
-Seed = Annotated[int, Field(ge=0, le=2**32 - 1), BeforeValidator(_integer)]
 
 
 Prompt = Text
@@ -84,6 +83,12 @@ class GenerationParams(BaseModel):
     repetition_penalty: float | None = Field(default=None, ge=0.1, le=10)
 
 
+# Azure's chat samples send max_length; in transformers it counts the prompt too, and it is not in
+# the model's params schema, so Azure's scoring of the model drops it silently.
+MAX_LENGTH_PARAM = (
+    "not in the model's params schema (Azure's scoring of the model ignores it silently, and in "
+    "transformers it would count the prompt too): use max_new_tokens, the number of tokens to generate"
+)
 UNKNOWN_PARAM = (
     "not in the model's params schema, so it would have no effect (Azure's scoring of the model "
     f"ignores it silently): use {', '.join(SCORE_PARAMS)}"
@@ -155,7 +160,31 @@ class OpenAIMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
+# OpenAI allows any 64-bit seed, signed or not; the server maps it onto torch's 64-bit generator seed.
+Seed64 = Annotated[int, Field(ge=-(2**63), le=2**64 - 1), BeforeValidator(_integer)]
+TopLogprobs = Annotated[int, Field(ge=0, le=20), BeforeValidator(_integer)]
+Bool = Annotated[bool, BeforeValidator(_boolean)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+
+
+class StreamOptions(BaseModel):
+    model_config = STRICT_FORBID
+
+    include_usage: Bool | None = Field(default=None, description="end the stream with a chunk carrying usage, choices []")
+    include_obfuscation: Bool | None = Field(
+        default=None, description="accepted; this server adds no obfuscation padding (it serves loopback)"
+    )
+
+
+REFUSED = "refused with 400 naming the field"
+
+
 class ChatCompletionRequest(BaseModel):
+    """`POST /v1/chat/completions`. Every field of OpenAI's chat API is listed here and either honoured
+    or refused with 400 by name (server.unsupported_fields); metadata fields that cannot change the
+    reply (user, metadata, store, service_tier, ...) are accepted. Fields OpenAI does not define are
+    ignored, as OpenAI clients send extras (vLLM ignores them too)."""
+
     model_config = STRICT_IGNORE
 
     model: Annotated[str, Field(max_length=256), AfterValidator(_unicode)] | None = Field(
@@ -165,15 +194,46 @@ class ChatCompletionRequest(BaseModel):
         min_length=1, max_length=MAX_MESSAGES, description="the conversation; the last message's content must not be blank"
     )
     max_tokens: TokenCount | None = None
-    max_completion_tokens: TokenCount | None = None
+    max_completion_tokens: TokenCount | None = Field(default=None, description="wins over max_tokens")
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    n: Annotated[int, Field(ge=1, le=1), BeforeValidator(_integer)] = Field(default=1, description="only 1 is supported")
-    stream: Annotated[Literal[False], BeforeValidator(_boolean)] = Field(default=False, description="streaming is not supported: leave it false")
+    n: Annotated[int, Field(ge=1, le=128), BeforeValidator(_integer)] = Field(default=1, description=f"only 1; more is {REFUSED}")
+    stream: Bool = Field(default=False, description="server-sent chat.completion.chunk events, then data: [DONE]")
+    stream_options: StreamOptions | None = Field(default=None, description=f"only with stream: true; else {REFUSED}")
     stop: Text | Annotated[list[Text], Field(max_length=16)] | None = Field(
         default=None, description="cut the reply at the first of these strings"
     )
-    seed: Seed | None = None
+    seed: Seed64 | None = None
+    logprobs: Bool | None = Field(default=None, description="log-probabilities of the reply's tokens (raw logits, as vLLM)")
+    top_logprobs: TopLogprobs | None = Field(default=None, description="alternatives per token; needs logprobs: true")
+    # Honoured only at their no-op values; anything else is refused by name (server.unsupported_fields).
+    presence_penalty: Penalty | None = Field(default=None, description=f"0 only; else {REFUSED}")
+    frequency_penalty: Penalty | None = Field(default=None, description=f"0 only; else {REFUSED}")
+    logit_bias: dict[str, float] | None = Field(default=None, description=f"empty only; else {REFUSED}")
+    response_format: dict[str, object] | None = Field(default=None, description=f'{{"type": "text"}} only; else {REFUSED}')
+    tools: list[object] | None = Field(default=None, description=f"empty only; else {REFUSED}")
+    tool_choice: object | None = Field(default=None, description=f'"none" only; else {REFUSED}')
+    functions: list[object] | None = Field(default=None, description=f"empty only; else {REFUSED}")
+    function_call: object | None = Field(default=None, description=f'"none" only; else {REFUSED}')
+    modalities: list[str] | None = Field(default=None, description=f'["text"] only; else {REFUSED}')
+    audio: object | None = Field(default=None, description=REFUSED)
+    prediction: object | None = Field(default=None, description=REFUSED)
+    web_search_options: object | None = Field(default=None, description=REFUSED)
+    reasoning_effort: object | None = Field(default=None, description=f"{REFUSED} (not a reasoning model)")
+    verbosity: object | None = Field(default=None, description=REFUSED)
+    # Accepted with no effect on the reply (bookkeeping on OpenAI's side).
+    parallel_tool_calls: Bool | None = None
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: Bool | None = Field(default=None, description="accepted; nothing is stored")
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    # vLLM's sampling extras that this engine has.
+    top_k: Annotated[int, Field(ge=-1, le=1000), BeforeValidator(_integer)] | None = Field(
+        default=None, description="vLLM extra: -1 or 0 for no limit"
+    )
+    repetition_penalty: float | None = Field(default=None, ge=0.1, le=10, description="vLLM extra: 1 for none")
 
 
 class AssistantMessage(BaseModel):
@@ -181,11 +241,26 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class Usage(BaseModel):
@@ -201,6 +276,29 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
+
+
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChunkDelta
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed completion (`data: {...}`); the stream ends with `data: [DONE]`."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):
