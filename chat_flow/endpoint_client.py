@@ -27,6 +27,13 @@ Prompt flow connection's configs), and the request each one answers:
 
 Our MLflow model gets a 500 from Azure's scoring server for the catalog shape, and the local endpoint
 refuses it, so the shape follows the kind and is never guessed.
+
+Streaming (`chat_stream`, what the chat flow's tool yields): only the "local" kind streams. Its
+OpenAI route sits beside /score (the same server, the same key): the URL is the /score URI with
+/score replaced by /v1/chat/completions, the conversation travels as messages (rendered by the
+model's chat template, which is what encode_prompt reproduces inside the prompt template), and the
+reply arrives as server-sent chat.completion.chunk events. Azure's deployments (azure-mlflow,
+azure-catalog) answer /score only and do not stream: chat_stream yields their whole reply as one piece.
 """
 
 from __future__ import annotations
@@ -36,8 +43,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
-from urllib.parse import urlparse
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+from urllib.parse import urlparse, urlunparse
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -137,15 +144,18 @@ def _error_detail(response: requests.Response, key: str) -> str:
     return text[:300]
 
 
-def score(
+def _post(
     endpoint: str,
     key: str,
     payload: Mapping[str, Any],
     *,
-    timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
-    session: requests.Session | None = None,
-) -> Any:
-    """POST `payload` to the scoring URI with the key as a Bearer token; return the decoded JSON."""
+    timeout: float | tuple[float, float],
+    session: requests.Session | None,
+    stream: bool = False,
+) -> requests.Response:
+    """POST `payload` with the key as a Bearer token; a 2xx response, or EndpointError naming the fix.
+
+    With `stream`, the response body is left unread (the caller iterates it and closes it)."""
     endpoint = validate_endpoint(endpoint)
     if not key:
         raise EndpointError(
@@ -153,11 +163,12 @@ def score(
             f"{NOT_DEPLOYED_HINT}",
             endpoint=endpoint,
         )
-    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json", "Accept": "application/json"}
+    accept = "text/event-stream" if stream else "application/json"
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json", "Accept": accept}
     own_session = session is None
     session = session or make_session()
     try:
-        response = session.post(endpoint, json=dict(payload), headers=headers, timeout=timeout)
+        response = session.post(endpoint, json=dict(payload), headers=headers, timeout=timeout, stream=stream)
     except requests.exceptions.Timeout as exc:
         read = timeout[1] if isinstance(timeout, tuple) else timeout
         raise EndpointError(
@@ -175,13 +186,17 @@ def score(
             endpoint=endpoint,
         ) from exc
     finally:
-        if own_session:
+        if own_session and not stream:
             session.close()
 
     status = response.status_code
+    if status < 400:
+        return response
+    detail = _error_detail(response, key)
+    response.close()
     if status in (401, 403):
         raise EndpointError(
-            f"endpoint {endpoint} rejected the key (HTTP {status}): {_error_detail(response, key)}; "
+            f"endpoint {endpoint} rejected the key (HTTP {status}): {detail}; "
             "the key in AZURE_ML_API_KEY / the Prompt flow connection is not this endpoint's — "
             "re-run python deploy_model.py to refresh both",
             endpoint=endpoint,
@@ -189,25 +204,31 @@ def score(
         )
     if status in RETRY_STATUSES:
         raise EndpointError(
-            f"endpoint {endpoint} is busy or not ready (HTTP {status}), also on retry: "
-            f"{_error_detail(response, key)}",
+            f"endpoint {endpoint} is busy or not ready (HTTP {status}), also on retry: {detail}",
             endpoint=endpoint,
             status=status,
         )
-    if status >= 400:
-        raise EndpointError(
-            f"endpoint {endpoint} answered HTTP {status}: {_error_detail(response, key)}",
-            endpoint=endpoint,
-            status=status,
-        )
+    raise EndpointError(f"endpoint {endpoint} answered HTTP {status}: {detail}", endpoint=endpoint, status=status)
+
+
+def score(
+    endpoint: str,
+    key: str,
+    payload: Mapping[str, Any],
+    *,
+    timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
+    session: requests.Session | None = None,
+) -> Any:
+    """POST `payload` to the scoring URI with the key as a Bearer token; return the decoded JSON."""
+    response = _post(endpoint, key, payload, timeout=timeout, session=session)
     try:
         return response.json()
     except ValueError as exc:
         raise EndpointError(
-            f"endpoint {endpoint} answered HTTP {status} with a body that is not JSON: "
+            f"endpoint {endpoint} answered HTTP {response.status_code} with a body that is not JSON: "
             f"{_hide(response.text[:200], key)!r}",
             endpoint=endpoint,
-            status=status,
+            status=response.status_code,
         ) from exc
 
 
@@ -322,6 +343,86 @@ def chat(
     payload = request_body(kind, msgs, params)
     body = score(endpoint, key, payload, timeout=timeout, session=session)
     return reply_text(kind, body, endpoint)
+
+
+def chat_completions_url(score_url: str) -> str:
+    """The local endpoint's OpenAI route beside its /score URI (same host, port and key)."""
+    parsed = urlparse(validate_endpoint(score_url))
+    path = parsed.path.rstrip("/")
+    if not path.endswith("/score"):
+        raise EndpointError(
+            f"endpoint {score_url} does not end with /score, so its /v1/chat/completions cannot be derived: "
+            f"use the scoring URI python deploy_model.py wrote",
+            endpoint=score_url,
+        )
+    return urlunparse(parsed._replace(path=path[: -len("/score")] + "/v1/chat/completions", query="", fragment=""))
+
+
+def openai_params(params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The /score params (DEFAULT_PARAMS and what the caller sets) as OpenAI chat fields."""
+    p = {**DEFAULT_PARAMS, **(params or {})}
+    body: dict[str, Any] = {"max_tokens": int(p["max_new_tokens"])}
+    # /score samples only with do_sample; OpenAI samples unless the temperature is 0.
+    body["temperature"] = float(p.get("temperature", 1.0)) if p.get("do_sample") else 0.0
+    if "top_p" in p:
+        body["top_p"] = float(p["top_p"])
+    return body
+
+
+def chat_stream(
+    endpoint: str,
+    key: str,
+    messages: Iterable[Mapping[str, str]],
+    *,
+    kind: str = LEGACY_KIND,
+    params: Mapping[str, Any] | None = None,
+    timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
+    session: requests.Session | None = None,
+) -> Iterator[str]:
+    """The assistant's reply in pieces as they are generated ("local"), or whole in one piece (Azure kinds).
+
+    Joined, the pieces are what `chat` returns for the same greedy request. An error before the
+    first piece raises EndpointError as `chat` does; one in the middle of the stream (the endpoint's
+    timeout, say) raises EndpointError after the pieces already yielded."""
+    msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    if not msgs or msgs[-1]["role"] != "user":
+        raise ValueError("messages must end with a user message: add the question as the last message")
+    if check_kind(kind) != "local":
+        yield chat(endpoint, key, msgs, kind=kind, params=params, timeout=timeout, session=session)
+        return
+    url = chat_completions_url(endpoint)
+    body = {"messages": msgs, "stream": True, **openai_params(params)}
+    own_session = session is None
+    session = session or make_session()
+    try:
+        yield from _read_stream(_post(url, key, body, timeout=timeout, session=session, stream=True), url)
+    finally:
+        if own_session:
+            session.close()
+
+
+def _read_stream(response: requests.Response, url: str) -> Iterator[str]:
+    """The content pieces of an OpenAI chat completion event stream, until data: [DONE]."""
+    with response:
+        try:
+            for line in response.iter_lines(decode_unicode=False):
+                if not line.startswith(b"data: "):
+                    continue  # blank separators, comments, event names
+                data = line[len(b"data: ") :]
+                if data.strip() == b"[DONE]":
+                    return
+                event = json.loads(data)
+                if isinstance(event, dict) and event.get("error"):
+                    error = event["error"]
+                    message = error.get("message") if isinstance(error, dict) else error
+                    raise EndpointError(f"endpoint {url} ended the stream with an error: {message}", endpoint=url)
+                for choice in event.get("choices") or []:
+                    piece = (choice.get("delta") or {}).get("content")
+                    if piece:
+                        yield piece
+        except requests.exceptions.RequestException as exc:
+            raise EndpointError(f"the stream from endpoint {url} broke off: {exc}", endpoint=url) from exc
+    raise EndpointError(f"endpoint {url} closed the stream before data: [DONE]", endpoint=url)
 
 
 def messages_from_history(chat_history: Iterable[Mapping[str, Any]], question: str) -> list[dict[str, str]]:

@@ -283,3 +283,38 @@ def test_score_refuses_max_length_naming_max_new_tokens(server: ThreadServer) ->
     assert response.status_code == 422
     error = response.json()["error"]
     assert error["param"] == "params.max_length" and "use max_new_tokens" in error["message"]
+
+
+# --- the chat flow's client ----------------------------------------------------------------------------
+
+
+def test_chat_stream_yields_the_reply_in_pieces_that_join_to_chat(server: ThreadServer) -> None:
+    from chat_flow.endpoint_client import chat, chat_stream
+
+    history = [
+        {"role": "user", "content": "Who founded Microsoft?"},
+        {"role": "assistant", "content": "Bill Gates and Paul Allen."},
+        {"role": "user", "content": "When?"},
+    ]
+    greedy = {"do_sample": False, "max_new_tokens": 16}
+    pieces = list(chat_stream(f"{server.base}/score", KEY, history, kind="local", params=greedy))
+    assert len(pieces) >= 2
+    # /score gets the conversation as one encoded prompt string; the stream sends it as messages.
+    assert "".join(pieces) == chat(f"{server.base}/score", KEY, history, kind="local", params=greedy)
+
+
+def test_chat_stream_reports_a_mid_stream_error_and_azure_kinds_yield_one_piece(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chat_flow import endpoint_client
+
+    with ThreadServer(create_app(KEY, engine=engine, request_timeout_s=0.5)) as slow:
+        received = []
+        with pytest.raises(endpoint_client.EndpointError, match="ended the stream with an error: the request took longer"):
+            for piece in endpoint_client.chat_stream(f"{slow.base}/score", KEY, USER, params={"max_new_tokens": 2048}):
+                received.append(piece)
+        assert received
+    monkeypatch.setattr(endpoint_client, "chat", lambda *a, **k: "whole reply")
+    assert list(endpoint_client.chat_stream("https://x.invalid/score", "k", USER, kind="azure-mlflow")) == ["whole reply"]
+    with pytest.raises(endpoint_client.EndpointError, match="does not end with /score"):
+        endpoint_client.chat_completions_url("http://127.0.0.1:5001/predict")
