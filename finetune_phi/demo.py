@@ -77,6 +77,41 @@ def parse_flow_answer(output: str) -> str:
     raise RuntimeError(f"could not find the flow's answer in pf output:\n{output[-2000:]}")
 
 
+def evaluation_report(settings: config.Settings, rows: int = 3, width: int = 60) -> list[str]:
+    """The training run's before/after summary line and the answers to `rows` questions, as printed lines."""
+    from finetune_phi.common import read_state
+    from finetune_phi.training import use_local_mlflow
+
+    run_id = (read_state(settings).get("training") or {}).get("run_id")
+    if not run_id:
+        return []
+    use_local_mlflow(settings)
+    import mlflow
+
+    run = mlflow.MlflowClient().get_run(run_id)
+    summary = run.data.tags.get("eval_summary")
+    if not summary:
+        return [f"(MLflow run {run_id} has no before/after evaluation: EVAL_MAX_ROWS=0?)"]
+    table = mlflow.artifacts.load_dict(f"runs:/{run_id}/eval/answers.json")
+    columns = table["columns"]
+    records = [dict(zip(columns, row)) for row in table["data"]][:rows]
+
+    def cut(text: str) -> str:
+        text = " ".join(str(text).split())
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    lines = [f"Evaluation on {int(run.data.metrics.get('eval_rows', 0))} held-out questions (MLflow run {run_id}):",
+             f"  {summary}"]  # fmt: skip
+    for record in records:
+        lines += [
+            f"  Q: {cut(record['question'])}",
+            f"     reference: {cut(record['reference'])}",
+            f"     before:    {cut(record['before']) or '(empty)'}",
+            f"     after:     {cut(record['after']) or '(empty)'}",
+        ]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--question", default="Who founded Microsoft?")
@@ -102,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     for s in steps:
         print(f"  {s.name:<12} {s.seconds:6.1f} s")
     print(f"  {'total':<12} {total:6.1f} s")
+    report = evaluation_report(settings)
+    if report:
+        print()
+        print("\n".join(report))
+        print("  (all answers and metrics: mlflow ui --backend-store-uri "
+              f"{settings.tracking_uri.replace(str(config.ROOT) + '/', '')}, the run's Artifacts → eval/answers.json)")
     print(f"\nQ: {args.question}\nA (fine-tuned model, through Prompt flow): {answer}")
     print("The endpoint keeps running; stop it with: python deploy_model.py --teardown")
     return 0
