@@ -62,6 +62,7 @@ log = logging.getLogger("serve_bench")
 
 SHORT_TOKENS = 32
 LONG_TOKENS = 128
+WARMUP_TOKENS = 8  # warm-up requests: open the connections without a long generation before timing
 ULTRACHAT_FIXTURE = ROOT.parent / "shared" / "fixtures" / "ultrachat_200k" / "train_sft_first20.jsonl"
 PHI3_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "phi-3-mini-tokenizer"
 # The demo model's tokenizer is trained on the demo set only, so real text costs ~1 token per 2-3
@@ -519,8 +520,12 @@ async def closed_loop(
     max_requests: int,
     parse: Callable[[Any], tuple[str, int | None]] | None = None,
     stream: bool = False,
+    warmup: Callable[[str], Request] | None = None,
 ) -> Level:
-    """N clients, each sending its next request as soon as its previous reply is in."""
+    """N clients, each sending its next request as soon as its previous reply is in.
+
+    Before timing, each client sends one `warmup` request (default: `build`; the bench uses
+    WARMUP_TOKENS-token ones) so every connection is open and the server has served N at once."""
     import httpx
 
     latencies: list[float] = []
@@ -531,7 +536,7 @@ async def closed_loop(
     async with httpx.AsyncClient(base_url=server.base, timeout=HTTP_TIMEOUT_S, limits=limits, headers=server.headers) as client:
 
         async def one(prompt: str, record: bool) -> None:
-            path, body = build(prompt)
+            path, body = build(prompt) if record or warmup is None else warmup(prompt)
             started = time.perf_counter()
             if stream:
                 async with client.stream("POST", path, json=body) as response:
@@ -553,7 +558,7 @@ async def closed_loop(
             if record:
                 latencies.append(time.perf_counter() - started)
 
-        # Warm-up: every client's connection open and one request each through the server.
+        # Warm-up: every client's connection open and one (short) request each through the server.
         await asyncio.gather(*(one(prompts[i % len(prompts)], False) for i in range(clients)))
         issued = 0
         deadline = time.perf_counter() + seconds
@@ -699,39 +704,66 @@ def bench_model(model: Model, work: Path, args: argparse.Namespace, prompts: lis
 
         def run(
             server: Server, build: Callable[[str], Request], clients: int, parse: Any = None, stream: bool = False,
-            seconds: float = args.seconds,
+            seconds: float = args.seconds, warmup: Callable[[str], Request] | None = None,
         ) -> Level:
-            level = asyncio.run(closed_loop(server, build, prompts, clients, seconds, args.max_requests, parse, stream))
+            level = asyncio.run(
+                closed_loop(server, build, prompts, clients, seconds, args.max_requests, parse, stream, warmup)
+            )
             log.info(
                 "%s, %d clients%s: %.1f req/s, p50 %.0f ms%s", server.name, clients, " (stream)" if stream else "",
                 level.rps, level.p50_ms, f", ttft p50 {level.ttft_p50_ms:.0f} ms" if level.ttft_p50_ms else "",
             )  # fmt: skip
             return level
 
+        def over_budget(what: str) -> bool:
+            if args.budget_s and time.monotonic() - args.started > args.budget_s:
+                log.warning("--budget-s %g spent: skipping %s", args.budget_s, what)
+                out["skipped"].append(f"{model.size} {what}")
+                return True
+            return False
+
         if "transformers" in running:
             peer = running["transformers"]
             for case, tokens in cases:
                 seconds = args.long_seconds if case == "long" else args.seconds
                 for clients in args.clients:
-                    other = run(peer, lambda p, t=tokens: chat_request(peer, p, t), clients, chat_parse, seconds=seconds)
-                    mine = run(ours, lambda p, t=tokens: chat_request(ours, p, t), clients, chat_parse, seconds=seconds)
-                    out["results"].append(compare(model, "transformers", case, tokens, mine, other))
+                    if over_budget(f"transformers {case} {clients} clients"):
+                        continue
+                    both = [
+                        run(server, lambda p, s=server, t=tokens: chat_request(s, p, t), clients, chat_parse, seconds=seconds,
+                            warmup=lambda p, s=server: chat_request(s, p, WARMUP_TOKENS))
+                        for server in (peer, ours)
+                    ]  # fmt: skip
+                    out["results"].append(compare(model, "transformers", case, tokens, both[1], both[0]))
             ours_streams = stream_supported(ours)
             out["models"][model.size]["ours_streams"] = ours_streams
             for clients in args.ttft_clients:
-                other = run(peer, lambda p: chat_request(peer, p, SHORT_TOKENS, stream=True), clients, stream=True)
-                mine = run(ours, lambda p: chat_request(ours, p, SHORT_TOKENS, stream=True), clients, stream=True) if ours_streams else None
+                if over_budget(f"ttft {clients} clients"):
+                    continue
+                other = run(peer, lambda p: chat_request(peer, p, SHORT_TOKENS, stream=True), clients, stream=True,
+                            warmup=lambda p: chat_request(peer, p, WARMUP_TOKENS))  # fmt: skip
+                mine = (
+                    run(ours, lambda p: chat_request(ours, p, SHORT_TOKENS, stream=True), clients, stream=True,
+                        warmup=lambda p: chat_request(ours, p, WARMUP_TOKENS))
+                    if ours_streams else None
+                )  # fmt: skip
                 out["ttft"].append(compare_ttft(model, SHORT_TOKENS, mine, other))
         if "mlflow" in running:
             peer = running["mlflow"]
             for clients in args.mlflow_clients:
-                other = run(peer, lambda p: score_request(peer, p, SHORT_TOKENS), clients)
-                mine = run(ours, lambda p: score_request(ours, p, SHORT_TOKENS), clients)
-                out["results"].append(compare(model, "mlflow", "short", SHORT_TOKENS, mine, other))
+                if over_budget(f"mlflow {clients} clients"):
+                    continue
+                both = [
+                    run(server, lambda p, s=server: score_request(s, p, SHORT_TOKENS), clients,
+                        warmup=lambda p, s=server: score_request(s, p, WARMUP_TOKENS))
+                    for server in (peer, ours)
+                ]  # fmt: skip
+                out["results"].append(compare(model, "mlflow", "short", SHORT_TOKENS, both[1], both[0]))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {"bench": "serve", "threads": args.threads, "results": [], "ttft": [], "models": {}}
+    out: dict[str, Any] = {"bench": "serve", "threads": args.threads, "results": [], "ttft": [], "models": {}, "skipped": []}
+    args.started = time.monotonic()
     setup = {
         "threads": f"OMP_NUM_THREADS={args.threads} MKL_NUM_THREADS={args.threads} for all three servers",
         "routes": {"transformers": "/v1/chat/completions both, temperature 0",
@@ -767,7 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--state-dir", type=Path, help="serve the newest registered --tiny-name there as the tiny model")
     parser.add_argument("--tiny-name", default="finetune-phi3-model", help="model name in --state-dir (default: %(default)s)")
     parser.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS), help="(default: both)")
-    parser.add_argument("--cases", nargs="+", choices=("short", "long"), default=["short", "long"])
+    parser.add_argument("--cases", nargs="+", choices=("short", "long"), default=None, help="(default: short long; --quick: short)")
     parser.add_argument("--clients", type=int, nargs="+", default=None, help="levels against transformers serve (default: 1 8 16 32)")
     parser.add_argument("--mlflow-clients", type=int, nargs="+", default=None, help="levels against mlflow (default: 1 8)")
     parser.add_argument("--ttft-clients", type=int, nargs="+", default=None, help="streaming levels (default: 1 8)")
@@ -777,6 +809,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify-prompts", type=int, default=6, help="prompts whose greedy replies are compared (default: %(default)s)")
     parser.add_argument("--build-only", action="store_true", help="build (or find) the models in --models-dir, print their URIs, exit")
     parser.add_argument("--long-seconds", type=float, default=None, help="measured time per level in the long case (default: --seconds)")
+    parser.add_argument("--budget-s", type=float, default=0, help="skip the levels left once this many seconds have passed (0: none)")
     parser.add_argument("--ours-args", nargs="*", default=[], metavar="ARG", help="extra arguments for our server")
     return parser
 
@@ -789,8 +822,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.ttft_clients = args.ttft_clients or ([1] if quick else [1, 8])
     args.seconds = args.seconds or (2.0 if quick else 8.0)
     args.long_seconds = args.long_seconds or args.seconds
+    args.cases = args.cases or (["short"] if quick else ["short", "long"])
     if quick:
-        args.cases = ["short"] if args.cases == ["short", "long"] else args.cases
         args.verify_prompts = min(args.verify_prompts, 3)
     return args
 
