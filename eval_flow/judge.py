@@ -40,10 +40,12 @@ def _evaluators(endpoint: str, key: str, model: str) -> Dict[str, Any]:
     from azure.ai.evaluation import (AzureOpenAIModelConfiguration, CoherenceEvaluator, FluencyEvaluator,
                                      OpenAIModelConfiguration, RelevanceEvaluator, SimilarityEvaluator)
 
+    # `type` picks the client; the TypedDicts do not fill it in themselves.
     if ".openai.azure.com" in endpoint:
-        model_config: Any = AzureOpenAIModelConfiguration(azure_endpoint=endpoint, api_key=key, azure_deployment=model)
+        model_config: Any = AzureOpenAIModelConfiguration(type="azure_openai", azure_endpoint=endpoint, api_key=key,
+                                                          azure_deployment=model)
     else:
-        model_config = OpenAIModelConfiguration(base_url=endpoint, api_key=key, model=model)
+        model_config = OpenAIModelConfiguration(type="openai", base_url=endpoint, api_key=key, model=model)
     return {
         "relevance": RelevanceEvaluator(model_config),
         "coherence": CoherenceEvaluator(model_config),
