@@ -136,3 +136,14 @@ def test_a_timeout_shorter_than_decoding_max_new_tokens_is_warned_about(
     with caplog.at_level(logging.INFO, logger="finetune_phi.endpoint.loading"):
         check_decode_speed(engine, request_timeout_s=3600)
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_settings_are_checked_by_name() -> None:
+    import config
+
+    settings = config.load(env={"ENDPOINT_DTYPE": "bfloat16", "ENDPOINT_MAX_CONTEXT_TOKENS": "2048"})
+    assert (settings.ENDPOINT_DTYPE, settings.ENDPOINT_DEVICE, settings.ENDPOINT_MAX_CONTEXT_TOKENS) == ("bfloat16", "auto", 2048)
+    with pytest.raises(config.ConfigError) as bad:
+        config.load(env={"ENDPOINT_DTYPE": "int4", "ENDPOINT_DEVICE": "tpu", "ENDPOINT_MEMORY_BUDGET_MB": "-1"})
+    message = str(bad.value)
+    assert "ENDPOINT_DTYPE='int4'" in message and "ENDPOINT_DEVICE='tpu'" in message and "ENDPOINT_MEMORY_BUDGET_MB=-1" in message
