@@ -290,13 +290,13 @@ def refusal(plan: LoadPlan, policy: LoadPolicy, model_context: int) -> str:
     if room > 0:
         fits = room // max(1, m.kv_bytes_per_token)  # KV tokens that fit beside the weights
         if fits >= plan.context:
-            fixes.append(f"lower {CONCURRENCY_SETTING} (now {policy.max_concurrent_requests}) to {fits // plan.context} or less")
+            fixes.append(f"lower {CONCURRENCY_SETTING} (now {policy.max_concurrent_requests}) to at most {fits // plan.context}")
         else:
             fixes.append(f"lower {CONCURRENCY_SETTING} (now {policy.max_concurrent_requests})")
         if fits >= policy.max_concurrent_requests:
             fixes.append(
                 f"set {CONTEXT_SETTING} (now {policy.max_context_tokens or f'0, the model context {model_context}'}) "
-                f"to {fits // policy.max_concurrent_requests} or less"
+                f"to at most {fits // policy.max_concurrent_requests}"
             )
         else:
             fixes.append(f"set {CONTEXT_SETTING} lower (now {policy.max_context_tokens or model_context} tokens)")
