@@ -13,7 +13,6 @@ import json
 import sys
 from typing import Any, AsyncIterator
 
-import pytest
 
 from conftest import REPO
 from helpers_endpoint import ThreadServer
