@@ -123,6 +123,7 @@ class Settings:
     # EVAL_MAX_NEW_TOKENS: one that reaches it counts as "did not stop".
     EVAL_MAX_ROWS: int = 50
     EVAL_MAX_NEW_TOKENS: int = 256
+    EVAL_BATCH_SIZE: int = 16  # questions answered together (GPU memory: KV cache of prompt + answer)
     # deploy_model.py refuses a model whose EVAL_PRIMARY_METRIC (f1, rougeL, exact_match or contains)
     # is more than EVAL_GATE_MARGIN below the base model's (same run) or the deployed model's, or whose
     # stop rate is lower than either; --force deploys it anyway (and records that it was forced).
@@ -276,6 +277,8 @@ def _check_values(s: Settings) -> list[str]:
         problems.append(f"EVAL_MAX_ROWS={s.EVAL_MAX_ROWS}: use 0 (no evaluation) or a positive row count")
     if s.EVAL_MAX_NEW_TOKENS <= 0:
         problems.append(f"EVAL_MAX_NEW_TOKENS={s.EVAL_MAX_NEW_TOKENS}: use a positive token count")
+    if s.EVAL_BATCH_SIZE <= 0:
+        problems.append(f"EVAL_BATCH_SIZE={s.EVAL_BATCH_SIZE}: use a positive batch size")
     if s.EVAL_PRIMARY_METRIC not in EVAL_GATE_METRICS:
         problems.append(f"EVAL_PRIMARY_METRIC={s.EVAL_PRIMARY_METRIC!r}: use one of {', '.join(EVAL_GATE_METRICS)}")
     if not 0 <= s.EVAL_GATE_MARGIN <= 1:

@@ -66,6 +66,7 @@ def fine_tune_args(
         "--save-steps", str(settings.SAVE_STEPS),
         "--eval-max-rows", str(settings.EVAL_MAX_ROWS),
         "--eval-max-new-tokens", str(settings.EVAL_MAX_NEW_TOKENS),
+        "--eval-batch-size", str(settings.EVAL_BATCH_SIZE),
     ]  # fmt: skip
     return args
 

@@ -66,6 +66,23 @@ def held_out_examples(rows: Sequence[list[dict[str, str]]], limit: int) -> list[
     return examples
 
 
+def fitting(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, max_tokens: int) -> list[Example]:
+    """The examples whose prompt fits in `max_tokens` (the --max-seq-length the model was trained on):
+    a longer one would be answered from a truncated question, or overflow a 4k context."""
+    kept = [e for e in examples if len(_prompt_ids(tokenizer, e)) <= max_tokens]
+    if len(kept) < len(examples):
+        log.info("evaluation: left out %d question(s) longer than %d tokens", len(examples) - len(kept), max_tokens)
+    return kept
+
+
+def _prompt_text(tokenizer: PreTrainedTokenizerBase, example: Example) -> str:
+    return tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True, tokenize=False)
+
+
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[int]:
+    return tokenizer(_prompt_text(tokenizer, example), add_special_tokens=False)["input_ids"]
+
+
 # --- scores -------------------------------------------------------------------------------------
 
 
@@ -133,7 +150,7 @@ def generate_answers(
     examples: Sequence[Example],
     *,
     max_new_tokens: int,
-    batch_size: int = 32,
+    batch_size: int = 16,
 ) -> list[Answer]:
     """Greedy answers, batched (left padding, longest prompts together), in the order of `examples`."""
     import torch
@@ -141,7 +158,7 @@ def generate_answers(
     from chat_format import stop_token_ids
 
     stops = set(stop_token_ids(tokenizer))
-    prompts = [tokenizer.apply_chat_template(e.prompt, add_generation_prompt=True, tokenize=False) for e in examples]
+    prompts = [_prompt_text(tokenizer, e) for e in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: dict[int, Answer] = {}
     was_training, side = model.training, tokenizer.padding_side

@@ -63,6 +63,8 @@ PROMPT_TEMPLATE = "<|user|>\n{prompt}<|end|>\n<|assistant|>\n"
 # of the same name (config.py's fields) set the defaults, so a test can make every run's cheap.
 DEFAULT_EVAL_MAX_ROWS = int(os.environ.get("EVAL_MAX_ROWS", "50"))
 DEFAULT_EVAL_MAX_NEW_TOKENS = int(os.environ.get("EVAL_MAX_NEW_TOKENS", "256"))
+# 16 prompts of up to --max-seq-length (1024) + 256 new tokens: ~8 GiB of KV cache for Phi-3-mini in bf16.
+DEFAULT_EVAL_BATCH_SIZE = int(os.environ.get("EVAL_BATCH_SIZE", "16"))
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -132,6 +134,8 @@ def make_parser() -> argparse.ArgumentParser:
         "--eval-max-new-tokens", type=int, default=DEFAULT_EVAL_MAX_NEW_TOKENS,
         help="token limit per evaluation answer; an answer that reaches it did not stop (default: %(default)s)",
     )  # fmt: skip
+    scoring.add_argument("--eval-batch-size", type=int, default=DEFAULT_EVAL_BATCH_SIZE,
+                         help="questions answered together (default: %(default)s)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     return parser
 
@@ -154,6 +158,8 @@ def validate_args(args: argparse.Namespace) -> None:
         problems.append(f"--eval-max-rows must be >= 0, 0 to skip the evaluation (got {args.eval_max_rows})")
     if args.eval_max_new_tokens <= 0:
         problems.append(f"--eval-max-new-tokens must be > 0 (got {args.eval_max_new_tokens})")
+    if args.eval_batch_size <= 0:
+        problems.append(f"--eval-batch-size must be > 0 (got {args.eval_batch_size})")
     out = args.model_output_dir
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         problems.append(f"--model_output_dir {out} already holds files; pass a new or empty folder")
@@ -714,12 +720,13 @@ def train(args: argparse.Namespace, checkpoint_dir: Path) -> Trained:
         mlflow.log_metric("eval_loss_before", before, step=0)
     log.info("eval loss before training: %.4f", before)
     examples = evaluation.held_out_examples(read_chat_rows(args.eval_file), args.eval_max_rows) if main_process else []
+    examples = evaluation.fitting(examples, prepared.tokenizer, args.max_seq_length)
     answers_before, seconds = [], 0.0
     if examples and not resume:
         # The base model's answers: before the first step, so that no second copy of the model is needed.
         answers_before, seconds = evaluation.timed(
             evaluation.generate_answers, trainer.model, prepared.tokenizer, examples,
-            max_new_tokens=args.eval_max_new_tokens,
+            max_new_tokens=args.eval_max_new_tokens, batch_size=args.eval_batch_size,
         )  # fmt: skip
     if resume:
         log.info("resuming from %s (step %d of %d)", resume, resumed_from, prepared.total_steps)
@@ -739,8 +746,9 @@ def train(args: argparse.Namespace, checkpoint_dir: Path) -> Trained:
     result = None
     if answers_before:
         answers_after, more = evaluation.timed(
-            evaluation.generate_answers, trained, prepared.tokenizer, examples, max_new_tokens=args.eval_max_new_tokens
-        )
+            evaluation.generate_answers, trained, prepared.tokenizer, examples,
+            max_new_tokens=args.eval_max_new_tokens, batch_size=args.eval_batch_size,
+        )  # fmt: skip
         result = evaluation.log_evaluation(examples, answers_before, answers_after, seconds + more,
                                            trainer.state.global_step)  # fmt: skip
         log.info("evaluation on %d held-out questions (%.1f s): %s", result.rows, result.seconds, result.line)

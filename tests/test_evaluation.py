@@ -95,6 +95,9 @@ def test_greedy_batched_answers_record_whether_each_one_stopped(phi3_tokenizer_d
         [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
          [{"role": "user", "content": "A much longer question, so that the batch needs left padding?"},
           {"role": "assistant", "content": "Yes."}]], limit=10)  # fmt: skip
+    short = len(tokenizer("<|user|>\nHi<|end|>\n<|assistant|>\n", add_special_tokens=False)["input_ids"])
+    assert evaluation.fitting(examples, tokenizer, max_tokens=short) == examples[:1]  # the long question is left out
+    assert evaluation.fitting(examples, tokenizer, max_tokens=1024) == examples
     end = tokenizer.convert_tokens_to_ids("<|end|>")
     undo = biased(model, end)
     try:
