@@ -725,9 +725,8 @@ def bench_model(model: Model, work: Path, args: argparse.Namespace, prompts: lis
                 return True
             return False
 
-        if "transformers" in running:
-            peer = running["transformers"]
-            for case, tokens in cases:
+        def transformers_levels(peer: Server, which: list[tuple[str, int]]) -> None:
+            for case, tokens in which:
                 seconds = args.long_seconds if case == "long" else args.seconds
                 for clients in args.clients:
                     if over_budget(f"transformers {case} {clients} clients"):
@@ -738,6 +737,24 @@ def bench_model(model: Model, work: Path, args: argparse.Namespace, prompts: lis
                         for server in (peer, ours)
                     ]  # fmt: skip
                     out["results"].append(compare(model, "transformers", case, tokens, both[1], both[0]))
+
+        # The goals' measurements first (short answers, mlflow, streaming), the long case last: if
+        # --budget-s runs out, what is skipped is the long case at the highest levels.
+        if "transformers" in running:
+            transformers_levels(running["transformers"], [c for c in cases if c[0] == "short"])
+        if "mlflow" in running:
+            peer = running["mlflow"]
+            for clients in args.mlflow_clients:
+                if over_budget(f"mlflow {clients} clients"):
+                    continue
+                both = [
+                    run(server, lambda p, s=server: score_request(s, p, SHORT_TOKENS), clients,
+                        warmup=lambda p, s=server: score_request(s, p, WARMUP_TOKENS))
+                    for server in (peer, ours)
+                ]  # fmt: skip
+                out["results"].append(compare(model, "mlflow", "short", SHORT_TOKENS, both[1], both[0]))
+        if "transformers" in running:
+            peer = running["transformers"]
             ours_streams = stream_supported(ours)
             out["models"][model.size]["ours_streams"] = ours_streams
             for clients in args.ttft_clients:
@@ -751,17 +768,7 @@ def bench_model(model: Model, work: Path, args: argparse.Namespace, prompts: lis
                     if ours_streams else None
                 )  # fmt: skip
                 out["ttft"].append(compare_ttft(model, SHORT_TOKENS, mine, other))
-        if "mlflow" in running:
-            peer = running["mlflow"]
-            for clients in args.mlflow_clients:
-                if over_budget(f"mlflow {clients} clients"):
-                    continue
-                both = [
-                    run(server, lambda p, s=server: score_request(s, p, SHORT_TOKENS), clients,
-                        warmup=lambda p, s=server: score_request(s, p, WARMUP_TOKENS))
-                    for server in (peer, ours)
-                ]  # fmt: skip
-                out["results"].append(compare(model, "mlflow", "short", SHORT_TOKENS, both[1], both[0]))
+            transformers_levels(peer, [c for c in cases if c[0] == "long"])
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
