@@ -158,6 +158,11 @@ class Settings:
     # contexts exceed free memory (or ENDPOINT_MEMORY_BUDGET_MB when > 0): lower one of them.
     ENDPOINT_MAX_CONTEXT_TOKENS: int = 0
     ENDPOINT_MEMORY_BUDGET_MB: int = 0
+    # The batcher's caps (finetune_phi/endpoint/batcher.py): prompt + new tokens that all running rows
+    # hold in KV cache at once (a bigger request is split across steps, not refused), and tokens of
+    # one packed forward (longer prefills are fed in chunks). The memory check counts the first.
+    ENDPOINT_MAX_BATCH_TOKENS: int = 16384
+    ENDPOINT_MAX_STEP_TOKENS: int = 1024
     # The .env file read here and written by deploy_model.py. Only the environment can move it
     # (a .env cannot name itself); tests point it at a temp file so a user's .env is never touched.
     ENV_FILE: str = ".env"
@@ -297,6 +302,9 @@ def _check_values(s: Settings) -> list[str]:
     device, _, index = s.ENDPOINT_DEVICE.partition(":")
     if s.ENDPOINT_DEVICE not in ("auto", "cpu", "cuda") and not (device == "cuda" and index.isdigit()):
         problems.append(f"ENDPOINT_DEVICE={s.ENDPOINT_DEVICE!r}: use auto, cpu, cuda or cuda:N")
+    for name in ("ENDPOINT_MAX_BATCH_TOKENS", "ENDPOINT_MAX_STEP_TOKENS"):
+        if getattr(s, name) <= 0:
+            problems.append(f"{name}={getattr(s, name)}: use a positive number of tokens")
     for name in ("ENDPOINT_MAX_CONTEXT_TOKENS", "ENDPOINT_MEMORY_BUDGET_MB"):
         if getattr(s, name) < 0:
             problems.append(f"{name}={getattr(s, name)}: use 0 (no limit of its own) or a positive number")

@@ -336,6 +336,8 @@ def start_server(
         "--device", settings.ENDPOINT_DEVICE,
         "--max-context-tokens", str(settings.ENDPOINT_MAX_CONTEXT_TOKENS),
         "--memory-budget-mb", str(settings.ENDPOINT_MEMORY_BUDGET_MB),
+        "--max-batch-tokens", str(settings.ENDPOINT_MAX_BATCH_TOKENS),
+        "--max-step-tokens", str(settings.ENDPOINT_MAX_STEP_TOKENS),
     ]  # fmt: skip
     env = {**os.environ, **mlflow_env(settings), KEY_ENV: key}
     offset = log_path.stat().st_size if log_path.is_file() else 0

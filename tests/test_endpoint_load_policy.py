@@ -91,14 +91,19 @@ def test_auto_loads_in_fp32_here_and_a_forced_dtype_and_context_are_what_the_mod
 
 
 def test_refuses_to_start_when_the_kv_budget_does_not_fit(saved_model: Path) -> None:
-    # The weights fit in 300 MB, but 10,000 requests x 512 tokens of KV cache do not.
+    # The weights fit in 300 MB, but 10,000 requests x 512 tokens of KV cache (256 bytes a token) do not,
+    # when the batcher may hold all of them (ENDPOINT_MAX_BATCH_TOKENS as large).
+    greedy = LoadPolicy(max_concurrent_requests=10_000, memory_budget_mb=300, max_batch_tokens=10_000 * 512)
     with pytest.raises(NotEnoughMemory) as refused:
-        plan_load(saved_model, LoadPolicy(max_concurrent_requests=10_000, memory_budget_mb=300))
+        plan_load(saved_model, greedy)
     message = str(refused.value)
     assert "ENDPOINT_MAX_CONCURRENT_REQUESTS=10000" in message
-    assert "lower ENDPOINT_MAX_CONCURRENT_REQUESTS (now 10000) to" in message
-    assert "ENDPOINT_MAX_CONTEXT_TOKENS" in message
+    assert "lower ENDPOINT_MAX_CONCURRENT_REQUESTS (now 10000) to at most" in message
+    assert "ENDPOINT_MAX_CONTEXT_TOKENS" in message and "lower ENDPOINT_MAX_BATCH_TOKENS (now 5120000)" in message
     assert "ENDPOINT_MEMORY_BUDGET_MB" in message
+    # With the batcher's own cap (16,384 tokens held at once), the same 10,000 requests fit.
+    capped = plan_load(saved_model, LoadPolicy(max_concurrent_requests=10_000, memory_budget_mb=300))
+    assert capped.memory.kv_tokens == 16_384
     # With what is really free here, the tiny model fits.
     plan = plan_load(saved_model, LoadPolicy())
     assert plan.memory.needed_bytes < (plan.memory.available_bytes or 0)
@@ -122,6 +127,8 @@ def test_cli_flags_make_the_policy() -> None:
          "--memory-budget-mb", "8000", "--max-concurrent-requests", "4"]
     )  # fmt: skip
     assert load_policy(args) == LoadPolicy("bfloat16", "cpu", 4, 2048, 8000, True)
+    capped = build_parser().parse_args(["--model-uri", "m", "--max-batch-tokens", "4096", "--max-step-tokens", "256"])
+    assert load_policy(capped).max_batch_tokens == 4096
 
 
 def test_a_timeout_shorter_than_decoding_max_new_tokens_is_warned_about(

@@ -129,6 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
         "0 = what is free on the device (default: %(default)s; ENDPOINT_MEMORY_BUDGET_MB)",
     )
     load.add_argument(
+        "--max-batch-tokens",
+        type=_positive_int,
+        help="prompt + new tokens all running rows may hold in KV cache at once (default: the batcher's, "
+        "16384; ENDPOINT_MAX_BATCH_TOKENS)",
+    )
+    load.add_argument(
+        "--max-step-tokens",
+        type=_positive_int,
+        help="tokens of one packed forward; longer prefills are chunked (default: the batcher's, 1024; "
+        "ENDPOINT_MAX_STEP_TOKENS)",
+    )
+    load.add_argument(
         "--no-memory-check", action="store_true", help="start even when the estimate says the model does not fit"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -143,7 +155,15 @@ def load_policy(args: argparse.Namespace) -> LoadPolicy:
         max_context_tokens=args.max_context_tokens,
         memory_budget_mb=args.memory_budget_mb,
         check_memory=not args.no_memory_check,
+        max_batch_tokens=args.max_batch_tokens or 0,
     )
+
+
+def export_batch_caps(args: argparse.Namespace) -> None:
+    """The batcher reads its caps from ENDPOINT_MAX_BATCH_TOKENS / ENDPOINT_MAX_STEP_TOKENS: flags win."""
+    for value, name in ((args.max_batch_tokens, "ENDPOINT_MAX_BATCH_TOKENS"), (args.max_step_tokens, "ENDPOINT_MAX_STEP_TOKENS")):
+        if value:
+            os.environ[name] = str(value)
 
 
 def load_engine(args: argparse.Namespace, name: str) -> "Engine":
@@ -253,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     if not valid_device(args.device):
         log.error("--device %s: use auto, cpu, cuda or cuda:N", args.device)
         return EXIT_USAGE
+    export_batch_caps(args)
     key = os.environ.get(KEY_ENV, "")
     if not key:
         log.error("set %s to the endpoint key (deploy_model.py does this for you)", KEY_ENV)

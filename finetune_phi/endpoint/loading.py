@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import struct
 import time
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ DEVICE_SETTING = "ENDPOINT_DEVICE"
 CONCURRENCY_SETTING = "ENDPOINT_MAX_CONCURRENT_REQUESTS"
 CONTEXT_SETTING = "ENDPOINT_MAX_CONTEXT_TOKENS"
 BUDGET_SETTING = "ENDPOINT_MEMORY_BUDGET_MB"
+BATCH_TOKENS_SETTING = "ENDPOINT_MAX_BATCH_TOKENS"
 TIMEOUT_SETTING = "ENDPOINT_REQUEST_TIMEOUT_S"
 
 
@@ -69,14 +71,19 @@ class LoadPolicy:
     max_context_tokens: int = 0  # 0: the model's own context (max_position_embeddings)
     memory_budget_mb: int = 0  # 0: what the device has free
     check_memory: bool = True
+    # The batcher's cap on prompt + new tokens held by all running rows (their KV cache); 0: what the
+    # batcher will use (ENDPOINT_MAX_BATCH_TOKENS, else batcher.DEFAULT_MAX_BATCH_TOKENS).
+    max_batch_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"{DTYPE_SETTING}={self.dtype!r}: use one of {', '.join(DTYPES)}")
         if not valid_device(self.device):
             raise ValueError(f"{DEVICE_SETTING}={self.device!r}: use auto, cpu, cuda or cuda:N")
-        if self.max_concurrent_requests < 1 or self.max_context_tokens < 0 or self.memory_budget_mb < 0:
-            raise ValueError("max_concurrent_requests must be >= 1, max_context_tokens and memory_budget_mb >= 0")
+        if self.max_concurrent_requests < 1 or min(self.max_context_tokens, self.memory_budget_mb, self.max_batch_tokens) < 0:
+            raise ValueError(
+                "max_concurrent_requests must be >= 1, max_context_tokens, memory_budget_mb and max_batch_tokens >= 0"
+            )
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,7 @@ class Weights:
 class MemoryEstimate:
     weights_bytes: int
     kv_bytes_per_token: int
-    kv_tokens: int  # max concurrent requests x context
+    kv_tokens: int  # min(max concurrent requests x context, the batcher's max_batch_tokens (at least one context))
     overhead_bytes: int
     available_bytes: int | None  # None: unknown (not checked)
     available_source: str
@@ -248,6 +255,20 @@ def model_folder(local: Path) -> Path:
     return local / binary
 
 
+def batch_tokens(policy: LoadPolicy) -> int:
+    """The batcher's max_batch_tokens as it will be: the policy's, else ENDPOINT_MAX_BATCH_TOKENS, else its default."""
+    if policy.max_batch_tokens:
+        return policy.max_batch_tokens
+    raw = os.environ.get(BATCH_TOKENS_SETTING, "").strip()
+    if raw:
+        return int(raw)
+    try:
+        from finetune_phi.endpoint.batcher import DEFAULT_MAX_BATCH_TOKENS
+    except ImportError:  # a batcher without the cap: every admitted request's context counts
+        return 1 << 62
+    return int(DEFAULT_MAX_BATCH_TOKENS)
+
+
 def plan_load(local: Path, policy: LoadPolicy, cpu_flags: Iterable[str] | None = None) -> LoadPlan:
     """Device, dtype, context and memory estimate for the MLflow model downloaded at `local`.
 
@@ -268,10 +289,13 @@ def plan_load(local: Path, policy: LoadPolicy, cpu_flags: Iterable[str] | None =
         available, source = free_memory(device)
     else:
         available, source = None, "not checked"
+    # What the batcher can hold at once: every admitted request's full context, but never more rows
+    # than fit in max_batch_tokens (a lone row bigger than that still runs: one context at least).
+    kv_tokens = min(policy.max_concurrent_requests * context, max(batch_tokens(policy), context))
     memory = MemoryEstimate(
         weights_bytes=weights_bytes,
         kv_bytes_per_token=kv_bytes_per_token(config, itemsize),
-        kv_tokens=policy.max_concurrent_requests * context,
+        kv_tokens=kv_tokens,
         overhead_bytes=int(OVERHEAD_FRACTION * weights_bytes) + OVERHEAD_BYTES,
         available_bytes=available,
         available_source=source,
@@ -300,6 +324,9 @@ def refusal(plan: LoadPlan, policy: LoadPolicy, model_context: int) -> str:
             )
         else:
             fixes.append(f"set {CONTEXT_SETTING} lower (now {policy.max_context_tokens or model_context} tokens)")
+    batch = batch_tokens(policy)
+    if room > 0 and m.kv_tokens == max(batch, plan.context) and batch > plan.context:
+        fixes.append(f"lower {BATCH_TOKENS_SETTING} (now {batch}) to at most {max(plan.context, room // max(1, m.kv_bytes_per_token))}")
     if plan.dtype == "float32":
         fixes.append(f"use {DTYPE_SETTING}=bfloat16 (half the bytes; slow on CPUs without native bf16)")
     if policy.memory_budget_mb:
@@ -309,8 +336,9 @@ def refusal(plan: LoadPlan, policy: LoadPolicy, model_context: int) -> str:
     return (
         f"not starting: the model needs {m.needed_bytes / GIB:.2f} GiB on {plan.device} but {m.available_bytes / GIB:.2f} GiB "
         f"is free ({m.available_source}): {m.weights_bytes / GIB:.2f} GiB of {plan.dtype} weights, "
-        f"{m.kv_bytes / GIB:.2f} GiB of KV cache for {CONCURRENCY_SETTING}={policy.max_concurrent_requests} requests x "
-        f"{plan.context} tokens of context, {m.overhead_bytes / GIB:.2f} GiB margin. To fit: " + "; or ".join(fixes)
+        f"{m.kv_bytes / GIB:.2f} GiB of KV cache for {m.kv_tokens} tokens ({CONCURRENCY_SETTING}={policy.max_concurrent_requests} "
+        f"requests x {plan.context} tokens of context, at most {BATCH_TOKENS_SETTING}={batch_tokens(policy)}), "
+        f"{m.overhead_bytes / GIB:.2f} GiB margin. To fit: " + "; or ".join(fixes)
     )
 
 
