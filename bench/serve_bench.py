@@ -680,7 +680,16 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    def git(*argv: str) -> str:
+        try:
+            return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
     return {
+        # What "ours" was: the commit, and any endpoint file changed beside it in the working tree.
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "uncommitted_endpoint_files": git("status", "--porcelain", "--", "finetune_phi/endpoint").splitlines(),
         "cpus": os.cpu_count(),
         "cpu": cpu,
         "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
