@@ -154,6 +154,7 @@ class Batcher:
         max_batch_tokens: int | None = None,
         tokenizer_threads: int = 2,
         torch_threads: int | None = None,
+        packed_weights: bool | None = None,
     ) -> None:
         if max_batch_rows < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError("max_batch_rows and max_queue must be >= 1 and max_wait_s >= 0")
@@ -180,7 +181,7 @@ class Batcher:
         self.torch_threads = torch_threads if torch_threads is not None else default_torch_threads(engine)
         from finetune_phi.endpoint import continuous
 
-        self.stepper = continuous.Stepper(engine) if continuous.supports(engine.model) else None
+        self.stepper = continuous.Stepper(engine, packed_weights) if continuous.supports(engine.model) else None
         if self.stepper is None:
             log.warning("%s is not laid out like Phi-3: one generate() per request, no continuous batching", type(engine.model).__name__)
         self._thread = threading.Thread(target=self._run, name="generate", daemon=True)
@@ -322,7 +323,10 @@ class Batcher:
                 for row in emitted:
                     work = row.owner
                     if work.on_tokens is not None and not work.cancelled:
-                        work.on_tokens(row.index, [row.generated[-1]])
+                        try:
+                            work.on_tokens(row.index, [row.generated[-1]])
+                        except Exception:  # a broken hook must not stop everyone else's generation
+                            log.exception("on_tokens hook failed; the request keeps generating")
             # Answer every request whose rows have all ended.
             if any(row.done for row in running):
                 still = []

@@ -4,7 +4,7 @@
     row = stepper.start(prompt_ids, limit, params)  # preallocates the row's own KV cache
     stepper.step([row, ...], max_tokens)            # one packed forward; appends one token per decoding row
 
-Every row keeps its own cache (one preallocated [heads, prompt + limit, head_dim] buffer per layer),
+Every row keeps its own cache (one preallocated [1, kv_heads, prompt + limit, head_dim] buffer per layer),
 its own sampling parameters and its own random generator. A step packs the new tokens of all rows
 into ONE sequence — one token for a decoding row, a chunk of the prompt for a row still in prefill —
 so the linear layers (where a real model spends its time) run once over exactly the real tokens:
@@ -19,6 +19,7 @@ greedy row gives the tokens `model.generate` gives it alone (tests/test_batching
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -26,6 +27,31 @@ import torch
 import torch.nn.functional as F
 
 from finetune_phi.endpoint.engine import Engine, SamplingParams
+
+
+# Prepacked oneDNN weights for the decoder layers' linears. Measured on the 2-core AMD EPYC (MKL
+# takes its generic AVX2 path there): a [16, 768] x [768, 4096] product took 8-10 ms prepacked
+# against 12-15 ms through nn.Linear, and 16 ms against 26-33 ms at 64 rows; at 1 row it is slower
+# (3-5 ms against 2.5-3.7), so a step of fewer than PACKED_MIN_TOKENS tokens keeps nn.Linear. The
+# packed copy costs as much memory as those weights again: only for fp32 CPU models whose layer
+# weights take under PACKED_MAX_BYTES. ENDPOINT_PACKED_WEIGHTS=0/1 forces it off/on.
+PACKED_MIN_TOKENS = 4
+PACKED_BATCH_HINT = 16
+PACKED_MAX_BYTES = 2 * 1024**3
+# The tiny demo model's layers (~2 MB) gain nothing from it (bench/batching_bench.py: 74 vs 89
+# requests per CPU-second at 16 clients with and without), so small models keep nn.Linear.
+PACKED_MIN_BYTES = 64 * 1024**2
+
+
+def _packing_wanted(model: Any) -> bool:
+    forced = os.environ.get("ENDPOINT_PACKED_WEIGHTS", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    param = next(model.parameters())
+    if param.device.type != "cpu" or param.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return False
+    layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers.parameters())
+    return PACKED_MIN_BYTES <= layer_bytes <= PACKED_MAX_BYTES
 
 
 def supports(model: Any) -> bool:
@@ -56,7 +82,7 @@ class Row:
     prompt: list[int]
     limit: int
     params: SamplingParams
-    keys: list[torch.Tensor]  # per layer [kv_heads, capacity, head_dim]
+    keys: list[torch.Tensor]  # per layer [1, kv_heads, capacity, head_dim]
     values: list[torch.Tensor]
     generator: torch.Generator | None = None
     generated: list[int] = field(default_factory=list)
@@ -81,7 +107,7 @@ class Row:
 class Stepper:
     """Runs packed steps for an engine's model (Phi-3 layout). Not thread-safe: one caller thread."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, packed_weights: bool | None = None) -> None:
         model = engine.model
         if not supports(model):
             raise TypeError(f"{type(model).__name__} is not laid out like Phi3ForCausalLM")
@@ -97,15 +123,67 @@ class Stepper:
         self.window = getattr(config, "sliding_window", None)
         self.stop_ids = set(engine.stop_token_ids)
         self.param = next(model.parameters())
+        # oneDNN-prepacked copies of the decoder layers' weights (see PACKED_* above), or none.
+        self.packed: dict[int, torch.Tensor] = {}
+        if packed_weights if packed_weights is not None else _packing_wanted(model):
+            self._pack()
+        self._rope = self._rope_table()
+        norm = self.layers[0].input_layernorm
+        self._fused_norm = (
+            hasattr(F, "rms_norm")
+            and self.param.dtype == torch.float32
+            and type(norm).__name__ == "Phi3RMSNorm"
+            and hasattr(norm, "variance_epsilon")
+        )
         self.forwards = 0  # packed forwards run (tests, logs)
         self.last_tokens = 0  # tokens in the latest forward
+
+    def _pack(self) -> None:
+        for layer in self.layers:
+            for module in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+                self.packed[id(module)] = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), PACKED_BATCH_HINT)
+
+    def _rope_table(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos/sin for every position, [1, 1, positions, dim], computed once by the model's own rotary
+        embedding (elementwise per position, so the values are the ones it computes each step).
+        Only for plain RoPE: scaled variants (longrope, dynamic) depend on the sequence length."""
+        rotary = self.inner.rotary_emb
+        if getattr(rotary, "rope_type", None) != "default":
+            return None
+        positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        if not 0 < positions <= 131072:
+            return None
+        probe = torch.empty(1, 1, dtype=self.param.dtype, device=self.param.device)
+        with torch.inference_mode():
+            cos, sin = rotary(probe, position_ids=torch.arange(positions, device=self.param.device)[None])
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def _norm(self, norm: Any, x: torch.Tensor) -> torch.Tensor:
+        """Phi3RMSNorm.forward as torch's fused rms_norm (same values on fp32; hooks-free modules only)."""
+        if self._fused_norm and not norm._forward_hooks and not norm._forward_pre_hooks:
+            return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+        return norm(x)
+
+    def _linear(self, module: Any, x: torch.Tensor) -> torch.Tensor:
+        packed = self.packed.get(id(module)) if x.shape[-2] >= PACKED_MIN_TOKENS else None
+        if packed is None:
+            if module._forward_hooks or module._forward_pre_hooks:
+                return module(x)
+            return F.linear(x, module.weight, module.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [None], "")
+
+    def _mlp(self, mlp: Any, x: torch.Tensor) -> torch.Tensor:
+        if not self.packed or x.shape[-2] < PACKED_MIN_TOKENS or not hasattr(mlp, "gate_up_proj"):
+            return mlp(x)
+        gate, up = self._linear(mlp.gate_up_proj, x).chunk(2, dim=-1)  # Phi3MLP.forward, over packed weights
+        return self._linear(mlp.down_proj, up * mlp.activation_fn(gate))
 
     # --- rows ---------------------------------------------------------------------------------------
 
     def start(self, prompt: Sequence[int], limit: int, params: SamplingParams, owner: Any = None, index: int = 0) -> Row:
         prompt = list(prompt)
         capacity = len(prompt) + max(limit, 0)
-        shape = (self.kv_heads, max(capacity, 1), self.head_dim)
+        shape = (1, self.kv_heads, max(capacity, 1), self.head_dim)
         dtype, device = self.param.dtype, self.param.device
         keys = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers]
         values = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers]
@@ -159,32 +237,39 @@ class Stepper:
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
         position_ids = torch.tensor([positions], dtype=torch.long, device=device)
         hidden = self.inner.embed_tokens(input_ids)
-        cos, sin = self.inner.rotary_emb(hidden, position_ids=position_ids)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        if self._rope is not None and max(positions) < self._rope[0].shape[2]:
+            cos, sin = self._rope[0][:, :, position_ids[0]], self._rope[1][:, :, position_ids[0]]
+        else:
+            cos, sin = self.inner.rotary_emb(hidden, position_ids=position_ids)
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         total = len(ids)
+        sizes = [n for _, _, n in segments]
         q_width = self.heads * self.head_dim
         kv_width = self.kv_heads * self.head_dim
         for index, layer in enumerate(self.layers):
             attn = layer.self_attn
             residual = hidden
-            h = layer.input_layernorm(hidden)
-            qkv = attn.qkv_proj(h)
+            h = self._norm(layer.input_layernorm, hidden)
+            qkv = self._linear(attn.qkv_proj, h)
             q = qkv[..., :q_width].view(1, total, self.heads, self.head_dim).transpose(1, 2)
             k = qkv[..., q_width : q_width + kv_width].view(1, total, self.kv_heads, self.head_dim).transpose(1, 2)
             v = qkv[..., q_width + kv_width :].view(1, total, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = _rotate(q, k, cos, sin)
+            qs, ks, vs = q.split(sizes, dim=2), k.split(sizes, dim=2), v.split(sizes, dim=2)
             outputs = []
-            offset = 0
-            for row, start, n in segments:
+            for (row, start, n), q_i, k_i, v_i in zip(segments, qs, ks, vs):
                 end = start + n
-                row.keys[index][:, start:end].copy_(k[0, :, offset : offset + n])
-                row.values[index][:, start:end].copy_(v[0, :, offset : offset + n])
-                outputs.append(self._attend(q[:, :, offset : offset + n], row.keys[index][:, :end], row.values[index][:, :end], start, n))
-                offset += n
+                keys, values = row.keys[index], row.values[index]
+                keys[:, :, start:end].copy_(k_i)
+                values[:, :, start:end].copy_(v_i)
+                if n == 1 and (self.window is None or end <= self.window) and self.kv_heads == self.heads:
+                    outputs.append(F.scaled_dot_product_attention(q_i, keys[:, :, :end], values[:, :, :end], scale=self.scale))
+                else:
+                    outputs.append(self._attend(q_i, keys[:, :, :end], values[:, :, :end], start, n))
             out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
             out = out.transpose(1, 2).reshape(1, total, q_width)
-            hidden = residual + attn.o_proj(out)  # the residual dropouts are identities in eval mode
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = residual + self._linear(attn.o_proj, out)  # the residual dropouts are identities in eval mode
+            hidden = hidden + self._mlp(layer.mlp, self._norm(layer.post_attention_layernorm, hidden))
         # Logits only where a row's next token is decided: the last token of its segment, when that
         # segment finishes the prompt (or the row is decoding).
         last: list[int] = []
@@ -200,7 +285,7 @@ class Stepper:
         self.last_tokens = total
         if not emitting:
             return []
-        hidden = self.inner.norm(hidden[0, last])
+        hidden = self._norm(self.inner.norm, hidden[0, last])
         logits = self.model.lm_head(hidden).float()
         tokens = self._choose(emitting, logits)
         for row, token in zip(emitting, tokens):
@@ -214,7 +299,6 @@ class Stepper:
         return emitting
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, n: int) -> torch.Tensor:
-        keys, values = keys.unsqueeze(0), values.unsqueeze(0)
         if self.kv_heads != self.heads:
             repeat = self.heads // self.kv_heads
             keys = keys.repeat_interleave(repeat, dim=1)
