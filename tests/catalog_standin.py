@@ -21,7 +21,7 @@ import json
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Iterator
 
 
 @dataclass
@@ -60,19 +60,37 @@ class RecordingServer:
         """The exchange to record for one POST body, and the response body to send."""
         raise NotImplementedError
 
+    def handle_path(self, path: str, raw: bytes, headers: Any) -> tuple[Exchange, bytes | Iterator[bytes], str]:
+        """As handle, for a POST to `path`, with the response's Content-Type; a body given as an
+        iterator is sent piece by piece as it comes (an event stream), chunked."""
+        exchange, data = self.handle(raw, headers)
+        return exchange, data, "application/json"
+
     def start(self) -> Any:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # chunked bodies (handle_path); every other answer has a Content-Length
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                exchange, data = server.handle(raw, self.headers)
+                exchange, data, content_type = server.handle_path(self.path, raw, self.headers)
                 server.exchanges.append(exchange)
                 self.send_response(exchange.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Content-Type", content_type)
+                self.send_header("Connection", "close")  # one request per connection, as with HTTP/1.0
+                self.close_connection = True
+                if isinstance(data, bytes):
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                # Chunked, so that a reader gets each piece as it is sent.
+                self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
-                self.wfile.write(data)
+                for piece in data:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
 
             def log_message(self, *args: object) -> None:
                 pass

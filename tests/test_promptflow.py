@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,18 +131,61 @@ def stop_group(proc: subprocess.Popen) -> None:
 
 
 class RecordingProxy(RecordingServer):
+    """Forwards each POST to the same path on the endpoint (/score, or /v1/chat/completions for the
+    chat flow's stream) and records it. An event stream is passed on event by event; its recorded
+    response is the joined reply as a one-item list, the shape /score answers, so `response[0]` is
+    the reply either way. `hold_stream_after(n)` holds the next stream after n content events until
+    `resume` is set: what the client shows meanwhile is what arrived before the end."""
+
     def __init__(self, upstream: str) -> None:
         super().__init__()
         self.upstream = upstream
+        self.base = upstream.removesuffix("/score")
+        self.hold_after: int | None = None
+        self.held = threading.Event()
+        self.resume = threading.Event()
+        self.pieces_before_hold: list[str] = []
+        self.streams_done = 0
 
-    def handle(self, raw: bytes, headers: Any) -> tuple[Exchange, bytes]:
-        forwarded = {k: v for k, v in headers.items() if k.lower() in ("authorization", "content-type")}
-        upstream = requests.post(self.upstream, data=raw, headers=forwarded, timeout=120)
-        try:
-            decoded = upstream.json()
-        except ValueError:
-            decoded = upstream.text
-        return Exchange(json.loads(raw), headers.get("Authorization", ""), upstream.status_code, decoded), upstream.content
+    def hold_stream_after(self, events: int) -> None:
+        self.hold_after, self.pieces_before_hold = events, []
+        self.held.clear()
+        self.resume.clear()
+
+    def handle_path(self, path: str, raw: bytes, headers: Any) -> tuple[Exchange, Any, str]:
+        forwarded = {k: v for k, v in headers.items() if k.lower() in ("authorization", "content-type", "accept")}
+        upstream = requests.post(self.base + path, data=raw, headers=forwarded, timeout=120, stream=True)
+        content_type = upstream.headers.get("content-type", "application/json")
+        if not content_type.startswith("text/event-stream"):
+            try:
+                decoded = upstream.json()
+            except ValueError:
+                decoded = upstream.text
+            exchange = Exchange(json.loads(raw), headers.get("Authorization", ""), upstream.status_code, decoded)
+            return exchange, upstream.content, content_type
+        exchange = Exchange(json.loads(raw), headers.get("Authorization", ""), upstream.status_code, [""])
+        hold_after, self.hold_after = self.hold_after, None
+
+        def relay() -> Iterator[bytes]:
+            pieces = 0
+            with upstream:
+                for line in upstream.iter_lines(chunk_size=None):  # each event as it comes
+                    yield line + b"\n"
+                    if not line.startswith(b"data: {"):
+                        continue
+                    for choice in json.loads(line[len(b"data: ") :]).get("choices") or []:
+                        piece = (choice.get("delta") or {}).get("content")
+                        if piece:
+                            exchange.response[0] += piece
+                            pieces += 1
+                            if hold_after is not None and pieces == hold_after:
+                                self.pieces_before_hold = [exchange.response[0]]
+                                yield b"\n"
+                                self.held.set()
+                                self.resume.wait(30)
+            self.streams_done += 1  # not when the client left mid-stream (the write raised)
+
+        return exchange, relay(), content_type
 
 
 # --- fixtures -----------------------------------------------------------------------------------------
@@ -403,8 +447,29 @@ def test_standard_flow_with_a_wrong_key_names_the_fix_and_hides_the_key(flow: Fl
     assert "re-run python deploy_model.py" in out
 
 
-async def _chat_in_browser(url: str, questions: list[str], user_data_dir: Path) -> str:
-    """Open the chat page in headless Chromium over the DevTools protocol, ask, return the message list text."""
+async def serve_app_settled(chat_url: str) -> None:
+    """`pf flow test --ui` restarts its serve app when a turn writes into the flow folder
+    (.promptflow/): wait for the restart to begin and the new app to answer before the next question."""
+    port = re.search(r"serve_app_port=(\d+)", chat_url)
+    assert port, chat_url
+    await asyncio.sleep(2)
+    end = time.monotonic() + 60
+    while True:
+        try:
+            if requests.get(f"http://127.0.0.1:{port.group(1)}/health", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        assert time.monotonic() < end, "the --ui serve app did not come back after its restart"
+        await asyncio.sleep(0.2)
+
+
+async def _chat_in_browser(url: str, questions: list[str], user_data_dir: Path, proxy: RecordingProxy | None = None) -> str:
+    """Open the chat page in headless Chromium over the DevTools protocol, ask, return the message list text.
+
+    With `proxy` holding the first reply's stream part way (hold_stream_after), check that the page
+    shows the part that has arrived while the rest is held, then let the rest through; each turn
+    ends when the proxy has relayed its whole stream and the page shows the reply's first words."""
     import aiohttp
 
     browser = subprocess.Popen(
@@ -452,6 +517,7 @@ async def _chat_in_browser(url: str, questions: list[str], user_data_dir: Path) 
                 await call("Page.navigate", url=url)
                 await until("!!document.querySelector('[data-lexical-editor]')", 60)
                 editor = "document.querySelector('[data-lexical-editor]')"
+                streams_before = proxy.streams_done if proxy is not None else 0
                 send_enabled = "!document.querySelector('button[title=Send]').disabled"
                 for i, question in enumerate(questions, start=1):
                     # The editor can exist before its handlers are attached: type until Send enables.
@@ -464,6 +530,26 @@ async def _chat_in_browser(url: str, questions: list[str], user_data_dir: Path) 
                             break
                     await until(send_enabled, 1)
                     await js("document.querySelector('button[title=Send]').click()")
+                    if proxy is not None and i == 1:
+                        end = time.monotonic() + 60
+                        while not proxy.held.is_set():
+                            assert time.monotonic() < end, "the reply's stream never reached the proxy's hold"
+                            await asyncio.sleep(0.1)
+                        shown = words(proxy.pieces_before_hold[0])[:3]
+                        assert shown, proxy.pieces_before_hold
+                        # While the stream is held, its first pieces are on the page (a streaming
+                        # turn shows its "View trace" link as soon as it starts).
+                        await until(f"{json.dumps(shown)}.every(w => {messages}.innerText.includes(w))", 20)
+                        proxy.resume.set()
+                    if proxy is not None:
+                        end = time.monotonic() + 90
+                        while proxy.streams_done < streams_before + i:
+                            assert time.monotonic() < end, "the reply's stream did not end"
+                            await asyncio.sleep(0.1)
+                        reply = words(proxy.exchanges[-1].response[0])[:8]
+                        await until(f"{json.dumps(reply)}.every(w => {messages}.innerText.includes(w))", 30)
+                        if i < len(questions):
+                            await serve_app_settled(url)
                     # An answered turn shows its reply and a "View trace" link; one in progress
                     # shows the link beside "Generating chat output for you".
                     await until(
@@ -497,6 +583,7 @@ def test_chat_flow_ui_answers_in_headless_chromium(flow: FlowRig) -> None:
             cwd=REPO, env=flow.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     n = len(flow.proxy.exchanges)
+    flow.proxy.hold_stream_after(4)
     try:
         end = time.monotonic() + 60
         url = None
@@ -506,16 +593,20 @@ def test_chat_flow_ui_answers_in_headless_chromium(flow: FlowRig) -> None:
             time.sleep(0.2)
         assert url, f"pf --ui printed no chat URL:\n{log_path.read_text()[-3000:]}"
         wait_http(f"http://127.0.0.1:{port}/health", 60, ui)
-        text = asyncio.run(_chat_in_browser(url, ["Who founded Microsoft?", "And when?"], flow.tmp / "chromium"))
+        text = asyncio.run(
+            _chat_in_browser(url, ["Who founded Microsoft?", "And when?"], flow.tmp / "chromium", proxy=flow.proxy)
+        )
     finally:
+        flow.proxy.resume.set()
         stop_group(ui)
     first, second = flow.proxy.since(n)
-    # The page kept the history: the second prompt holds the first turn (the local kind's shape).
-    assert second.request["input_data"] == [encode_prompt([
+    # The page kept the history: the second request holds the first turn (the local kind streams
+    # from /v1/chat/completions, the conversation as messages).
+    assert second.request["stream"] is True and second.request["messages"] == [
         {"role": "user", "content": "Who founded Microsoft?"},
         {"role": "assistant", "content": first.response[0]},
         {"role": "user", "content": "And when?"},
-    ])]
+    ]
     assert "Who founded Microsoft?" in text and "And when?" in text
     for exchange in (first, second):
         reply_words = words(exchange.response[0])[:8]
@@ -789,6 +880,9 @@ def test_chat_flow_snapshot_keeps_the_history_through_each_kind(target: Target, 
     if target.kind == "azure-catalog":
         assert first.request["input_data"]["input_string"] == history[:1]
         assert second.request["input_data"]["input_string"] == history
+    elif target.kind == "local":  # streamed from /v1/chat/completions beside /score
+        assert first.request["messages"] == history[:1] and first.request["stream"] is True
+        assert second.request["messages"] == history
     else:
         assert first.request["input_data"] == ["Who founded Microsoft?"]
         assert second.request["input_data"] == [encode_prompt(history)]
