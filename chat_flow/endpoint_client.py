@@ -405,7 +405,9 @@ def _read_stream(response: requests.Response, url: str) -> Iterator[str]:
     """The content pieces of an OpenAI chat completion event stream, until data: [DONE]."""
     with response:
         try:
-            for line in response.iter_lines(decode_unicode=False):
+            # chunk_size=None: each chunk as it arrives (the server sends one per event); with the
+            # default 512 a reader waits for 512 bytes, two or three events late.
+            for line in response.iter_lines(chunk_size=None):
                 if not line.startswith(b"data: "):
                     continue  # blank separators, comments, event names
                 data = line[len(b"data: ") :]
