@@ -826,14 +826,14 @@ def main(argv: list[str] | None = None) -> int:
     validate_args(args)
     result = fine_tune(args)
     resumed = f" (resumed from step {result.resumed_from_step})" if result.resumed_from_step else ""
+    if result.evaluation:  # before the summary line, which stays last
+        print(f"evaluation on {result.evaluation.rows} held-out questions: {result.evaluation.line}", flush=True)
     print(
         f"fine-tune done in {result.seconds:.0f}s, {result.steps} steps{resumed}: MLflow run {result.run_id}, eval loss "
         f"{result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f}, model at {result.model_uri} "
         f"and {result.model_output_dir}",
         flush=True,
     )
-    if result.evaluation:
-        print(f"evaluation on {result.evaluation.rows} held-out questions: {result.evaluation.line}", flush=True)
     return 0
 
 
