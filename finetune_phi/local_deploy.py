@@ -28,6 +28,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -269,14 +270,31 @@ def _port_answers(host: str, port: int) -> bool:
         return False
 
 
-def _log_tail(path: Path, offset: int) -> str:
-    """What the server wrote since `offset` (this attempt only), at most LOG_TAIL_CHARS."""
+# A line the endpoint's logging starts ("12:00:01 INFO [4242] name: ..."); tracebacks continue without it.
+_LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d \w+ \[(\d+)\] ")
+
+
+def _log_tail(path: Path, offset: int, pid: int | None = None) -> str:
+    """What the server wrote since `offset` (this attempt only), at most LOG_TAIL_CHARS.
+
+    With `pid`, only that process's lines (and the traceback lines under them): during a hand-over
+    the old endpoint appends its access log to the same file, and would push the new one's error out.
+    """
     try:
         with path.open("rb") as fh:
             fh.seek(offset)
             text = fh.read().decode(errors="replace")
     except OSError:
         return "(no log)"
+    if pid is not None:
+        kept, mine = [], True
+        for line in text.splitlines():
+            started = _LOG_LINE.match(line)
+            if started:
+                mine = int(started.group(1)) == pid
+            if mine:
+                kept.append(line)
+        text = "\n".join(kept)
     return text[-LOG_TAIL_CHARS:].rstrip() or "(the log is empty)"
 
 
@@ -302,18 +320,18 @@ def wait_ready(proc: subprocess.Popen[bytes], host: str, port: int, log_path: Pa
             if code == EXIT_PORT_BUSY:
                 raise DeployError(
                     f"port {port} on {host} is in use by another program: stop it or set LOCAL_ENDPOINT_PORT "
-                    f"to a free port\n--- {log_path} ---\n{_log_tail(log_path, offset)}"
+                    f"to a free port\n--- {log_path} ---\n{_log_tail(log_path, offset, proc.pid)}"
                 )
             raise DeployError(
                 f"the endpoint exited with status {code} before it was ready; its log ({log_path}) ends with:\n"
-                f"{_log_tail(log_path, offset)}"
+                f"{_log_tail(log_path, offset, proc.pid)}"
             )
         body = _probe_ready(host, port)
         if body is not None and body.get("pid") == proc.pid and body.get("status") == "ready":
             return
         time.sleep(0.25)
     raise DeployError(
-        f"the endpoint was not ready after {timeout:.0f} s; its log ({log_path}) ends with:\n{_log_tail(log_path, offset)}"
+        f"the endpoint was not ready after {timeout:.0f} s; its log ({log_path}) ends with:\n{_log_tail(log_path, offset, proc.pid)}"
     )
 
 

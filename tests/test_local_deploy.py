@@ -332,3 +332,18 @@ def test_deploy_redeploy_in_place_and_teardown(
     assert not (local_deploy.endpoint_dir(settings) / local_deploy.PID_FILE).exists()
     assert not local_deploy._port_answers("127.0.0.1", port)
     assert common.read_state(settings)["deployment"]["status"] == "stopped"
+
+
+def test_a_failed_start_reports_its_own_log_lines_not_the_old_servers(tmp_path: Path) -> None:
+    """During a hand-over the old endpoint's access log shares the file; the error must still show the new one's."""
+    log_path = tmp_path / "endpoint.log"
+    old_lines = [f'12:00:{i % 60:02d} INFO [100] uvicorn.access: 127.0.0.1 - "POST /score HTTP/1.1" 200' for i in range(200)]
+    new_lines = [
+        "12:00:01 ERROR [200] finetune_phi.endpoint: could not load models:/m/2: broken",
+        "Traceback (most recent call last):",
+        '  File "x.py", line 1, in <module>',
+    ]
+    log_path.write_text("\n".join(old_lines[:100] + new_lines + old_lines[100:]) + "\n")
+    tail = local_deploy._log_tail(log_path, 0, pid=200)
+    assert "could not load" in tail and "Traceback" in tail and "[100]" not in tail
+    assert "could not load" not in local_deploy._log_tail(log_path, 0)  # unfiltered, the old lines push it out
