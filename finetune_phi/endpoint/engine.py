@@ -309,19 +309,20 @@ class Engine:
         steps = min(max(limits), self.max_context - width)
         if steps <= 0:
             return [[] for _ in rows]
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        device = self.model.device  # inputs where the weights are (CUDA when loading.py put the model there)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long, device=device)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
         for i, row in enumerate(rows):
             if row:
-                input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+                input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long, device=device)
                 attention_mask[i, width - len(row) :] = 1
-        row_limits = torch.tensor(limits, dtype=torch.long)
+        row_limits = torch.tensor(limits, dtype=torch.long, device=device)
 
         class RowDone(StoppingCriteria):
             def __call__(self, ids: Any, scores: Any, **kwargs: Any) -> Any:
                 done = (ids.shape[1] - width) >= row_limits
                 if cancelled is not None:
-                    done = done | torch.tensor(list(cancelled()), dtype=torch.bool)
+                    done = done | torch.tensor(list(cancelled()), dtype=torch.bool, device=device)
                 return done
 
         kwargs: dict[str, Any] = {
