@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 import httpx
 
@@ -97,3 +97,34 @@ class ProcessServer:
             self.proc.wait(timeout=10)
         if self._log is not None:
             self._log.close()
+
+
+# --- watching generation from a test ----------------------------------------------------------------
+
+
+def count_forward_passes(engine: Any) -> tuple[list[int], Callable[[], None]]:
+    """A counter of decoding steps (lm_head runs once per step, batched or not) and its remover."""
+    calls = [0]
+
+    def hook(*_: object) -> None:
+        calls[0] += 1
+
+    return calls, engine.model.lm_head.register_forward_hook(hook).remove
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
+
+
+def assert_generation_stopped(base_url: str, calls: list[int], max_before: int) -> None:
+    """After a client left: the server releases the request and runs (almost) no further steps."""
+    with httpx.Client(base_url=base_url, timeout=10) as c:
+        wait_until(lambda: c.get("/health/live").json()["in_flight"] == 0, 5, "the request is released")
+    time.sleep(0.3)
+    before = calls[0]
+    time.sleep(0.5)
+    assert calls[0] - before <= 2, f"{calls[0] - before} forward passes after the client left"
+    assert before < max_before

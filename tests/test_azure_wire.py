@@ -59,6 +59,8 @@ def azure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCap
     monkeypatch.setattr(RunHistoryConstants, "_WAIT_COMPLETION_POLLING_INTERVAL_MIN", 0)
     monkeypatch.setattr(workflow, "JOB_POLL_S", 0.01)
     caplog.set_level(logging.INFO)
+    # What the scripts' main() will load from this environment (the test suite's own overrides included).
+    settings = config.load(BACKEND="azure")
     yield SimpleNamespace(standin=standin, settings=settings, credential=credential, env_file=tmp_path / "flows.env")
     standin.stop()
 

@@ -122,6 +122,17 @@ class Runtime:
             self.batcher.close()
 
 
+SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {"type": "string", "description": "a JSON schemas.ChatCompletionChunk or error object, or [DONE]"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}
+
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": schemas.ErrorResponse, "description": "the body is not JSON, or the prompt does not fit the model's context"},
     401: {"model": schemas.ErrorResponse, "description": "missing or wrong key"},
@@ -310,7 +321,9 @@ def create_app(
             **ERROR_RESPONSES,
             200: {
                 "description": "the completion; with stream: true, server-sent events (schemas.ChatCompletionChunk)",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                # One server-sent event, as OpenAPI 3.2 describes an event stream item: `data` holds a
+                # JSON chat.completion.chunk (or an error object), and the last event's is [DONE].
+                "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
             },
         },
         dependencies=[Depends(require_key)],
