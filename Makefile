@@ -37,9 +37,12 @@ demo: $(STAMP)
 chat: $(STAMP)
 	$(PY) -m finetune_phi.pf_env $(VENV)/bin/pf flow test --flow chat_flow --interactive
 
+# Two workers, each taking whole test files: most tests wait on servers and subprocesses.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) $(AZ_STAMP)
 	bash scripts/ensure-chromium.sh
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
