@@ -37,8 +37,10 @@ demo: $(STAMP)
 chat: $(STAMP)
 	$(PY) -m finetune_phi.pf_env $(VENV)/bin/pf flow test --flow chat_flow --interactive
 
-# Two workers, each taking whole test files: most tests wait on servers and subprocesses.
-TEST_WORKERS ?= 2
+# One process by default: with two pytest-xdist workers (TEST_WORKERS=2, one test file each) the suite
+# takes ~7 min instead of ~14, but the headless-Chromium chat test then failed once in two runs
+# (pf --ui restarting its serve app under load); CI keeps the stable setting until that is fixed.
+TEST_WORKERS ?= 0
 
 test: $(STAMP) $(AZ_STAMP)
 	bash scripts/ensure-chromium.sh
