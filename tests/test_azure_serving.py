@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from conftest import FIXTURES, OFFLINE_ENV, PHI3_TOKENIZER_DIR, REPO, ULTRACHAT_20, free_port
+from helpers_pf import start_own_pf_service
 from finetune_phi.demo_data import DEMO_ANSWER, DEMO_QUESTION
 from helpers_endpoint import AUTH, KEY, ThreadServer
 
@@ -416,6 +417,7 @@ def pf_env_for_azure(azure: AzureServer, tmp_path_factory: pytest.TempPathFactor
         mp.setenv("HOME", env["HOME"])
         pf_connection.upsert_connection(settings, endpoint=url, key=KEY, kind="azure-mlflow")
     try:
+        start_own_pf_service(str(Path(sys.executable).parent / "pf"), env)
         yield env
     finally:
         subprocess.run([str(Path(sys.executable).parent / "pf"), "service", "stop"], env=env, capture_output=True, timeout=60)

@@ -31,6 +31,7 @@ from typing import Any, Iterator
 
 import pytest
 from conftest import free_port
+from helpers_pf import start_own_pf_service
 import requests
 import yaml
 
@@ -231,6 +232,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowRig]:
     )
     rig = FlowRig(settings, env, proxy, tmp / "network-attempts.log", tmp)
     try:
+        start_own_pf_service(PF, env)
         wait_http(f"http://127.0.0.1:{port}/health/ready", 120, endpoint)
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("HOME", env["HOME"])  # the connection's child process inherits it
