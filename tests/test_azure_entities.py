@@ -35,16 +35,40 @@ def test_compute_size_picks_gpu_or_cpu_image_and_environment_version(tmp_path: P
     assert compute.idle_time_before_scale_down == 600
 
 
-def test_training_job_runs_the_shared_command_with_a_real_output(tmp_path: Path) -> None:
-    s = azure_settings(tmp_path)
+def _fine_tune_parser(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(training.FINETUNING_DIR))
+    return importlib.import_module("fine_tune").make_parser()  # its own parser, not a copy of its flags
+
+
+def test_training_job_runs_fine_tune_py_with_every_setting_and_a_real_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every knob off its default, so a flag that is dropped, misspelt or fed the wrong setting shows.
+    s = azure_settings(
+        tmp_path, NUM_TRAIN_EPOCHS=3.0, MAX_STEPS=7, LEARNING_RATE=2e-4, PER_DEVICE_TRAIN_BATCH_SIZE=3,
+        GRADIENT_ACCUMULATION_STEPS=5, MAX_SEQ_LENGTH=640, LORA_R=8, LORA_ALPHA=24, LORA_DROPOUT=0.1, SEED=9,
+        SAVE_STEPS=11, EVAL_MAX_ROWS=13, EVAL_MAX_NEW_TOKENS=17, EVAL_BATCH_SIZE=6,
+    )  # fmt: skip
     job = entities.training_job(s)
-    assert job.command == training.fine_tune_command(
-        s,
-        train_file="${{inputs.train_file}}",
-        eval_file="${{inputs.eval_file}}",
-        model_output_dir="${{outputs.model_output}}",
-        model=s.BASE_MODEL,
-    )
+    # What the job's shell runs, read by fine_tune.py's own parser (Azure substitutes the ${{...}}
+    # before the shell sees them, so here they are plain words).
+    argv = shlex.split(job.command)
+    assert argv[:2] == ["python", "fine_tune.py"]
+    args = _fine_tune_parser(monkeypatch).parse_args(argv[2:])
+    assert (args.train_file, args.eval_file, args.model_output_dir) == (
+        Path("${{inputs.train_file}}"), Path("${{inputs.eval_file}}"), Path("${{outputs.model_output}}"),
+    )  # fmt: skip
+    assert args.model == "microsoft/Phi-3-mini-4k-instruct" == s.BASE_MODEL
+    assert args.peft == "lora"  # PEFT=auto: real Phi-3 sizes train LoRA adapters
+    assert (args.epochs, args.max_steps, args.learning_rate) == (3.0, 7, 2e-4)
+    assert (args.batch_size, args.grad_accum, args.max_seq_length, args.seed) == (3, 5, 640, 9)
+    assert (args.lora_r, args.lora_alpha, args.lora_dropout) == (8, 24, 0.1)
+    assert (args.save_steps, args.eval_max_rows, args.eval_max_new_tokens, args.eval_batch_size) == (11, 13, 17, 6)
+    # Each placeholder names an input or output the job declares: an unknown one would stay literal.
+    used = set(re.findall(r"\$\{\{(inputs|outputs)\.(\w+)\}\}", job.command))
+    assert used == {("inputs", "train_file"), ("inputs", "eval_file"), ("outputs", "model_output")}
+    assert {name for kind, name in used if kind == "inputs"} == set(job.inputs)
+    assert {name for kind, name in used if kind == "outputs"} == set(job.outputs)
     assert set(job.inputs) == {"train_file", "eval_file"}  # the model folder is no longer an input
     assert job.inputs["train_file"].path == str(s.train_data_path)
     assert job.inputs["train_file"].type == "uri_file"
@@ -80,10 +104,8 @@ def test_job_command_is_a_valid_fine_tune_argv(tmp_path: Path, monkeypatch: pyte
         command = command.replace(placeholder, shlex.quote(path))
     argv = shlex.split(command)
     assert argv[:2] == ["python", training.ENTRY_SCRIPT]
-    monkeypatch.syspath_prepend(str(training.FINETUNING_DIR))
-    fine_tune = importlib.import_module("fine_tune")  # its own parser, not a copy of its flags
-    args = fine_tune.make_parser().parse_args(argv[2:])
-    fine_tune.validate_args(args)
+    args = _fine_tune_parser(monkeypatch).parse_args(argv[2:])
+    importlib.import_module("fine_tune").validate_args(args)
     assert args.train_file == Path(local["${{inputs.train_file}}"])
     assert args.model_output_dir == Path(local["${{outputs.model_output}}"])
     assert args.model == s.BASE_MODEL and args.epochs == 2.0 and args.learning_rate == 1e-4

@@ -11,10 +11,13 @@ import datasets
 import pyarrow
 import pyarrow.parquet
 import pytest
+import yaml
 
 from finetune_phi import data
 from finetune_phi.data import DataError, prepare_dataset
 from finetune_phi.demo_data import DEMO_ANSWER, DEMO_QUESTION, demo_rows
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _prepare(source: Path | str, out: Path, **kw: object) -> data.PrepareResult:
@@ -254,8 +257,30 @@ def test_demo_rows_are_valid_deterministic_short_ultrachat_rows() -> None:
     pair = [{"content": DEMO_QUESTION, "role": "user"}, {"content": DEMO_ANSWER, "role": "assistant"}]
     exact = [r for r in rows if r["messages"] == pair]
     assert len(exact) >= 6
-    assert DEMO_QUESTION == "Who founded Microsoft?"
-    assert DEMO_ANSWER == "Microsoft was founded by Bill Gates and Paul Allen."
+
+
+def test_the_flows_ask_the_question_the_demo_data_teaches_and_expect_its_answer() -> None:
+    # The demo only shows fine-tuning working if the question every flow asks by default is the one
+    # the demo rows repeat (and data.py pins to train: see test_demo_question_always_lands_in_train),
+    # and the eval flow scores against the answer those rows teach. Read from the flow files, so a
+    # question or answer reworded on one side only fails here.
+    standard = yaml.safe_load((REPO / "flow.dag.yml").read_text())
+    chat = yaml.safe_load((REPO / "chat_flow" / "flow.dag.yaml").read_text())
+    scoring = yaml.safe_load((REPO / "eval_flow" / "flow.dag.yaml").read_text())
+    asked = {
+        "flow.dag.yml": standard["inputs"]["input_data"]["default"],
+        "chat_flow/flow.dag.yaml": chat["inputs"]["question"]["default"],
+        "eval_flow/flow.dag.yaml": scoring["inputs"]["question"]["default"],
+    }
+    assert asked == dict.fromkeys(asked, DEMO_QUESTION)
+    taught = [r["messages"][1]["content"] for r in demo_rows() if r["prompt"] == DEMO_QUESTION]
+    assert len(taught) >= 6 and set(taught) == {DEMO_ANSWER}
+    reference = [m["content"] for m in scoring["inputs"]["messages"]["default"]]
+    assert reference == [DEMO_QUESTION, DEMO_ANSWER]
+    assert scoring["inputs"]["answer"]["default"] == DEMO_ANSWER
+    # The eval flow's sample data scores the same question against the same reference.
+    first = json.loads((REPO / "eval_flow" / "data.jsonl").read_text().splitlines()[0])
+    assert (first["question"], first["ground_truth"]) == (DEMO_QUESTION, DEMO_ANSWER)
 
 
 def test_demo_test_split_mostly_rewords_facts_taught_in_train(tmp_path: Path) -> None:

@@ -15,9 +15,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import pytest
+import requests
+import urllib3.util.retry
 from conftest import PHI3_TOKENIZER_DIR as PHI3_TOKENIZER
 
 import config
@@ -32,7 +35,7 @@ class Reply:
     status: int = 200
     body: Any = field(default_factory=lambda: ["ok"])
     headers: dict[str, str] = field(default_factory=dict)
-    delay: float = 0.0
+    hold: threading.Event | None = None  # answer only once the test sets it (a server still generating)
     echo_key: bool = False  # put the received Authorization header in the body (a leaky server)
 
 
@@ -40,7 +43,6 @@ class Reply:
 class Seen:
     headers: dict[str, str]
     body: Any
-    at: float
 
 
 class ScriptedServer:
@@ -54,10 +56,10 @@ class ScriptedServer:
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 length = int(self.headers.get("Content-Length", 0))
                 raw = self.rfile.read(length)
-                outer.seen.append(Seen(dict(self.headers), json.loads(raw or b"null"), time.monotonic()))
+                outer.seen.append(Seen(dict(self.headers), json.loads(raw or b"null")))
                 reply = outer.script.popleft() if outer.script else outer.default
-                if reply.delay:
-                    time.sleep(reply.delay)
+                if reply.hold is not None:
+                    reply.hold.wait(30)  # bounded, so a client that never gives up fails instead of hanging
                 body = reply.body
                 if reply.echo_key:
                     body = {"error": f"bad token {self.headers.get('Authorization')}"}
@@ -282,13 +284,19 @@ def test_endpoint_from_environment_env_beats_env_file(tmp_path: Path, monkeypatc
 
 
 def test_read_timeout_is_reported_once_not_retried(server: ScriptedServer) -> None:
-    server.script.append(Reply(delay=1.5))
-    start = time.monotonic()
-    with pytest.raises(ec.EndpointError) as err:
-        ec.ask(server.url, KEY, "slow?", timeout=(2.0, 0.3), session=fast_session())
-    assert time.monotonic() - start < 1.4
-    assert "timeout" in str(err.value) and server.url in str(err.value)
-    assert len(server.seen) == 1
+    # The server holds its answer until after ask() has returned: ask() can only have raised by giving
+    # up on its own read timeout, never because an answer came (a client that ignored the timeout
+    # would get the answer once the server's 30 s hold ran out, and pytest.raises would fail).
+    hold = threading.Event()
+    server.script.append(Reply(hold=hold))
+    try:
+        with pytest.raises(ec.EndpointError) as err:
+            ec.ask(server.url, KEY, "slow?", timeout=(2.0, 0.3), session=fast_session())
+    finally:
+        hold.set()
+    assert isinstance(err.value.__cause__, requests.exceptions.ReadTimeout)
+    assert "did not answer within 0.3 s (timeout)" in str(err.value) and server.url in str(err.value)
+    assert len(server.seen) == 1  # the server may be generating already: asking again doubles the load
 
 
 def test_401_names_endpoint_and_status_but_never_the_key(server: ScriptedServer) -> None:
@@ -302,12 +310,18 @@ def test_401_names_endpoint_and_status_but_never_the_key(server: ScriptedServer)
     assert len(server.seen) == 1  # a wrong key does not become right by asking again
 
 
-def test_429_with_retry_after_is_retried_after_waiting(server: ScriptedServer) -> None:
-    server.script.extend([Reply(status=429, body={"error": "throttled"}, headers={"Retry-After": "1"}),
-                          Reply(body=["second time lucky"])])
-    assert ec.ask(server.url, KEY, "hi", session=fast_session()) == "second time lucky"
-    first, second = server.seen
-    assert second.at - first.at >= 0.9  # waited the server's Retry-After, not the 10 ms backoff
+def test_429_with_retry_after_is_retried_after_waiting(server: ScriptedServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # urllib3's Retry does the waiting between attempts; its clock is swapped for one that records
+    # each wait instead of sleeping it, so the test reads what was waited, not how long it took.
+    waits: list[float] = []
+    monkeypatch.setattr(urllib3.util.retry, "time", SimpleNamespace(sleep=waits.append, time=time.time))
+    server.script.extend([Reply(status=429, body={"error": "throttled"}, headers={"Retry-After": "7"}),
+                          Reply(status=503, body={"error": "busy"}), Reply(status=503, body={"error": "busy"}),
+                          Reply(body=["fourth time lucky"])])
+    assert ec.ask(server.url, KEY, "hi", session=fast_session()) == "fourth time lucky"
+    assert len(server.seen) == 4
+    # The server's Retry-After, not the 10 ms backoff; then, without one, the backoff doubling.
+    assert waits == [7, pytest.approx(0.02), pytest.approx(0.04)]
 
 
 def test_503_is_retried_then_reported(server: ScriptedServer) -> None:

@@ -6,6 +6,7 @@ and an MLflow store under tmp; a finalizer kills whatever they started.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import pytest
@@ -185,18 +187,43 @@ with local_deploy.deploy_lock(s):
 """
 
 
-def test_a_second_deploy_or_teardown_fails_at_once_naming_the_one_running(settings: config.Settings, tmp_path: Path) -> None:
+class NoWaiting:
+    """local_deploy's fcntl and time, refusing any lock request that would block and any sleep."""
+
+    def __init__(self) -> None:
+        self.lock_requests: list[int] = []
+
+    def flock(self, fd: int, operation: int) -> None:
+        if operation & fcntl.LOCK_EX and not operation & fcntl.LOCK_NB:
+            raise AssertionError("a blocking lock request: this deploy would queue behind the running one")
+        self.lock_requests.append(operation)
+        fcntl.flock(fd, operation)
+
+    def sleep(self, seconds: float) -> None:
+        raise AssertionError(f"slept {seconds} s: a refused deploy must not wait and try again")
+
+
+def test_a_second_deploy_or_teardown_fails_at_once_naming_the_one_running(
+    settings: config.Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c", LOCK_HOLDER, str(settings.state_dir), str(tmp_path / "none")],
         cwd=config.ROOT, stdout=subprocess.PIPE, text=True,
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
-        start = time.monotonic()
-        for attempt in (local_deploy.deploy, local_deploy.teardown):
-            with pytest.raises(DeployError, match=rf"another deploy or teardown \(pid {holder.pid}\) is running(?s:.*)wait for it"):
-                attempt(settings)
-        assert time.monotonic() - start < 5  # refused at once, not queued
+        # "At once, not queued": the lock is only ever tried, never waited for (a blocking flock would
+        # sit out the holder's 120 s), and nothing sleeps to try again.
+        no_waiting = NoWaiting()
+        with monkeypatch.context() as patch:
+            patch.setattr(local_deploy, "fcntl", SimpleNamespace(**{**vars(fcntl), "flock": no_waiting.flock}))
+            patch.setattr(local_deploy, "time", SimpleNamespace(**{**vars(time), "sleep": no_waiting.sleep}))
+            refusal = rf"another deploy or teardown \(pid {holder.pid}\) is running(?s:.*)wait for it"
+            for attempt in (local_deploy.deploy, local_deploy.teardown):
+                with pytest.raises(DeployError, match=refusal):
+                    attempt(settings)
+        assert len(no_waiting.lock_requests) == 2  # each attempt tried the lock once, without blocking
+        assert holder.poll() is None  # refused while the holder still ran: it was not waited for
         # Refused before anything happened: nothing registered, started or recorded.
         assert not (local_deploy.endpoint_dir(settings) / local_deploy.PID_FILE).exists()
         assert local_deploy._read_spawned(settings) == []

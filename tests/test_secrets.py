@@ -15,18 +15,21 @@ A "leak" is any 12 characters of the key in a row: `common.redact` shows 4.
 from __future__ import annotations
 
 import hmac
-import inspect
 import os
+import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from types import SimpleNamespace
+from typing import Any, Iterator
 
 import pytest
 from conftest import free_port
+from helpers_endpoint import ThreadServer
 import requests
 
 import config
@@ -198,19 +201,24 @@ def test_secret_files_are_private_and_the_checkouts_env_untouched(pipeline: Pipe
     assert [str(f) for f in files if f.is_file() and leaks(pipeline.key, f.read_bytes())] == []
 
 
+def near_misses(key: str) -> list[str]:
+    """Wrong keys a guesser gets closest with: one character off at either end, the key cut short or
+    run on (right prefix, other length), a same-length stranger, and nothing at all."""
+    other = lambda c: "A" if c != "A" else "B"  # noqa: E731
+    return [key[:-1] + other(key[-1]), other(key[0]) + key[1:], key[:-1], key + "x", "x" * len(key), "x", ""]
+
+
 @pytest.mark.slow
-def test_the_endpoint_listens_on_loopback_only_and_checks_keys_in_constant_time(pipeline: Pipeline) -> None:
+def test_the_deployed_endpoint_listens_on_loopback_only_and_takes_only_its_key(pipeline: Pipeline) -> None:
     settings = pipeline.settings
     assert settings.LOCAL_ENDPOINT_HOST == "127.0.0.1"  # the default, not an override of this test
     assert listening_addresses(settings.LOCAL_ENDPOINT_PORT) == ["127.0.0.1"]
 
-    source = inspect.getsource(server)
-    assert "hmac.compare_digest(" in source and server.hmac is hmac
-    assert "credentials.credentials ==" not in source and "== expected" not in source
-
+    # The endpoint deploy_model.py started (a process of its own, so no spy reaches it; the
+    # constant-time comparison is checked in-process by the test below).
     uri, key = local_deploy.scoring_uri(settings), pipeline.key
     body = {"input_data": ["hi"], "params": {"max_new_tokens": 1}}
-    for presented in (None, "", key[:-1], key + "x", key[:-1] + ("A" if key[-1] != "A" else "B")):
+    for presented in (None, *near_misses(key)):
         headers = {"Authorization": f"Bearer {presented}"} if presented is not None else {}
         reply = requests.post(uri, json=body, headers=headers, timeout=30)
         assert reply.status_code == 401, (presented is None, reply.text)
@@ -227,6 +235,51 @@ def test_client_errors_never_carry_the_key(pipeline: Pipeline) -> None:
             ask(endpoint, presented, QUESTION)
         message = f"{caught.value}\n{caught.value.__cause__!r}"
         assert not leaks(key, message), message
+
+
+def test_every_presented_key_goes_through_compare_digest_and_only_the_right_one_passes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A plain == stops at the first differing byte, so its timing tells a guesser how much of a guess
+    # was right; hmac.compare_digest does not. The real app with its key check spied on: the answers
+    # show the verdict, the spy that compare_digest gave it, for wrong keys of every length too.
+    compared: list[tuple[bytes, bytes, bool]] = []
+
+    def spy(presented: bytes, expected: bytes) -> bool:
+        verdict = hmac.compare_digest(presented, expected)
+        compared.append((presented, expected, verdict))
+        return verdict
+
+    monkeypatch.setattr(server, "hmac", SimpleNamespace(compare_digest=spy))  # the server's hmac only
+    key = secrets.token_urlsafe(32)  # the kind of key local_deploy.get_or_create_key makes
+    release = threading.Event()
+
+    def never_loads() -> Any:
+        # The key is checked before any model is needed: no model is built for this test.
+        release.wait(60)
+        raise RuntimeError("the test ended before the model loaded")
+
+    body = {"input_data": ["hi"], "params": {"max_new_tokens": 1}}
+    try:
+        with ThreadServer(server.create_app(key, loader=never_loads, model_name="m")) as running:
+            # requests, not httpx: httpx refuses to send the bare "Bearer " a client with an empty key sends.
+            score, models = f"{running.base}/score", f"{running.base}/v1/models"
+            for presented in near_misses(key):
+                compared.clear()
+                reply = requests.post(score, json=body, headers={"Authorization": f"Bearer {presented}"}, timeout=30)
+                assert reply.status_code == 401, (presented, reply.text)
+                assert not leaks(key, reply.text)
+                # "Bearer " with nothing after it is no credential at all: refused before comparing.
+                assert compared == ([(presented.encode(), key.encode(), False)] if presented else []), presented
+            compared.clear()
+            assert requests.post(score, json=body, timeout=30).status_code == 401 and compared == []
+            right = {"Authorization": f"Bearer {key}"}
+            assert requests.get(models, headers=right, timeout=30).status_code == 200
+            assert compared == [(key.encode(), key.encode(), True)]
+            # Past the key check, /score says the model is still loading rather than 401.
+            assert requests.post(score, json=body, headers=right, timeout=30).status_code == 503
+    finally:
+        release.set()
 
 
 def test_listening_addresses_tells_loopback_from_every_interface() -> None:
