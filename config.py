@@ -8,12 +8,19 @@ Secrets (``AZURE_ML_API_KEY``, subscription ids) belong in the environment or ``
 (which git ignores), never in this file.
 
     python -c "import config; print(config.load())"     # show the effective settings
+
+Every setting is also a module attribute, as in the tutorial this project follows
+(``from config import AZURE_ML_ENDPOINT, AZURE_ML_API_KEY``): each access returns
+``load()``'s value at that moment. Change a default in ``Settings`` below, not by assigning
+the name at module level: ``load()`` refuses such a line and says where the value goes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterable, Mapping, get_type_hints
@@ -263,10 +270,24 @@ def load(
                 values[f.name] = value
     values.update({k: v for k, v in overrides.items() if v is not None})
     settings = Settings(**values)
-    problems += _check_values(settings)
+    problems += _check_values(settings) + _shadowed_settings()
     if problems:
         raise ConfigError(problems)
     return settings
+
+
+def _shadowed_settings() -> list[str]:
+    """A setting assigned at module level (the tutorial's style, pasted into this file).
+
+    `from config import NAME` would then get the pasted value (a global wins over __getattr__ below)
+    while load(), which every script uses, still returns the dataclass default: two values for one name.
+    """
+    return [
+        f"{name} is assigned at module level in config.py; settings live in the Settings dataclass: "
+        f"change its default there, or set {name} in .env or the environment, and delete that line"
+        for name in _SETTING_NAMES
+        if name in globals()
+    ]
 
 
 def _check_values(s: Settings) -> list[str]:
@@ -340,3 +361,38 @@ def validate(settings: Settings, names: Iterable[str]) -> None:
     problems = missing(settings, names)
     if problems:
         raise ConfigError(problems)
+
+
+# --- tutorial-style access: `import config; config.AZURE_ML_ENDPOINT` ---------------------------
+# The tutorial's scripts import module-level constants (`from config import AZURE_SUBSCRIPTION_ID`).
+# Here a setting is defined once, as a Settings field; PEP 562's module __getattr__ serves the
+# same names from load(), so the value is the effective one (environment > .env > default) and a
+# configuration load() rejects raises the same ConfigError, listing every problem, instead of
+# handing one script a value that the others refuse.
+_SETTING_NAMES = frozenset(f.name for f in fields(Settings))
+
+
+def __getattr__(name: str) -> object:
+    if name in _SETTING_NAMES:
+        return getattr(load(), name)
+    # AttributeError (not another error) keeps hasattr() and getattr(config, name, default) working.
+    raise AttributeError(f"module 'config' has no attribute {name!r}{_close_matches(name)}")
+
+
+def _close_matches(name: str) -> str:
+    """The hint for an unknown name, in the message itself on Python 3.11.
+
+    3.12+ formats its own "Did you mean" (from __dir__) everywhere a traceback is printed, logging
+    included; 3.11 only in the interpreter's own display, so str(error) and logged tracebacks need ours.
+    """
+    if sys.version_info >= (3, 12):
+        return ""
+    public = {n for n in globals() if not n.startswith("_")}
+    close = difflib.get_close_matches(name, sorted(_SETTING_NAMES | public), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return f"; did you mean {', '.join(close)}? (settings: the fields of config.Settings)"
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _SETTING_NAMES)

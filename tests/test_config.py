@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -88,3 +94,108 @@ def test_env_file_moves_the_dotenv_that_is_read(tmp_path: Path) -> None:
     s = config.load(env={"ENV_FILE": str(other)})
     assert s.SEED == 99
     assert s.env_file == other  # a .env cannot move itself
+
+
+# --- tutorial-style access (issue 12, item 5) -------------------------------------------------------
+# The names the tutorial's scripts import from its config.py: Microsoft Phi-3 Cookbook, "Fine-tune and
+# Integrate custom Phi-3 models with Prompt flow" (md/06.E2ESamples/E2E_Phi-3-FineTuning_PromptFlow_
+# Integration.md): download_dataset.py, setup_ml.py, deploy_model.py and integrate_with_promptflow.py.
+TUTORIAL_NAMES = (
+    "AZURE_SUBSCRIPTION_ID",
+    "AZURE_RESOURCE_GROUP_NAME",
+    "AZURE_ML_WORKSPACE_NAME",
+    "AZURE_MANAGED_IDENTITY_CLIENT_ID",
+    "AZURE_MANAGED_IDENTITY_NAME",
+    "AZURE_MANAGED_IDENTITY_RESOURCE_ID",
+    "TRAIN_DATA_PATH",
+    "TEST_DATA_PATH",
+    "AZURE_MODEL_NAME",
+    "AZURE_ENDPOINT_NAME",
+    "AZURE_DEPLOYMENT_NAME",
+    "AZURE_ML_API_KEY",
+    "AZURE_ML_ENDPOINT",
+)
+FIELD_NAMES = [f.name for f in dataclasses.fields(config.Settings)]
+
+
+def _clean_env(tmp_path: Path, **values: str) -> dict[str, str]:
+    """The environment minus every setting (a developer's own AZURE_* must not leak in), .env in tmp_path."""
+    env = {k: v for k, v in os.environ.items() if k not in FIELD_NAMES}
+    env["ENV_FILE"] = str(tmp_path / ".env")
+    env.update(values)
+    return env
+
+
+def test_the_tutorials_imports_give_the_effective_values_in_a_fresh_interpreter(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(
+        "AZURE_ML_ENDPOINT=http://127.0.0.1:5001/score\n"
+        'AZURE_ML_API_KEY="key-from-dotenv"\n'
+        "AZURE_SUBSCRIPTION_ID=sub-from-dotenv\n"
+        "AZURE_MODEL_NAME=model-from-dotenv\n"
+    )
+    env = _clean_env(tmp_path, AZURE_SUBSCRIPTION_ID="sub-from-env", AZURE_RESOURCE_GROUP_NAME="rg-from-env")
+    env["PYTHONPATH"] = str(config.ROOT)
+    # The tutorial's own import statements, run as its scripts run them: a new process, from another cwd.
+    script = (
+        f"from config import ({', '.join(TUTORIAL_NAMES)})\n"
+        "import config, dataclasses, json\n"
+        f"imported = {{n: globals()[n] for n in {TUTORIAL_NAMES!r}}}\n"
+        "print(json.dumps({'imported': imported, 'load': dataclasses.asdict(config.load())}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    imported, loaded = out["imported"], out["load"]
+    assert imported["AZURE_SUBSCRIPTION_ID"] == "sub-from-env"  # environment beats .env
+    assert imported["AZURE_RESOURCE_GROUP_NAME"] == "rg-from-env"
+    assert imported["AZURE_ML_ENDPOINT"] == "http://127.0.0.1:5001/score"  # from .env
+    assert imported["AZURE_ML_API_KEY"] == "key-from-dotenv"  # quotes stripped as load() strips them
+    assert imported["AZURE_MODEL_NAME"] == "model-from-dotenv"
+    assert imported["TRAIN_DATA_PATH"] == "data/train_data.jsonl"  # the default
+    assert imported == {n: loaded[n] for n in TUTORIAL_NAMES}
+
+
+def test_every_setting_is_a_module_attribute_with_loads_value(tmp_path: Path, monkeypatch) -> None:
+    for name in FIELD_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / ".env").write_text("SEED=11\nEVAL_GATE_MARGIN=0.05\n")
+    monkeypatch.setenv("ENV_FILE", str(tmp_path / ".env"))
+    monkeypatch.setenv("LOCAL_ENDPOINT_PORT", "5099")
+    loaded = dataclasses.asdict(config.load())
+    assert {name: getattr(config, name) for name in FIELD_NAMES} == loaded
+    # typed as load() types them, read at access time (not frozen at import)
+    assert (config.SEED, config.EVAL_GATE_MARGIN, config.LOCAL_ENDPOINT_PORT) == (11, 0.05, 5099)
+    monkeypatch.setenv("SEED", "12")
+    assert config.SEED == 12
+    assert set(FIELD_NAMES) <= set(dir(config))
+
+
+def test_a_setting_load_rejects_is_refused_on_single_name_access_too(tmp_path: Path, monkeypatch) -> None:
+    # One script must not run on a value the others refuse: the same ConfigError, every problem in it.
+    monkeypatch.setenv("ENV_FILE", str(tmp_path / ".env"))
+    monkeypatch.setenv("SEED", "abc")
+    with pytest.raises(config.ConfigError) as exc:
+        config.AZURE_ML_ENDPOINT
+    assert "SEED='abc' is not a valid int" in str(exc.value)
+
+
+def test_an_unknown_name_is_an_attribute_error_naming_close_matches() -> None:
+    with pytest.raises(AttributeError) as exc:
+        config.AZURE_ENDPOINT
+    text = "".join(traceback.format_exception_only(exc.value))
+    assert "'AZURE_ENDPOINT'" in text and "AZURE_ML_ENDPOINT" in text
+    assert not hasattr(config, "AZURE_ENDPOINT")
+    assert getattr(config, "__path__", None) is None  # import machinery's probes still see a plain module
+    with pytest.raises(ImportError):
+        exec("from config import AZURE_ENDPOINT", {})
+
+
+def test_a_setting_assigned_at_module_level_is_refused_naming_the_fix(tmp_path: Path, monkeypatch) -> None:
+    # The tutorial's config.py style pasted into ours: `from config import X` would see the pasted value
+    # while load() (every script) still used the default; load() says so instead.
+    monkeypatch.setattr(config, "AZURE_SUBSCRIPTION_ID", "pasted", raising=False)
+    with pytest.raises(config.ConfigError) as exc:
+        _load(tmp_path)
+    assert "AZURE_SUBSCRIPTION_ID is assigned at module level in config.py" in str(exc.value)
+    assert "Settings dataclass" in str(exc.value)
