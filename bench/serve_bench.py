@@ -70,12 +70,7 @@ PHI3_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "phi-3-mini-tokenizer"
 LONG_PROMPT_CHARS = 1200
 LONG_PROMPTS = 4
 DEMO_PROMPTS = 24
-DEMO_OVERRIDES = {
-    "BACKEND": "local",
-    "LOCAL_BASE_MODEL": "tiny",
-    "NUM_TRAIN_EPOCHS": "15",
-    "LEARNING_RATE": "3e-3",
-}
+from finetune_phi.demo import DEMO_OVERRIDES  # noqa: E402  (the demo model: trained as `make demo` trains it)
 # ~106M parameters: 2 x 32064 x 768 embeddings/head + 8 x (4 x 768^2 + 3 x 768 x 2048).
 P100M = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 12}
 READY_TIMEOUT_S = 180.0
