@@ -1,29 +1,48 @@
 """Training speed: this project's recipe (finetuning_dir/fine_tune.py) against the original tutorial's.
 
-Both train the same model (built from the same seed) on the same rows for the same number of
-optimizer steps, each in its own process (so peak RSS is its own), and print ONE JSON line.
+Every recipe trains the same model (built from the same seed) on the same rows for the same number
+of optimizer steps at the same sequence length, each in its own process (so peak RSS is its own),
+and the bench prints ONE JSON line. The headline is `ratio_total_tok_s`: every non-pad token each
+recipe pushed through forward and backward per second, ours over the peer's.
 
-    .venv/bin/python bench/train_bench.py                        # CPU, tiny model: ~2.5 min on 2 cores
-    .venv/bin/python bench/train_bench.py --steps 6 --threads 2  # longer / more threads
-    python bench/train_bench.py --model phi3-mini-shape --steps 12   # CUDA only: Phi-3-mini-sized, random init
+    .venv/bin/python bench/train_bench.py                  # CPU, tiny model, 200 steps of 4x1024: ~8 min on 2 idle cores
+    .venv/bin/python bench/train_bench.py --steps 10       # a sanity run (~40 s)
+    .venv/bin/python bench/train_bench.py --peer-bfd       # adds the tutorial with TRL 1.x's default packing
+    python bench/train_bench.py --model phi3-mini-shape    # CUDA only: Phi-3-mini-sized, random init, seq 2048
 
 The peer is the tutorial's fine_tune.py (Phi-3CookBook, "Fine-tune and Integrate custom Phi-3
 models with Prompt flow") moved to TRL 1.x: full fine-tune, every row rendered to text with an
 empty system turn, pad = unk, eager attention, gradient checkpointing, lr 5e-6, cosine, warm-up
-0.2, batch 4, `SFTConfig(max_length=2048, packing=True, dataset_text_field="text")`, seed 0.
-Ours is whatever `fine_tune.prepare()` builds (the trainer a real run uses), at --max-seq-length
-2048 so both see the same tokens.
+0.2, batch 4, `SFTConfig(max_length=L, packing=True, packing_strategy="wrapped",
+dataset_text_field="text")`, seed 0, where L is --seq-len (the tutorial's is 2048). "wrapped" is
+TRL 1.x's nearest to the tutorial's TRL 0.8 `ConstantLengthDataset`: the texts, each ended with
+EOS, concatenated and cut into full L-token rows, attention across the cuts, padded batches with
+an attention mask. TRL 1.x's default ("bfd") packs padding-free, which its docs support only with
+FlashAttention: with eager attention the batch becomes one 4·L-token sequence with (4·L)² scores
+per head. That variant runs only with --peer-bfd, as its own labelled `peer_bfd_*` fields.
 
-Tokens per second are counted from the batches each optimizer step trained on, the first step
-left out (warm-up) and evaluation time subtracted: `*_tok_s` counts supervised tokens
-(labels != -100: assistant turns for ours, every token for the peer), `*_total_tok_s` every
-non-pad token. Eval loss is the same for both: mean NLL of the assistant tokens of the held-out
-rows, each row formatted the way that recipe formats its training rows.
+Ours is whatever `fine_tune.prepare()` builds (the trainer a real run uses) at --max-seq-length L:
+each conversation truncated to L (trl drops a row whose assistant turns all fall beyond L),
+padded batches, loss on assistant turns only.
+
+Data: every row of the file but the last 4 trains, those 4 are held out. With the default 20 real
+ultrachat_200k rows, 200 steps cycle over them many times (the line states each recipe's epochs):
+a throughput measurement, not a study of what the model learns.
+
+Counted per optimizer step, from the batches it trained on, the first step left out (warm-up) and
+evaluation time subtracted: `*_total_tok_s` every non-pad token, `*_supervised_tok_s` the tokens
+with a label (assistant turns for ours, every token for the peer). Eval loss is the same for every
+recipe: mean NLL of the assistant tokens of the held-out rows (their first L tokens), each row
+formatted the way that recipe formats its training rows, before and after training.
+
+A fixture the workload needs (the ultrachat rows, the Phi-3 tokenizer for phi3-mini-shape) that is
+missing stops the bench with finetune_phi.fixtures' message; it never swaps in other data.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -38,12 +57,15 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 FINETUNING_DIR = REPO / "finetuning_dir"
-FIXTURES = REPO.parent / "shared" / "fixtures"
-DEFAULT_DATA = FIXTURES / "ultrachat_200k" / "train_sft_first20.jsonl"
-DEFAULT_TOKENIZER = FIXTURES / "phi-3-mini-tokenizer"
 MODELS = ("tiny", "phi3-mini-shape")
-RECIPES = ("ours", "peer")
-SEQ_LEN = 2048  # the tutorial's max_seq_length
+RECIPES = ("ours", "peer", "peer_bfd")
+# Defaults per model. Tiny on 2 idle CPU cores, 1 thread, 4x1024 tokens a step: ours 0.7 s, the
+# peer 1.4 s (eager attention, gradient checkpointing), so 200 steps take ~2.5 and ~5 min with
+# start-up and evaluations. At the tutorial's 2048 a peer step took ~5 s (machine loaded): 100
+# steps alone would be ~8 min. phi3-mini-shape keeps the tutorial's 2048 (a GPU runs it in minutes).
+DEFAULT_STEPS = {"tiny": 200, "phi3-mini-shape": 100}
+DEFAULT_SEQ_LEN = {"tiny": 1024, "phi3-mini-shape": 2048}
+BATCH_SIZE = 4  # the tutorial's per-device batch, and fine_tune.py's default
 EVAL_ROWS = 4
 H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM bf16 dense peak; the H200 is the same chip (GH100)
 TUTORIAL_LR = 5e-6
@@ -54,30 +76,62 @@ log = logging.getLogger("train_bench")
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=MODELS, default="tiny")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per recipe (default: 4 tiny, 12 GPU)")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="ultrachat-style JSON lines; the last 4 rows are the eval set")
-    parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help="Phi-3 tokenizer folder (phi3-mini-shape)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads, the same for both recipes")
-    parser.add_argument("--seed", type=int, default=42, help="model init seed, the same for both recipes")
+    parser.add_argument(
+        "--steps", type=int, default=None,
+        help=f"optimizer steps per recipe, the same for all (default: {DEFAULT_STEPS['tiny']})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--seq-len", type=int, default=None,
+        help=f"max_length of every recipe (default: {DEFAULT_SEQ_LEN['tiny']} tiny, "
+        f"{DEFAULT_SEQ_LEN['phi3-mini-shape']} phi3-mini-shape)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--data", type=Path, default=None,
+        help="ultrachat-style JSON lines, the last 4 rows the eval set "
+        "(default: the 20 real ultrachat_200k rows, finetune_phi.fixtures.ultrachat_first20())",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tokenizer", type=Path, default=None,
+        help="Phi-3 tokenizer folder for phi3-mini-shape (default: finetune_phi.fixtures.phi3_tokenizer_dir())",
+    )  # fmt: skip
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads, the same for every recipe")
+    parser.add_argument("--seed", type=int, default=42, help="model init seed, the same for every recipe")
+    parser.add_argument(
+        "--peer-bfd", action="store_true",
+        help="also run the tutorial recipe with TRL 1.x's default 'bfd' (padding-free) packing, as peer_bfd_* fields",
+    )  # fmt: skip
     parser.add_argument(
         "--ours-packing", choices=("auto", "on", "off"), default="auto",
         help="fine_tune.py --packing for our recipe (on: padding-free packing, to measure it against padding)",
     )  # fmt: skip
-    parser.add_argument("--recipe", choices=RECIPES, help=argparse.SUPPRESS)  # child mode
-    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)  # child mode: where its JSON goes
+    # Child mode: one recipe, on the split the parent made, its result as JSON in --out.
+    parser.add_argument("--recipe", choices=RECIPES, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--train-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--eval-file", type=Path, help=argparse.SUPPRESS)
     return parser
+
+
+def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    if args.steps is None:
+        args.steps = DEFAULT_STEPS[args.model]
+    if args.seq_len is None:
+        args.seq_len = DEFAULT_SEQ_LEN[args.model]
+    return args
 
 
 def validate(args: argparse.Namespace) -> None:
     problems = []
     if args.steps is not None and args.steps < 2:
         problems.append(f"--steps must be >= 2: the first step is warm-up and not timed (got {args.steps})")
+    if args.seq_len is not None and args.seq_len < 64:
+        problems.append(f"--seq-len must be >= 64 (got {args.seq_len})")
     if args.threads < 1:
         problems.append(f"--threads must be >= 1 (got {args.threads})")
-    if not args.data.is_file():
+    if args.data is not None and not args.data.is_file():
         problems.append(f"--data {args.data}: no such file; pass an ultrachat-style JSON-lines file")
     if args.model == "phi3-mini-shape":
-        if not args.tokenizer.is_dir():
+        if args.tokenizer is not None and not args.tokenizer.is_dir():
             problems.append(f"--tokenizer {args.tokenizer}: not a folder; pass the Phi-3 tokenizer folder")
         import torch
 
@@ -85,6 +139,27 @@ def validate(args: argparse.Namespace) -> None:
             problems.append("--model phi3-mini-shape needs CUDA (a 3.8B-parameter model); run the default tiny bench here")
     if problems:
         raise SystemExit("train_bench.py: " + "; ".join(problems))
+
+
+def resolve_fixtures(args: argparse.Namespace) -> None:
+    """Fill --data (and --tokenizer for phi3-mini-shape) from the shared fixtures, or stop.
+
+    A missing fixture ends the bench with the fixture module's how-to message: measuring on other
+    data would print a line that looks like the benchmark's and is not.
+    """
+    if args.data is not None and (args.model == "tiny" or args.tokenizer is not None):
+        return
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from finetune_phi import fixtures
+
+    try:
+        if args.data is None:
+            args.data = fixtures.ultrachat_first20()
+        if args.model == "phi3-mini-shape" and args.tokenizer is None:
+            args.tokenizer = fixtures.phi3_tokenizer_dir()
+    except fixtures.FixtureUnavailable as exc:
+        raise SystemExit(f"train_bench.py: the benchmark's workload is unavailable, nothing was measured:\n{exc}") from exc
 
 
 # --- measuring ------------------------------------------------------------------------------------
@@ -96,12 +171,15 @@ class Result:
     device: str
     model: str
     parameters: int
-    steps: int
+    steps: int  # optimizer steps the trainer ran (trainer.state.global_step)
     timed_steps: int
+    epochs: float  # passes over the training examples (trainer.state.epoch)
+    train_examples: int  # rows after the recipe's preparation: conversations for ours, packed rows for the peer
+    train_sha256: str  # of the file this process trained on
     seconds: float
     supervised_tokens: int
     total_tokens: int
-    tok_s: float  # supervised tokens per second
+    supervised_tok_s: float
     total_tok_s: float
     peak_mib: float  # peak RSS on CPU, peak allocated GPU memory on CUDA
     eval_loss_before: float
@@ -176,8 +254,9 @@ class StepMeter:
         return len(self.step_ends) - 1, seconds, supervised, total
 
 
-def assistant_nll(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]]) -> float:
-    """Mean NLL per assistant token (content and its <|end|>), the same definition for every recipe."""
+def assistant_nll(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], max_length: int = 2048) -> float:
+    """Mean NLL per assistant token (content and its <|end|>) in each row's first `max_length` tokens,
+    the same definition for every recipe."""
     import torch
     from trl.chat_template_utils import get_training_chat_template
 
@@ -191,8 +270,8 @@ def assistant_nll(model: Any, tokenizer: Any, conversations: list[list[dict[str,
             encoded = tokenizer.apply_chat_template(
                 messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
             )
-            ids = torch.tensor(encoded["input_ids"][:SEQ_LEN], device=device)[None]
-            mask = torch.tensor(encoded["assistant_masks"][:SEQ_LEN], device=device, dtype=torch.bool)[None]
+            ids = torch.tensor(encoded["input_ids"][:max_length], device=device)[None]
+            mask = torch.tensor(encoded["assistant_masks"][:max_length], device=device, dtype=torch.bool)[None]
             logits = model(input_ids=ids).logits.float()
             nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")
             target = mask[0, 1:]
@@ -200,7 +279,7 @@ def assistant_nll(model: Any, tokenizer: Any, conversations: list[list[dict[str,
             total_tokens += int(target.sum())
     model.train(was_training)
     if total_tokens == 0:
-        raise ValueError("the eval rows have no assistant tokens inside the first 2048 tokens")
+        raise ValueError(f"the eval rows have no assistant tokens inside their first {max_length} tokens")
     return total_nll / total_tokens
 
 
@@ -212,10 +291,15 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 # --- data and models ------------------------------------------------------------------------------
 
 
 def split_rows(data: Path, workdir: Path) -> tuple[Path, Path]:
+    """The first rows train, the last EVAL_ROWS are held out; written once, read by every recipe."""
     sys.path.insert(0, str(FINETUNING_DIR))
     from chat_format import read_chat_rows
 
@@ -228,8 +312,8 @@ def split_rows(data: Path, workdir: Path) -> tuple[Path, Path]:
     return train, evaluation
 
 
-def build_model(name: str, train_file: Path, tokenizer_dir: Path, seed: int, dtype_name: str) -> tuple[Any, Any]:
-    """The same weights for both recipes: built from `seed` (tiny: and the train file)."""
+def build_model(name: str, train_file: Path, tokenizer_dir: Path | None, seed: int, dtype_name: str) -> tuple[Any, Any]:
+    """The same weights for every recipe: built from `seed` (tiny: and the train file)."""
     import torch
 
     if name == "tiny":
@@ -254,15 +338,16 @@ def read_eval(eval_file: Path) -> list[list[dict[str, str]]]:
     return read_chat_rows(eval_file)
 
 
-# --- the two recipes ------------------------------------------------------------------------------
+# --- the recipes ----------------------------------------------------------------------------------
 
 
-def run_ours(args: argparse.Namespace, train_file: Path, eval_file: Path, workdir: Path, steps: int) -> tuple[Any, Any, dict[str, Any]]:
+def run_ours(args: argparse.Namespace, train_file: Path, eval_file: Path, workdir: Path) -> tuple[Any, Any, dict[str, Any]]:
     import fine_tune
 
     argv = ["--train-file", str(train_file), "--eval-file", str(eval_file), "--model_output_dir", str(workdir / "model"),
-            "--model", "tiny" if args.model == "tiny" else "phi3-mini-shape", "--max-steps", str(steps),
-            "--max-seq-length", str(SEQ_LEN), "--packing", args.ours_packing]  # fmt: skip
+            "--model", "tiny" if args.model == "tiny" else "phi3-mini-shape", "--max-steps", str(args.steps),
+            "--max-seq-length", str(args.seq_len), "--batch-size", str(BATCH_SIZE),
+            "--packing", args.ours_packing]  # fmt: skip
     ft_args = fine_tune.make_parser().parse_args(argv)
     if args.model == "tiny":
         prepared = fine_tune.prepare(ft_args, workdir / "ckpt")
@@ -281,10 +366,11 @@ def run_ours(args: argparse.Namespace, train_file: Path, eval_file: Path, workdi
         train_ds, eval_ds = fine_tune.load_datasets(train_file, eval_file)
         trainer = fine_tune.make_trainer(
             ft_args, model, tokenizer, train_ds, eval_ds, device=device, peft=peft, recipe=recipe,
-            checkpoint_dir=workdir / "ckpt", total_steps=steps,
+            checkpoint_dir=workdir / "ckpt", total_steps=args.steps,
         )  # fmt: skip
     settings = {"peft": fine_tune.resolve_peft(ft_args.peft, ft_args.model), "lr": ft_args.learning_rate,
-                "batch_size": ft_args.batch_size, **asdict(recipe)}  # fmt: skip
+                "batch_size": ft_args.batch_size, "loss_on": "assistant turns",
+                "truncation": "each conversation to seq_len", **asdict(recipe)}  # fmt: skip
     return trainer, tokenizer, settings
 
 
@@ -295,20 +381,23 @@ def tutorial_text(messages: list[dict[str, str]], tokenizer: Any) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
 
 
-def run_peer(args: argparse.Namespace, train_file: Path, eval_file: Path, workdir: Path, steps: int) -> tuple[Any, Any, dict[str, Any]]:
+def run_peer(args: argparse.Namespace, train_file: Path, eval_file: Path, workdir: Path) -> tuple[Any, Any, dict[str, Any]]:
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     from chat_format import read_chat_rows
 
+    # "wrapped" is the peer (the tutorial's TRL 0.8 packing); "bfd" is TRL 1.x's default, kept as a
+    # labelled extra row because it is what the tutorial's code does today if moved over unchanged.
+    packing_strategy = "bfd" if args.recipe == "peer_bfd" else "wrapped"
     cuda = torch.cuda.is_available()
     # The tutorial loads bf16 weights and trains with bf16=True. On CPU the peer keeps fp32: bf16
     # there is slower (known-traps.md), and pure-bf16 weights would round lr-5e-6 updates to zero.
     model, tokenizer = build_model(args.model, train_file, args.tokenizer, args.seed, "bfloat16" if cuda else "float32")
     model.set_attn_implementation("eager")
     model.config.use_cache = False
-    tokenizer.model_max_length = SEQ_LEN
+    tokenizer.model_max_length = args.seq_len
     tokenizer.pad_token = tokenizer.unk_token
     tokenizer.padding_side = "right"
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -323,29 +412,33 @@ def run_peer(args: argparse.Namespace, train_file: Path, eval_file: Path, workdi
         logging_steps=20,
         lr_scheduler_type="cosine",
         num_train_epochs=3,
-        max_steps=steps,  # the one change: the same number of optimizer steps as ours
-        per_device_eval_batch_size=4,
-        per_device_train_batch_size=4,
-        save_strategy="no",  # the tutorial saves every 500 steps; the bench runs fewer
+        max_steps=args.steps,  # changed: the same number of optimizer steps as ours
+        per_device_eval_batch_size=BATCH_SIZE,
+        per_device_train_batch_size=BATCH_SIZE,
+        save_strategy="no",  # the tutorial saves every 500 steps; the bench measures training, not saving
         seed=0,
         gradient_checkpointing=True,
         gradient_accumulation_steps=1,
         warmup_steps=0.2,  # warmup_ratio=0.2 in transformers 4
-        max_length=SEQ_LEN,
+        max_length=args.seq_len,  # changed: the bench's length, the same for every recipe (tutorial: 2048)
         dataset_text_field="text",
         packing=True,
+        packing_strategy=packing_strategy,
         report_to="none",
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer)
-    settings = {"peft": "full", "lr": TUTORIAL_LR, "batch_size": 4, "attention": "eager", "packing": True,
-                "packing_strategy": config.packing_strategy, "gradient_checkpointing": True,
+    # Read back from the trainer, not from our arguments: what it will actually do.
+    settings = {"peft": "full", "lr": TUTORIAL_LR, "batch_size": trainer.args.per_device_train_batch_size,
+                "attention": model.config._attn_implementation, "packing": trainer.args.packing,
+                "packing_strategy": trainer.args.packing_strategy, "padding_free": bool(trainer.padding_free),
+                "gradient_checkpointing": trainer.args.gradient_checkpointing, "loss_on": "every token",
                 "dtype": "bfloat16" if cuda else "float32"}  # fmt: skip
     return trainer, tokenizer, settings
 
 
 def eval_conversations(recipe: str, eval_file: Path) -> list[list[dict[str, str]]]:
     rows = read_eval(eval_file)
-    if recipe == "peer":  # scored on the rows as the peer formats them for training
+    if recipe != "ours":  # scored on the rows as the peer formats them for training
         rows = [m if m[0]["role"] == "system" else [{"role": "system", "content": ""}, *m] for m in rows]
     return rows
 
@@ -355,26 +448,25 @@ def run_child(args: argparse.Namespace) -> Result:
 
     sys.path.insert(0, str(FINETUNING_DIR))
     torch.set_num_threads(args.threads)
-    steps = args.steps or (4 if args.model == "tiny" else 12)
     with tempfile.TemporaryDirectory(prefix="train_bench_") as tmp:
         workdir = Path(tmp)
-        train_file, eval_file = split_rows(args.data, workdir)
+        train_file, eval_file = args.train_file, args.eval_file
         runner = run_ours if args.recipe == "ours" else run_peer
-        trainer, tokenizer, settings = runner(args, train_file, eval_file, workdir, steps)
+        trainer, tokenizer, settings = runner(args, train_file, eval_file, workdir)
         torch.set_num_threads(args.threads)  # fine_tune.prepare() pins the tiny model to 1 thread
         conversations = eval_conversations(args.recipe, eval_file)
-        before = assistant_nll(trainer.model, tokenizer, conversations)
+        before = assistant_nll(trainer.model, tokenizer, conversations, args.seq_len)
         meter = StepMeter(trainer, tokenizer.pad_token_id)
         trainer.train()
         peak = peak_mib()
         timed_steps, seconds, supervised, total = meter.rates()
-        after = assistant_nll(trainer.model, tokenizer, conversations)
+        after = assistant_nll(trainer.model, tokenizer, conversations, args.seq_len)
         parameters = trainer.model.num_parameters()
     total_tok_s = total / seconds
     mfu = None
     if torch.cuda.is_available():
-        # 6·N FLOPs per token (forward 2N, backward 4N), the convention MFU is quoted in, for both
-        # recipes; LoRA skips the frozen weights' gradients (~4N), so its real utilisation is lower.
+        # 6·N FLOPs per token (forward 2N, backward 4N), the convention MFU is quoted in, for every
+        # recipe; LoRA skips the frozen weights' gradients (~4N), so its real utilisation is lower.
         mfu = 6 * parameters * total_tok_s / H100_BF16_DENSE_FLOPS
     return Result(
         recipe=args.recipe,
@@ -383,10 +475,13 @@ def run_child(args: argparse.Namespace) -> Result:
         parameters=parameters,
         steps=trainer.state.global_step,
         timed_steps=timed_steps,
+        epochs=round(float(trainer.state.epoch or 0.0), 2),
+        train_examples=len(trainer.train_dataset),
+        train_sha256=sha256_of(train_file),
         seconds=round(seconds, 3),
         supervised_tokens=supervised,
         total_tokens=total,
-        tok_s=round(supervised / seconds, 1),
+        supervised_tok_s=round(supervised / seconds, 1),
         total_tok_s=round(total_tok_s, 1),
         peak_mib=round(peak, 1),
         eval_loss_before=round(before, 4),
@@ -399,16 +494,17 @@ def run_child(args: argparse.Namespace) -> Result:
 # --- the parent: one process per recipe -----------------------------------------------------------
 
 
-def run_recipe(args: argparse.Namespace, recipe: str, workdir: Path) -> dict[str, Any]:
+def run_recipe(args: argparse.Namespace, recipe: str, train_file: Path, eval_file: Path, workdir: Path) -> dict[str, Any]:
     out = workdir / f"{recipe}.json"
     argv = [sys.executable, str(Path(__file__).resolve()), "--recipe", recipe, "--out", str(out), "--model", args.model,
-            "--data", str(args.data), "--tokenizer", str(args.tokenizer), "--threads", str(args.threads),
-            "--seed", str(args.seed), "--ours-packing", args.ours_packing]  # fmt: skip
-    if args.steps:
-        argv += ["--steps", str(args.steps)]
+            "--train-file", str(train_file), "--eval-file", str(eval_file), "--threads", str(args.threads),
+            "--seed", str(args.seed), "--ours-packing", args.ours_packing, "--steps", str(args.steps),
+            "--seq-len", str(args.seq_len)]  # fmt: skip
+    if args.tokenizer is not None:
+        argv += ["--tokenizer", str(args.tokenizer)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": str(args.threads)}  # fmt: skip
-    log.info("running the %s recipe", recipe)
+           "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}  # fmt: skip
+    log.info("running the %s recipe (%d steps at %d tokens)", recipe, args.steps, args.seq_len)
     start = time.perf_counter()
     proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -417,49 +513,78 @@ def run_recipe(args: argparse.Namespace, recipe: str, workdir: Path) -> dict[str
     return json.loads(out.read_text(encoding="utf-8"))
 
 
-def summary(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
-    import torch
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 3)
 
-    line = {
+
+def summary(args: argparse.Namespace, results: dict[str, dict[str, Any]], data: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    import transformers
+    import trl
+
+    ours, peer = results["ours"], results["peer"]
+    line: dict[str, Any] = {
         "bench": "train",
+        "headline": "ratio_total_tok_s",
         "device": ours["device"],
         "model": ours["model"],
-        "ours_tok_s": ours["tok_s"],
-        "peer_tok_s": peer["tok_s"],
-        "ratio_tok_s": round(ours["tok_s"] / peer["tok_s"], 3),
-        "ours_peak_mib": ours["peak_mib"],
-        "peer_peak_mib": peer["peak_mib"],
-        "ours_eval_loss": ours["eval_loss"],
-        "peer_eval_loss": peer["eval_loss"],
-        "ours_total_tok_s": ours["total_tok_s"],
-        "peer_total_tok_s": peer["total_tok_s"],
-        "ratio_total_tok_s": round(ours["total_tok_s"] / peer["total_tok_s"], 3),
-        "eval_loss_before": ours["eval_loss_before"],
-        "peer_eval_loss_before": peer["eval_loss_before"],
-        "steps": ours["steps"],
+        "parameters": ours["parameters"],
+        "threads": args.threads,
+        "steps": args.steps,
+        "seq_len": args.seq_len,
+        "batch_size": BATCH_SIZE,
+        "data": data,
+        "ratio_total_tok_s": ratio(ours["total_tok_s"], peer["total_tok_s"]),
+        "ratio_supervised_tok_s": ratio(ours["supervised_tok_s"], peer["supervised_tok_s"]),
+        "ratio_peak_mib": ratio(ours["peak_mib"], peer["peak_mib"]),
         "timed_steps": ours["timed_steps"],
-        "ours_seconds": ours["seconds"],
-        "peer_seconds": peer["seconds"],
-        "ours": ours["settings"],
-        "peer": peer["settings"],
-        "torch": torch.__version__,
     }
-    if ours.get("mfu") is not None:
-        line |= {"ours_mfu": ours["mfu"], "peer_mfu": peer["mfu"]}
+    for name, r in results.items():
+        line |= {
+            f"{name}_total_tok_s": r["total_tok_s"],
+            f"{name}_supervised_tok_s": r["supervised_tok_s"],
+            f"{name}_peak_mib": r["peak_mib"],
+            f"{name}_eval_loss_before": r["eval_loss_before"],
+            f"{name}_eval_loss": r["eval_loss"],
+            f"{name}_steps": r["steps"],
+            f"{name}_epochs": r["epochs"],
+            f"{name}_train_examples": r["train_examples"],
+            f"{name}_train_sha256": r["train_sha256"],
+            f"{name}_seconds": r["seconds"],
+        }
+        if r.get("mfu") is not None:
+            line[f"{name}_mfu"] = r["mfu"]
+    if "peer_bfd" in results:
+        line["ratio_total_tok_s_vs_peer_bfd"] = ratio(ours["total_tok_s"], results["peer_bfd"]["total_tok_s"])
+    line |= {name: r["settings"] for name, r in results.items()}
+    line |= {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}
     return line
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    args = fill_defaults(make_parser().parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     validate(args)
     if args.recipe:
         result = run_child(args)
         args.out.write_text(json.dumps(asdict(result)), encoding="utf-8")
         return 0
+    resolve_fixtures(args)
+    recipes = [r for r in RECIPES if r != "peer_bfd" or args.peer_bfd]
     with tempfile.TemporaryDirectory(prefix="train_bench_") as tmp:
-        results = {recipe: run_recipe(args, recipe, Path(tmp)) for recipe in RECIPES}
-    print(json.dumps(summary(results["ours"], results["peer"])), flush=True)
+        train_file, eval_file = split_rows(args.data, Path(tmp))
+        train_rows = sum(1 for line in train_file.read_text(encoding="utf-8").splitlines() if line.strip())
+        data = {"file": str(args.data), "sha256": sha256_of(args.data), "train_rows": train_rows,
+                "eval_rows": EVAL_ROWS, "train_sha256": sha256_of(train_file)}  # fmt: skip
+        results = {recipe: run_recipe(args, recipe, train_file, eval_file, Path(tmp)) for recipe in recipes}
+    # A ratio over unequal work would be meaningless: refuse to print one.
+    mismatched = {name: r["steps"] for name, r in results.items() if r["steps"] != args.steps}
+    if mismatched:
+        raise SystemExit(f"train_bench.py: recipes ran other step counts than --steps {args.steps}: {mismatched}")
+    other_data = [name for name, r in results.items() if r["train_sha256"] != data["train_sha256"]]
+    if other_data:
+        raise SystemExit(f"train_bench.py: {other_data} trained on another file than the split of {args.data}")
+    print(json.dumps(summary(args, results, data)), flush=True)
     return 0
 
 
