@@ -16,10 +16,13 @@ Where the endpoint comes from:
     (.amlignore keeps it out), hence ENV_FILE.
   * Studio variant: pass a CustomConnection (configs.endpoint, configs.kind, secrets.key) as `connection`.
 
-The flow's snapshot is the repository minus .amlignore: this file, flow.dag.yml and chat_flow/
-(whose endpoint_client.py does the HTTP work and whose requirements.txt this flow uses too), but not
-finetune_phi/ or config.py. So nothing here imports them, and the flow runs unchanged on an Azure
-Prompt flow runtime, where it reads the connection or the runtime's environment variables.
+The flow's snapshot is the repository minus .amlignore: this file, flow.dag.yml, chat_flow/ (whose
+endpoint_client.py does the HTTP work and whose requirements.txt this flow uses too) and
+finetuning_dir/chat_format.py (the Phi-3 chat format endpoint_client.py loads), but not finetune_phi/
+or config.py. So nothing here imports them, and the flow runs unchanged on an Azure Prompt flow
+runtime, where it reads the connection or the runtime's environment variables. (No
+additional_includes here, unlike chat_flow/: pf would copy this whole folder, virtual environments
+included, into a temporary one on every run.)
 """
 
 # No `from __future__ import annotations`: Prompt flow reads the real annotation objects to

@@ -12,11 +12,15 @@ on sys.path); the standard flow's tool, tests and scripts as `chat_flow.endpoint
 imports Prompt flow (retired on 2027-04-20) or this project's other modules; the flows' `@tool`
 functions are thin wrappers over these functions.
 
+The Phi-3 chat format (the prompt template, encode_prompt, the default generation settings) comes
+from its one home, finetuning_dir/chat_format.py, the training job's own file: load_chat_format says
+where each flow snapshot carries it.
+
 Three kinds of deployment, recorded by deploy_model.py (AZURE_ML_ENDPOINT_KIND in .env, `kind` in the
 Prompt flow connection's configs), and the request each one answers:
 
   * "local" (finetune_phi.endpoint) and "azure-mlflow" (Azure's no-code deployment of our MLflow
-    text-generation model, whose prompt template is PROMPT_TEMPLATE):
+    text-generation model, whose prompt template is chat_format.PROMPT_TEMPLATE):
         {"input_data": ["<prompt>"], "params": {"max_new_tokens": ..., ...}}  ->  ["<reply>"]
     A conversation becomes ONE prompt string (encode_prompt) which, inside the template, is exactly
     what Phi-3's chat template makes of the same messages.
@@ -38,11 +42,15 @@ azure-catalog) answer /score only and do not stream: chat_stream yields their wh
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlparse, urlunparse
 
@@ -52,10 +60,46 @@ from urllib3.util.retry import Retry
 
 log = logging.getLogger(__name__)
 
+CHAT_FORMAT_FILE = "chat_format.py"
+
+
+def load_chat_format() -> ModuleType:
+    """finetuning_dir/chat_format.py, the Phi-3 chat format's one home, wherever this file runs.
+
+    Beside this file in the chat flow's snapshot (flow.dag.yaml's additional_includes copies it in);
+    at ../finetuning_dir/ in the repository and in the standard flow's snapshot (the repository minus
+    .amlignore). Loaded under its bare name, as the training job imports it, so that a process that
+    also runs the job's code holds one copy.
+    """
+    if "chat_format" in sys.modules:
+        return sys.modules["chat_format"]
+    here = Path(__file__).resolve().parent
+    for path in (here / CHAT_FORMAT_FILE, here.parent / "finetuning_dir" / CHAT_FORMAT_FILE):
+        if path.is_file():
+            spec = importlib.util.spec_from_file_location("chat_format", path)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["chat_format"] = module
+            spec.loader.exec_module(module)
+            return module
+    raise ImportError(
+        f"{CHAT_FORMAT_FILE} (the Phi-3 chat format, finetuning_dir/{CHAT_FORMAT_FILE}) is neither beside {here} "
+        "nor in ../finetuning_dir: run the chat flow with pf, whose additional_includes copies it in, or keep "
+        "chat_flow/ and finetuning_dir/ side by side as in the repository"
+    )
+
+
+chat_format = load_chat_format()
+# The prompt template our MLflow model is packaged with: encode_prompt's output is meant to be wrapped in it.
+PROMPT_TEMPLATE: str = chat_format.PROMPT_TEMPLATE
+encode_prompt = chat_format.encode_prompt
+# Sent with every request, so that every kind of deployment answers alike (a model-catalog deployment
+# has defaults of its own): the model's own defaults, greedy.
+DEFAULT_PARAMS: dict[str, Any] = dataclasses.asdict(chat_format.GENERATION_DEFAULTS)
+
 # (connect, read) seconds. Generation on a CPU endpoint takes seconds; a real Phi-3 on a small
-# Azure instance can take tens of seconds for 128 new tokens.
+# Azure instance can take tens of seconds for the default max_new_tokens.
 DEFAULT_TIMEOUT: tuple[float, float] = (5.0, 120.0)
-DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 128, "temperature": 0.7, "do_sample": True}
 
 # 429 (throttled) and 503 (no healthy instance yet, e.g. while a deployment scales) are worth a
 # retry; other errors are not going to change by asking again.
@@ -73,9 +117,6 @@ KIND_VARIABLE = "AZURE_ML_ENDPOINT_KIND"
 # What an .env or connection written before kinds existed meant: deploy_model.py then only ever
 # deployed our own model, whose request shape "local" and "azure-mlflow" share.
 LEGACY_KIND = "local"
-# The prompt template our MLflow model is packaged with (finetuning_dir/fine_tune.py); shown here
-# because encode_prompt's output is meant to be wrapped in it.
-PROMPT_TEMPLATE = "<|user|>\n{prompt}<|end|>\n<|assistant|>\n"
 
 
 class EndpointError(RuntimeError):
@@ -260,28 +301,6 @@ def check_kind(kind: str | None, *, source: str = KIND_VARIABLE) -> str:
     return kind
 
 
-def encode_prompt(messages: Iterable[Mapping[str, str]]) -> str:
-    """A conversation as the ONE prompt string our MLflow model's template (PROMPT_TEMPLATE) wraps.
-
-    The first user message's content, then "<|end|>\n<|ROLE|>\nCONTENT" for each following message;
-    inside the template that is byte for byte what Phi-3's chat template makes of the messages (with
-    add_generation_prompt). A leading system message is folded into the first user message
-    ("SYSTEM\n\nUSER"): the template opens with <|user|>, so a <|system|> turn cannot be expressed.
-    """
-    msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
-    if msgs and msgs[0]["role"] == "system":
-        system = msgs.pop(0)["content"]
-        if not msgs or msgs[0]["role"] != "user":
-            raise ValueError("a system message must be followed by a user message")
-        msgs[0] = {"role": "user", "content": f"{system}\n\n{msgs[0]['content']}"}
-    if not msgs or msgs[0]["role"] != "user":
-        raise ValueError("the conversation must start with a user message (after an optional system message)")
-    prompt = msgs[0]["content"]
-    for m in msgs[1:]:
-        prompt += f"<|end|>\n<|{m['role']}|>\n{m['content']}"
-    return prompt
-
-
 def request_body(
     kind: str, messages: Sequence[Mapping[str, str]], params: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -363,7 +382,7 @@ def openai_params(params: Mapping[str, Any] | None = None) -> dict[str, Any]:
     p = {**DEFAULT_PARAMS, **(params or {})}
     body: dict[str, Any] = {"max_tokens": int(p["max_new_tokens"])}
     # /score samples only with do_sample; OpenAI samples unless the temperature is 0.
-    body["temperature"] = float(p.get("temperature", 1.0)) if p.get("do_sample") else 0.0
+    body["temperature"] = float(p["temperature"]) if p.get("do_sample") else 0.0
     if "top_p" in p:
         body["top_p"] = float(p["top_p"])
     return body

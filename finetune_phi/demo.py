@@ -3,7 +3,9 @@
     python -m finetune_phi.demo
 
 Runs the same commands a user types (download_dataset.py --source demo, setup_ml.py, deploy_model.py,
-pf flow test), each as its own process, and ends with the flow's answer to the demo question.
+pf flow test), each as its own process, and ends with the flow's answer to the demo question. That
+answer is greedy, so the same model gives the same sentence on every run (CI greps it): the flow's
+client sends the model's own defaults (chat_format.GENERATION_DEFAULTS), which do not sample.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from finetune_phi import common
 
 log = logging.getLogger("demo")
 
-# The demo trains the tiny model long enough to memorise the demo set.
+# The demo trains the tiny model long enough to memorise the demo set. The one definition: bench/serve_bench.py
+# and tests/test_azure_serving.py train their demo model with it too.
 DEMO_OVERRIDES = {
     "BACKEND": "local",
     "LOCAL_BASE_MODEL": "tiny",

@@ -7,6 +7,7 @@ backend with real paths. One builder means the two cannot drift apart.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from types import ModuleType
 
 import config
 from finetune_phi.common import update_state
@@ -31,11 +33,15 @@ def _quote(arg: str) -> str:
     return arg if _AZURE_PLACEHOLDER.match(arg) else shlex.quote(arg)
 
 
-def resolve_peft(settings: config.Settings, model: str) -> str:
-    """LoRA for real Phi-3 sizes; the tiny stand-in is small enough to train in full."""
-    if settings.PEFT != "auto":
-        return settings.PEFT
-    return "full" if model == "tiny" else "lora"
+def job_module(name: str) -> ModuleType:
+    """A module of the job's code folder (finetuning_dir/), imported as the job imports it: by its bare name.
+
+    The folder is uploaded to Azure ML as is, so its files import each other by bare name
+    (`from chat_format import ...`) and nothing here; the project reaches them by putting the folder
+    on sys.path (last, so that it shadows nothing installed)."""
+    if str(FINETUNING_DIR) not in sys.path:
+        sys.path.append(str(FINETUNING_DIR))
+    return importlib.import_module(name)
 
 
 def fine_tune_args(
@@ -52,7 +58,7 @@ def fine_tune_args(
         "--eval-file", eval_file,
         "--model_output_dir", model_output_dir,
         "--model", model,
-        "--peft", resolve_peft(settings, model),
+        "--peft", job_module("fine_tune").resolve_peft(settings.PEFT, model),
         "--epochs", repr(settings.NUM_TRAIN_EPOCHS),
         "--max-steps", str(settings.MAX_STEPS),
         "--learning-rate", repr(settings.LEARNING_RATE),

@@ -1,14 +1,23 @@
-"""Phi-3 chat format shared by training, the tiny stand-in model and serving.
+"""The Phi-3 chat format, in one place: template, roles and special tokens, the one-string prompt of our
+MLflow model, stop and pad tokens, and the generation settings a request gets when it names none.
 
-This folder is uploaded as the Azure ML job's code, so it imports nothing from the repository.
+Who imports it, and how each finds this file:
+  * the training job (fine_tune.py, evaluation.py, tiny_model.py): this folder is the Azure ML job's
+    code, uploaded as is, so this file imports nothing from the repository;
+  * the local endpoint (finetune_phi/endpoint/): through finetune_phi.training.job_module;
+  * the flows' client (chat_flow/endpoint_client.py): the chat flow's flow.dag.yaml carries this file
+    into its snapshot (additional_includes) and the standard flow's snapshot keeps
+    finetuning_dir/chat_format.py (the root .amlignore lets it through). So everything the client
+    touches here runs on the standard library alone: transformers appears only in type hints.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -30,6 +39,61 @@ EOS = "<|endoftext|>"
 # The special tokens of Phi-3's chat format (the real vocabulary also has placeholders we never emit).
 CHAT_SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", END_OF_TURN, EOS)
 ROLES = ("system", "user", "assistant")
+
+# Phi-3's user turn and the assistant's turn header: the prompt template our MLflow model is saved
+# with (fine_tune.py). MLflow, and so Azure's scoring of the model, wraps every input string in it.
+PROMPT_TEMPLATE = "<|user|>\n{prompt}<|end|>\n<|assistant|>\n"
+
+# What a request that names no generation setting gets, on every path: the MLflow model's params
+# schema (whose defaults MLflow and Azure's scoring script fill in), the local endpoint's /score and
+# /v1/chat/completions, and the client, which sends them explicitly because a model-catalog deployment
+# has defaults of its own.
+# 128 new tokens: the default deployment serves Phi-3-mini in fp32 on CPU (Standard_E8s_v3), where
+# each new token reads all ~15 GB of weights, a few tokens per second at best. 128 tokens then take
+# tens of seconds, inside the local endpoint's 90 s request timeout and the client's 120 s read
+# timeout; 256 would not reliably fit (the endpoint's start-up decode-speed check warns when even
+# the default does not). Longer answers: ask for max_new_tokens. The before/after evaluation keeps
+# its own limit (EVAL_MAX_NEW_TOKENS), on the training GPU.
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Greedy decoding, MLflow's text-generation default: the same question gets the same answer from
+    every path (the demo's check greps one exact sentence). As in MLflow, temperature, top_p and top_k
+    matter only with do_sample true."""
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+
+
+GENERATION_DEFAULTS = GenerationDefaults()
+
+
+def encode_prompt(messages: Iterable[Mapping[str, str]]) -> str:
+    """A conversation as the ONE prompt string that PROMPT_TEMPLATE wraps: our model's conversation contract.
+
+    The first user message's content, then "<|end|>\n<|ROLE|>\nCONTENT" for each following message;
+    inside the template that is byte for byte what Phi-3's chat template makes of the messages (with
+    add_generation_prompt). A leading system message is folded into the first user message
+    ("SYSTEM\n\nUSER"): the template opens with <|user|>, so a <|system|> turn cannot be expressed.
+    """
+    msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    if msgs and msgs[0]["role"] == "system":
+        system = msgs.pop(0)["content"]
+        if not msgs or msgs[0]["role"] != "user":
+            raise ValueError("a system message must be followed by a user message")
+        msgs[0] = {"role": "user", "content": f"{system}\n\n{msgs[0]['content']}"}
+    if not msgs or msgs[0]["role"] != "user":
+        raise ValueError("the conversation must start with a user message (after an optional system message)")
+    prompt = msgs[0]["content"]
+    for m in msgs[1:]:
+        prompt += f"{END_OF_TURN}\n<|{m['role']}|>\n{m['content']}"
+    return prompt
 
 
 class DataError(ValueError):
@@ -76,46 +140,68 @@ def _validate_messages(record: Any, where: str) -> list[dict[str, str]]:
     return cleaned
 
 
-def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
-    """Give the tokenizer a pad token distinct from EOS.
+def pad_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The token to pad with: the tokenizer's own pad when distinct from EOS, else `<unk>`; None when
+    neither exists (a new one must be added).
 
-    Phi-3 ships pad == eos (`<|endoftext|>`); a collator that masks padding by id would then
-    also mask the real EOS and the model would never learn to stop. `<unk>` is never produced
-    by Phi-3's byte-fallback tokenizer, so it is a safe pad (the tutorial's choice).
+    Phi-3 ships pad == eos (`<|endoftext|>`); a collator that masks padding by id would then also
+    mask the real EOS and the model would never learn to stop. `<unk>` is never produced by Phi-3's
+    byte-fallback tokenizer, so it is a safe pad (the tutorial's choice).
     """
     if tokenizer.pad_token is not None and tokenizer.pad_token != tokenizer.eos_token:
-        return
+        return str(tokenizer.pad_token)
     if tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token:
-        tokenizer.pad_token = tokenizer.unk_token
+        return str(tokenizer.unk_token)
+    return None
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Before training: give the tokenizer the pad_token() choice, adding `<pad>` when there is none."""
+    chosen = pad_token(tokenizer)
+    if chosen is not None and chosen == tokenizer.pad_token:
+        return
+    if chosen is not None:
+        tokenizer.pad_token = chosen
     else:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
     log.info("pad token set to %r (id %d)", tokenizer.pad_token, tokenizer.pad_token_id)
 
 
+def padding_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id to pad a generation batch with: the pad_token() choice, else EOS.
+
+    When generating, the attention mask hides padding, so EOS does no harm there, and a trained
+    model cannot be given a new token.
+    """
+    token = pad_token(tokenizer) or tokenizer.eos_token
+    if token is None:
+        raise ValueError("the tokenizer has no pad, unk or eos token to pad a batch with; it is not a Phi-3 tokenizer")
+    return int(tokenizer.convert_tokens_to_ids(token))
+
+
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Ids that end a generated turn: `<|end|>` first (what chat turns end with), then EOS."""
+    """Ids that end a generated turn: `<|end|>` first (what chat turns end with), then EOS.
+
+    The one policy, for training, evaluation and serving alike: a tokenizer without either is
+    refused, because a model that cannot emit `<|end|>` never ends its turn and talks until the
+    token limit cuts it off.
+    """
     ids = []
     for token in (END_OF_TURN, tokenizer.eos_token):
-        token_id = tokenizer.convert_tokens_to_ids(token)
+        token_id = None if token is None else tokenizer.convert_tokens_to_ids(token)
         if token_id is None or token_id == tokenizer.unk_token_id:
-            raise ValueError(f"tokenizer has no {token!r} token; it does not speak the Phi-3 chat format")
+            raise ValueError(
+                f"the tokenizer has no {token or 'EOS'!r} token: it does not speak the Phi-3 chat format, so its "
+                f"replies would not stop at the end of a turn. Use a Phi-3 tokenizer (microsoft/Phi-3-mini-4k-instruct's, "
+                f"or the tiny model's), which has {END_OF_TURN} and {EOS}"
+            )
         if token_id not in ids:
             ids.append(token_id)
     return ids
 
 
-def require_maskable_template(tokenizer: PreTrainedTokenizerBase) -> None:
-    """Fail before training, not after, when assistant-only loss cannot be computed.
-
-    trl masks with a `{% generation %}`-marked twin of the template; it ships one for Phi-3's
-    template (matched byte for byte) and refuses templates it does not know.
-    """
-    from trl.chat_template_utils import get_training_chat_template
-
-    try:
-        get_training_chat_template(tokenizer)
-    except ValueError as exc:
-        raise ValueError(
-            f"assistant-only loss needs a chat template trl can mark up ({exc}); use a Phi-3 tokenizer, "
-            "or pass --no-assistant-only-loss to learn from every token"
-        ) from exc
+def generation_stop_ids(tokenizer: PreTrainedTokenizerBase, configured: int | Sequence[int] | None = None) -> list[int]:
+    """stop_token_ids, then those a model's generation config adds (the hub's Phi-3 also stops at
+    `<|assistant|>`): what fine_tune.py saves as the model's eos_token_id, and what serving stops at."""
+    extra = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    return list(dict.fromkeys(stop_token_ids(tokenizer) + [int(i) for i in extra]))

@@ -155,9 +155,10 @@ def generate_answers(
     """Greedy answers, batched (left padding, longest prompts together), in the order of `examples`."""
     import torch
 
-    from chat_format import stop_token_ids
+    from chat_format import generation_stop_ids
 
-    stops = set(stop_token_ids(tokenizer))
+    # What the served model stops at too (finetune_phi/endpoint/engine.py), so the stop rate means the same.
+    stops = set(generation_stop_ids(tokenizer, model.generation_config.eos_token_id))
     prompts = [_prompt_text(tokenizer, e) for e in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: dict[int, Answer] = {}

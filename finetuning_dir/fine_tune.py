@@ -37,7 +37,9 @@ from typing import TYPE_CHECKING, Any
 
 import checkpoints
 import evaluation
-from chat_format import read_chat_rows
+# DEFAULT_MAX_NEW_TOKENS and PROMPT_TEMPLATE define the model this script saves, so they are also
+# readable here (fine_tune.PROMPT_TEMPLATE); their one home is chat_format.py.
+from chat_format import DEFAULT_MAX_NEW_TOKENS, GENERATION_DEFAULTS, PROMPT_TEMPLATE, read_chat_rows  # noqa: F401
 from evaluation import Evaluation
 
 if TYPE_CHECKING:
@@ -53,10 +55,9 @@ DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
 LORA_TARGET_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 MODEL_ARTIFACT_PATH = "model"
 DEFAULT_CHECKPOINT_DIR = Path("outputs") / "checkpoints"
-DEFAULT_MAX_NEW_TOKENS = 256  # per answer unless a request says otherwise
 EXAMPLE_QUESTION = "Who founded Microsoft?"
-# Phi-3's user turn and the assistant's turn header: MLflow wraps every input string in it.
-PROMPT_TEMPLATE = "<|user|>\n{prompt}<|end|>\n<|assistant|>\n"
+# The MLflow param type of each generation setting's Python type (bool first: a bool is an int too).
+MLFLOW_PARAM_TYPES: tuple[tuple[type, str], ...] = ((bool, "boolean"), (int, "long"), (float, "double"))
 # Two greedy passes (base and fine-tuned) over this many held-out questions, batched. The base model
 # rarely stops, so its pass runs to the token limit: on the tiny CPU model 24 rows x 48 tokens take
 # about a second; Phi-3-mini on one A100 does 50 rows x 256 tokens in about a minute. The variables
@@ -170,6 +171,9 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 def resolve_peft(peft: str, model: str) -> str:
+    """`auto`: LoRA for real Phi-3 sizes; the tiny stand-in is small enough to train in full.
+
+    The one rule: finetune_phi/training.py calls it to put the resolved value on the job's command line."""
     if peft != "auto":
         return peft
     return "full" if model == TINY else "lora"
@@ -283,7 +287,7 @@ class Recipe:
 def load_model_and_tokenizer(
     args: argparse.Namespace, device: Device, peft: str, attention: str = "sdpa"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    from chat_format import ensure_pad_token, require_maskable_template, stop_token_ids
+    from chat_format import ensure_pad_token, generation_stop_ids
 
     if args.model == TINY:
         from tiny_model import build_tiny
@@ -310,10 +314,25 @@ def load_model_and_tokenizer(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     # Generation must stop at <|end|>, the token every assistant turn is trained to end with
     # (the hub's Phi-3 config already lists it, with <|endoftext|> and <|assistant|>; keep those).
-    configured = model.generation_config.eos_token_id
-    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
-    model.generation_config.eos_token_id = list(dict.fromkeys(stop_token_ids(tokenizer) + configured))
+    model.generation_config.eos_token_id = generation_stop_ids(tokenizer, model.generation_config.eos_token_id)
     return model, tokenizer
+
+
+def require_maskable_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Fail before training, not after, when assistant-only loss cannot be computed.
+
+    trl masks with a `{% generation %}`-marked twin of the template; it ships one for Phi-3's
+    template (matched byte for byte) and refuses templates it does not know.
+    """
+    from trl.chat_template_utils import get_training_chat_template
+
+    try:
+        get_training_chat_template(tokenizer)
+    except ValueError as exc:
+        raise ValueError(
+            f"assistant-only loss needs a chat template trl can mark up ({exc}); use a Phi-3 tokenizer, "
+            "or pass --no-assistant-only-loss to learn from every token"
+        ) from exc
 
 
 def load_datasets(train_file: Path, eval_file: Path) -> tuple[Dataset, Dataset]:
@@ -470,19 +489,18 @@ def generation_params_schema() -> Any:
     """Request `params` the model honours; without a params schema MLflow drops them with a warning.
 
     MLflow fills in these defaults for every param a request leaves out (Azure's scoring script
-    too), so they ARE the model's defaults: greedy decoding, DEFAULT_MAX_NEW_TOKENS new tokens.
+    too), so they ARE the model's defaults: chat_format.GENERATION_DEFAULTS, one param each.
     The local endpoint reads them back from the saved signature, so both answer alike.
     """
+    import dataclasses
+
     from mlflow.types.schema import ParamSchema, ParamSpec
 
-    return ParamSchema([
-        ParamSpec("max_new_tokens", "long", DEFAULT_MAX_NEW_TOKENS),
-        ParamSpec("do_sample", "boolean", False),
-        ParamSpec("temperature", "double", 1.0),
-        ParamSpec("top_p", "double", 1.0),
-        ParamSpec("top_k", "long", 50),
-        ParamSpec("repetition_penalty", "double", 1.0),
-    ])  # fmt: skip
+    def mlflow_type(value: object) -> str:
+        return next(name for python_type, name in MLFLOW_PARAM_TYPES if isinstance(value, python_type))
+
+    defaults = dataclasses.asdict(GENERATION_DEFAULTS)
+    return ParamSchema([ParamSpec(name, mlflow_type(value), value) for name, value in defaults.items()])
 
 
 def model_signature() -> Any:
@@ -504,12 +522,10 @@ def save_mlflow_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     Task text-generation with a string input: Azure ML's no-code deployment of an MLflow model
     (mlflow_score_script.py under azureml-inference-server-http) serves it as
     `{"input_data": ["prompt", ...], "params": {...}}` -> `["reply", ...]`. Each input is wrapped in
-    PROMPT_TEMPLATE, Phi-3's user turn, and only the generated text comes back (return_full_text
-    False). A conversation travels as ONE string, the CONVERSATION CONTRACT: the first user
-    message's content, then for each following message "<|end|>\n<|" + role + "|>\n" + content
-    (a leading system message is folded into the first user content as system + "\n\n" + user);
-    wrapped in the template that is byte for byte Phi-3's chat template rendering of the
-    conversation. Generation stops at <|end|> (in the generation config's eos_token_id). The
+    chat_format.PROMPT_TEMPLATE, Phi-3's user turn, and only the generated text comes back
+    (return_full_text False). A conversation travels as ONE string, the conversation contract of
+    chat_format.encode_prompt, which the template turns into exactly Phi-3's chat template rendering
+    of the conversation. Generation stops at <|end|> (in the generation config's eos_token_id). The
     tokenizer keeps its chat template, which the local endpoint's /v1/chat/completions uses.
     """
     import mlflow

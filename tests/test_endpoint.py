@@ -15,12 +15,12 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from conftest import REPO
 from finetune_phi.endpoint import KEY_ENV
 from finetune_phi.endpoint.__main__ import EXIT_PORT_BUSY, EXIT_USAGE
 from finetune_phi.endpoint.__main__ import main as endpoint_main
 from finetune_phi.endpoint.engine import Engine, SamplingParams, served_name
 from finetune_phi.endpoint.server import create_app
+from finetune_phi.training import job_module
 from helpers_endpoint import AUTH, KEY, ThreadServer
 from helpers_model import RegisteredModel, biased, registered_tiny_model, tiny_phi3
 
@@ -66,6 +66,51 @@ def test_engine_loads_from_registry_with_phi3_stop_tokens(engine: Engine, tiny_m
     assert set(engine.stop_token_ids) == {tok.convert_tokens_to_ids("<|end|>"), tok.eos_token_id}
     prompt = engine.render([{"role": "user", "content": "Who founded Microsoft?"}])
     assert prompt.startswith("<|user|>") and prompt.endswith("<|assistant|>\n")
+
+
+def tokenizer_without_end_of_turn() -> Any:
+    """A tokenizer with EOS and <unk> but no <|end|>: not the Phi-3 chat format."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<|endoftext|>": 1, "hi": 2}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                   unk_token="<unk>", eos_token="<|endoftext|>")
+
+
+def test_one_stop_token_policy_a_tokenizer_without_end_of_turn_is_refused_by_job_and_endpoint() -> None:
+    """Training, evaluation and serving share chat_format's policy: no <|end|>, no model, with the fix named."""
+    chat_format, evaluation = job_module("chat_format"), job_module("evaluation")
+    tokenizer = tokenizer_without_end_of_turn()
+    with pytest.raises(ValueError) as refused:
+        chat_format.stop_token_ids(tokenizer)
+    message = str(refused.value)
+    assert "no '<|end|>' token" in message and "Use a Phi-3 tokenizer" in message
+    model, phi3 = tiny_phi3()
+    with pytest.raises(ValueError) as by_engine:
+        Engine(model, tokenizer)
+    example = evaluation.Example("hi", [{"role": "user", "content": "hi"}], "hello")
+    with pytest.raises(ValueError) as by_evaluation:
+        evaluation.generate_answers(model, tokenizer, [example], max_new_tokens=1)
+    assert str(by_engine.value) == str(by_evaluation.value) == message
+    # The control: the real Phi-3 tokenizer passes, <|end|> first.
+    assert chat_format.stop_token_ids(phi3) == [phi3.convert_tokens_to_ids("<|end|>"), phi3.eos_token_id]
+
+
+def test_one_max_new_tokens_default_for_the_saved_model_the_endpoint_and_the_client() -> None:
+    import dataclasses
+
+    from chat_flow import endpoint_client
+    from finetune_phi.endpoint.engine import ScoreDefaults
+
+    chat_format, fine_tune = job_module("chat_format"), job_module("fine_tune")
+    saved = {p.name: p.default for p in fine_tune.generation_params_schema().params}
+    assert saved == dataclasses.asdict(ScoreDefaults()) == endpoint_client.DEFAULT_PARAMS
+    assert saved["max_new_tokens"] == chat_format.DEFAULT_MAX_NEW_TOKENS == 128
+    assert saved["do_sample"] is False  # greedy unless asked: the demo's answer is the same every run
+    # A /v1/chat/completions request without max_tokens, and the client's OpenAI form of its defaults.
+    assert SamplingParams.resolve().max_new_tokens == 128
+    assert endpoint_client.openai_params() == {"max_tokens": 128, "temperature": 0.0, "top_p": 1.0}
 
 
 
@@ -158,17 +203,13 @@ def test_score_prompt_is_wrapped_in_the_models_template_as_mlflow_does(engine: E
 
 
 def test_score_params_default_to_the_models_params_schema_as_mlflow_fills_them() -> None:
-    import sys
-
     from finetune_phi.endpoint import schemas
     from finetune_phi.endpoint.engine import ScoreDefaults
     from finetune_phi.endpoint.server import _score_sampling
 
-    sys.path.insert(0, str(REPO / "finetuning_dir"))
-    import fine_tune
-
+    fine_tune = job_module("fine_tune")
     defaults = ScoreDefaults.from_params_schema(fine_tune.generation_params_schema())
-    assert defaults == ScoreDefaults(max_new_tokens=fine_tune.DEFAULT_MAX_NEW_TOKENS, do_sample=False, temperature=1.0,
+    assert defaults == ScoreDefaults(max_new_tokens=128, do_sample=False, temperature=1.0,
                                      top_p=1.0, top_k=50, repetition_penalty=1.0)  # fmt: skip
     assert set(defaults.names()) == set(schemas.SCORE_PARAMS) == {p.name for p in fine_tune.generation_params_schema().params}
     model, tokenizer = tiny_phi3()

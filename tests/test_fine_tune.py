@@ -129,10 +129,10 @@ def test_a_file_without_messages_fails_naming_file_and_line(tmp_path):
 
 def test_a_chat_template_trl_cannot_mask_is_refused_before_training():
     tokenizer = tiny_model.build_tokenizer(["some text to learn a few merges from"])
-    chat_format.require_maskable_template(tokenizer)  # the Phi-3 template: accepted
+    fine_tune.require_maskable_template(tokenizer)  # the Phi-3 template: accepted
     tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     with pytest.raises(ValueError, match="--no-assistant-only-loss"):
-        chat_format.require_maskable_template(tokenizer)
+        fine_tune.require_maskable_template(tokenizer)
 
 
 # --- what the model is trained on ---------------------------------------------------------------
@@ -149,6 +149,25 @@ def _supervised_spans(input_ids: list[int], labels: list[int]) -> list[list[int]
             spans[-1].append(token)
         previous = label != -100
     return spans
+
+
+def test_one_pad_choice_for_training_and_generation(phi3_tokenizer_dir):
+    """Phi-3 ships pad == eos: training pads with <unk> instead (padding masked by id would hide the real
+    EOS); generation (evaluation, the endpoint) pads with the same choice, with EOS only when there is no other."""
+    from transformers import AutoTokenizer
+
+    real = AutoTokenizer.from_pretrained(phi3_tokenizer_dir)
+    assert real.pad_token == real.eos_token  # the trap
+    assert chat_format.pad_token(real) == "<unk>" and chat_format.padding_id(real) == real.unk_token_id
+    chat_format.ensure_pad_token(real)
+    assert real.pad_token == "<unk>"
+    tiny = tiny_model.build_tokenizer(["a few words to learn merges from"])
+    assert chat_format.pad_token(tiny) == tiny_model.PAD  # its own, distinct from EOS: kept
+
+    tiny.pad_token, tiny.unk_token = tiny.eos_token, None
+    assert chat_format.pad_token(tiny) is None and chat_format.padding_id(tiny) == tiny.eos_token_id
+    chat_format.ensure_pad_token(tiny)  # training cannot pad with EOS: a new token
+    assert tiny.pad_token == "<pad>" and tiny.pad_token_id != tiny.eos_token_id
 
 
 @pytest.mark.parametrize("which", ["real", "tiny"])
@@ -333,9 +352,9 @@ def test_end_to_end_run_joins_the_given_run_and_logs_a_servable_registrable_mode
     # honours request params, and registers.
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     schema = {p.name: p.default for p in model.metadata.get_params_schema().params}
-    assert schema == {"max_new_tokens": fine_tune.DEFAULT_MAX_NEW_TOKENS, "do_sample": False, "temperature": 1.0,
+    assert schema == {"max_new_tokens": chat_format.DEFAULT_MAX_NEW_TOKENS, "do_sample": False, "temperature": 1.0,
                       "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}  # fmt: skip
-    assert model.metadata.metadata["prompt_template"] == fine_tune.PROMPT_TEMPLATE
+    assert model.metadata.metadata["prompt_template"] == chat_format.PROMPT_TEMPLATE
     prompt = "Who founded Microsoft?"
     tokenizer_dir = out / "components" / "tokenizer"
     from transformers import AutoTokenizer
@@ -352,8 +371,8 @@ def test_end_to_end_run_joins_the_given_run_and_logs_a_servable_registrable_mode
     engine = Engine.from_mlflow(f"runs:/{run_id}/model")
     [three] = engine.generate([prompt], SamplingParams(max_new_tokens=3))
     assert three.text == short and three.completion_tokens <= 3
-    assert engine.prompt_template == fine_tune.PROMPT_TEMPLATE
-    assert engine.score_defaults.max_new_tokens == fine_tune.DEFAULT_MAX_NEW_TOKENS
+    assert engine.prompt_template == chat_format.PROMPT_TEMPLATE
+    assert engine.score_defaults.max_new_tokens == chat_format.DEFAULT_MAX_NEW_TOKENS
     assert tokenizer.convert_tokens_to_ids("<|end|>") in engine.stop_token_ids
     assert tokenizer.chat_template == chat_format.PHI3_CHAT_TEMPLATE  # kept for /v1/chat/completions
     # Served (MLflow's own scoring app): a text-generation model takes {"inputs": [...], "params": {...}}.

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -577,6 +578,9 @@ def test_chat_flow_ui_answers_in_headless_chromium(flow: FlowRig) -> None:
     chat_flow = flow.tmp / "chat_flow"
     shutil.rmtree(chat_flow, ignore_errors=True)
     shutil.copytree(REPO / "chat_flow", chat_flow, ignore=shutil.ignore_patterns(".promptflow", "__pycache__"))
+    # Beside it as in the repository, for the flow's additional_includes (../finetuning_dir/chat_format.py).
+    (flow.tmp / "finetuning_dir").mkdir(exist_ok=True)
+    shutil.copy2(REPO / "finetuning_dir" / "chat_format.py", flow.tmp / "finetuning_dir" / "chat_format.py")
     port = free_port()
     log_path = flow.tmp / "ui.log"
     with log_path.open("w") as log:
@@ -657,6 +661,28 @@ def test_batch_run_over_test_data_writes_one_answer_per_row(flow: FlowRig, ultra
         assert not (snapshot / heavy_or_secret).exists(), f"{heavy_or_secret} copied into the run snapshot"
 
 
+@pytest.mark.slow
+def test_chat_flow_batch_run_snapshot_carries_the_chat_format_it_includes(flow: FlowRig) -> None:
+    """pf resolves the chat flow's additional_includes into the run's snapshot, as copy_snapshot models it."""
+    name = f"chat_batch_{uuid.uuid4().hex[:8]}"
+    n = len(flow.proxy.exchanges)
+    pf(flow, "run", "create", "--flow", "chat_flow", "--data", "chat_flow/data.jsonl", "--name", name,
+       "--column-mapping", "question=${data.question}", "chat_history=${data.chat_history}")
+    run_dir = pf_env.promptflow_home(flow.settings) / ".runs" / name
+    outputs = [json.loads(line) for line in (run_dir / "flow_outputs" / "output.jsonl").read_text().splitlines()]
+    rows = (REPO / "chat_flow" / "data.jsonl").read_text().splitlines()
+    assert len(outputs) == len(rows) == len(flow.proxy.since(n))
+    assert all(out["answer"] for out in outputs)
+    snapshot = run_dir / "snapshot"
+    assert (snapshot / "chat_format.py").read_bytes() == (REPO / "finetuning_dir" / "chat_format.py").read_bytes()
+    assert "additional_includes" not in yaml.safe_load((snapshot / "flow.dag.yaml").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        modelled = copy_snapshot(REPO / "chat_flow", Path(tmp) / "chat")
+        ours = {p.relative_to(modelled) for p in modelled.rglob("*") if p.is_file()}
+    written = {p.relative_to(snapshot) for p in snapshot.rglob("*") if p.is_file()}
+    assert written == ours, (written ^ ours)
+
+
 # --- each flow's snapshot on its own: what Azure would upload, run with nothing else ---------------------
 
 FLOWS = {"standard": REPO, "chat": REPO / "chat_flow"}
@@ -686,11 +712,32 @@ def flow_snapshot_files(flow_dir: Path) -> list[Path]:
     return found
 
 
+def flow_dag(flow_dir: Path) -> Path:
+    return next(flow_dir.glob("flow.dag.y*ml"))
+
+
+def included_files(flow_dir: Path) -> dict[Path, Path]:
+    """The flow's additional_includes (files): its name in the snapshot -> the file pf copies there.
+
+    pf puts each at the snapshot's root under its own name and drops the key from the snapshot's DAG
+    (promptflow 1.18.5: _merge_local_code_and_additional_includes, remove_additional_includes); the chat
+    flow's batch run test checks this against the snapshot pf really writes."""
+    includes = yaml.safe_load(flow_dag(flow_dir).read_text()).get("additional_includes") or []
+    return {Path(Path(item).name): (flow_dir / item).resolve() for item in includes}
+
+
 def copy_snapshot(flow_dir: Path, dest: Path) -> Path:
+    """The flow as pf snapshots it and Azure receives it: its own files plus its additional includes."""
     shutil.rmtree(dest, ignore_errors=True)
-    for rel in flow_snapshot_files(flow_dir):
+    sources = {rel: flow_dir / rel for rel in flow_snapshot_files(flow_dir)} | included_files(flow_dir)
+    for rel, source in sources.items():
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(flow_dir / rel, dest / rel)
+        shutil.copy2(source, dest / rel)
+    if included_files(flow_dir):
+        dag_path = flow_dag(dest)
+        dag = yaml.safe_load(dag_path.read_text())
+        dag.pop("additional_includes")
+        dag_path.write_text(yaml.safe_dump(dag, sort_keys=False))
     return dest
 
 
@@ -701,6 +748,18 @@ def requirement_names(path: Path) -> set[str]:
         if line:
             names.add(re.split(r"[<>=!~\[; ]", line, maxsplit=1)[0].lower().replace("-", "_"))
     return names
+
+
+def run_time_nodes(tree: ast.AST) -> Iterator[ast.AST]:
+    """ast.walk, less the bodies of `if TYPE_CHECKING:` blocks: imports for type hints never run."""
+    for child in ast.iter_child_nodes(tree):
+        if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+            nodes = [child.test, *child.orelse]
+        else:
+            nodes = [child]
+        for node in nodes:
+            yield node
+            yield from run_time_nodes(node)
 
 
 def imports_from_outside(snapshot: Path, requirements: Path) -> list[str]:
@@ -714,7 +773,7 @@ def imports_from_outside(snapshot: Path, requirements: Path) -> list[str]:
         own_flow = next((d for d in py.parents if d.is_relative_to(snapshot) and any(d.glob("flow.dag.y*ml"))), snapshot)
         roots = {snapshot, own_flow}
         tree = ast.parse(py.read_text(encoding="utf-8"), filename=str(py))
-        for node in ast.walk(tree):
+        for node in run_time_nodes(tree):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -783,27 +842,49 @@ def snapshot_env(env: dict[str, str]) -> dict[str, str]:
 
 
 def test_each_flow_snapshot_holds_its_code_and_imports_nothing_from_outside() -> None:
-    standard = flow_snapshot_files(REPO)
-    chat = flow_snapshot_files(REPO / "chat_flow")
+    standard = {p.as_posix() for p in flow_snapshot_files(REPO)}
+    chat = {p.as_posix() for p in [*flow_snapshot_files(REPO / "chat_flow"), *included_files(REPO / "chat_flow")]}
     assert {"flow.dag.yml", "integrate_with_promptflow.py", "chat_flow/endpoint_client.py",
-            "chat_flow/requirements.txt"} <= {p.as_posix() for p in standard}
-    assert {"flow.dag.yaml", "chat_with_endpoint.py", "endpoint_client.py", "requirements.txt"} <= {
-        p.as_posix() for p in chat}
+            "chat_flow/requirements.txt"} <= standard
+    assert {"flow.dag.yaml", "chat_with_endpoint.py", "endpoint_client.py", "requirements.txt"} <= chat
+    # The Phi-3 chat format the client loads: its one home, not a copy kept in chat_flow/.
+    assert "finetuning_dir/chat_format.py" in standard and "chat_format.py" in chat
+    assert included_files(REPO / "chat_flow") == {Path("chat_format.py"): REPO / "finetuning_dir" / "chat_format.py"}
+    assert not (REPO / "chat_flow" / "chat_format.py").exists()
+    assert [f for f in standard if f.startswith("finetuning_dir/") and f.endswith(".py")] == ["finetuning_dir/chat_format.py"]
     for files in (standard, chat):
-        names = {part for p in files for part in p.parts}
-        assert not names & {"finetune_phi", "config.py", ".env", ".venv", "tests", ".promptflow"}, names
+        names = {part for p in files for part in Path(p).parts}
+        assert not names & {"finetune_phi", "config.py", ".env", ".venv", "tests", ".promptflow", "fine_tune.py"}, names
     with tempfile.TemporaryDirectory() as tmp:
         for name, folder in FLOWS.items():
             copy = copy_snapshot(folder, Path(tmp) / name)
-            dag = yaml.safe_load(next(copy.glob("flow.dag.y*ml")).read_text())
+            dag = yaml.safe_load(flow_dag(copy).read_text())
             requirements = copy / dag["environment"]["python_requirements_txt"]
             assert imports_from_outside(copy, requirements) == [], name
-    # The control: the check does catch what the old tool imported.
+            # endpoint_client.py loads the chat format by path, not by an import statement: from the copy.
+            client = next(copy.rglob("endpoint_client.py"))
+            assert loaded_chat_format(client.parent) == (client.parent / ("chat_format.py" if name == "chat" else
+                                                                         "../finetuning_dir/chat_format.py")).resolve()
+    # The controls: the check does catch what the old tool imported, and what a TYPE_CHECKING block
+    # leaves out is only that block.
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "tool.py").write_text("import config\nfrom finetune_phi.common import redact\nimport requests\n")
+        (Path(tmp) / "tool.py").write_text("import config\nfrom finetune_phi.common import redact\nimport requests\n"
+                                           "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import torch\n"
+                                           "else:\n    import numpy\n")
         (Path(tmp) / "requirements.txt").write_text("requests==2.34.2\n")
         assert imports_from_outside(Path(tmp), Path(tmp) / "requirements.txt") == [
-            "tool.py: import config", "tool.py: import finetune_phi.common"]
+            "tool.py: import config", "tool.py: import finetune_phi.common", "tool.py: import numpy"]
+
+
+def loaded_chat_format(folder: Path) -> Path:
+    """The chat_format.py that `import endpoint_client` loads from `folder`, with this project's installed
+    packages hidden (as on an Azure runtime) and no chat_format on sys.path."""
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '__module__', '')"
+            ".startswith('__editable__')]; sys.path.insert(0, '.'); import endpoint_client; "
+            "print(endpoint_client.chat_format.__file__)")
+    proc = subprocess.run([sys.executable, "-I", "-c", code], cwd=folder, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return Path(proc.stdout.strip()).resolve()
 
 
 @pytest.mark.slow

@@ -54,6 +54,10 @@ def test_config_knobs_reach_the_command_line(tmp_path: Path) -> None:
     assert pairs["--peft"] == "full"  # auto: the tiny model trains in full
     argv = training.fine_tune_args(s, train_file="t", eval_file="e", model_output_dir="o", model=s.BASE_MODEL)
     assert dict(zip(argv[::2], argv[1::2]))["--peft"] == "lora"  # auto: real Phi-3 sizes use LoRA
+    # The rule is the job's own (fine_tune.resolve_peft): an explicit choice passes through as given.
+    argv = training.fine_tune_args(_settings(tmp_path, PEFT="lora"), train_file="t", eval_file="e", model_output_dir="o",
+                                   model="tiny")
+    assert dict(zip(argv[::2], argv[1::2]))["--peft"] == "lora"
 
 
 def test_missing_data_names_the_step_to_run(tmp_path: Path) -> None:

@@ -12,58 +12,41 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from finetune_phi.training import job_module
+
 if TYPE_CHECKING:
     from finetune_phi.endpoint.loading import LoadPolicy
 
 log = logging.getLogger(__name__)
+# Template, stop and pad tokens, default generation settings: the training job's, so that the model is
+# served exactly as it was trained and saved.
+chat_format = job_module("chat_format")
 
 Message = dict[str, str]  # {"role": "user" | "system" | "assistant", "content": "..."}
 # The engine answers a conversation (rendered with the tokenizer's chat template: what
 # /v1/chat/completions sends) or a prompt string (wrapped in the model's MLflow prompt template,
 # exactly as MLflow's text-generation pipeline, and so Azure's scoring of the model, does: /score).
 
-# Defaults a caller gets when a request names no value, and the hard ceiling it cannot exceed:
-# generation is O(tokens) on CPU, so an unbounded max_new_tokens would let one request hog the server.
-DEFAULT_MAX_NEW_TOKENS = 128
+# The hard ceiling a request cannot exceed: generation is O(tokens) on CPU, so an unbounded
+# max_new_tokens would let one request hog the server.
 MAX_NEW_TOKENS_CAP = 2048
-
-# Used only when a model was saved without a chat template; it is Phi-3-mini's own template.
-PHI3_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
 # Dividing logits by a temperature near 0 overflows to inf and NaN probabilities; that close to 0,
 # sampling is greedy decoding anyway.
 MIN_TEMPERATURE = 0.01
-END_OF_TURN_TOKENS = ("<|end|>",)  # Phi-3 closes every turn with <|end|>, then EOS at the very end
-# Phi-3's user turn plus the assistant's header: the prompt template fine_tune.py saves with the model.
-# A model saved without one gets its prompt strings rendered as one user message by the chat template.
-PHI3_PROMPT_TEMPLATE = "<|user|>\n{prompt}<|end|>\n<|assistant|>\n"
 
 
 @dataclass(frozen=True)
-class ScoreDefaults:
+class ScoreDefaults(chat_format.GenerationDefaults):
     """What a /score request that leaves a param out gets: the model's MLflow params-schema defaults.
 
     MLflow (and so Azure's scoring script) fills every param a request omits with its schema default,
-    so these are read from the saved signature (Engine.from_mlflow). The values here are those of
-    fine_tune.py's schema, for a model saved without one, with this endpoint's max_new_tokens.
+    so these are read from the saved signature (Engine.from_mlflow); a model saved without a schema
+    gets chat_format's, the ones fine_tune.py saves.
     """
-
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 50
-    repetition_penalty: float = 1.0
 
     @classmethod
     def from_params_schema(cls, schema: Any) -> "ScoreDefaults":
-        """The defaults of an MLflow ParamSchema (None: the built-in ones above)."""
+        """The defaults of an MLflow ParamSchema (None: chat_format's)."""
         if schema is None:
             return cls()
         known = {f for f in cls.__dataclass_fields__}
@@ -80,10 +63,10 @@ class InputTooLong(ValueError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_new_tokens: int = chat_format.DEFAULT_MAX_NEW_TOKENS
+    do_sample: bool = chat_format.GENERATION_DEFAULTS.do_sample
+    temperature: float = chat_format.GENERATION_DEFAULTS.temperature
+    top_p: float = chat_format.GENERATION_DEFAULTS.top_p
     top_k: int | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
@@ -109,7 +92,7 @@ class SamplingParams:
         if temperature is not None and temperature < MIN_TEMPERATURE:
             sample = False
         return cls(
-            max_new_tokens=max_new_tokens if max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS,
+            max_new_tokens=max_new_tokens if max_new_tokens is not None else chat_format.DEFAULT_MAX_NEW_TOKENS,
             do_sample=sample,
             temperature=temperature if temperature and temperature >= MIN_TEMPERATURE else 1.0,
             top_p=top_p if top_p is not None else 1.0,
@@ -147,9 +130,10 @@ class Engine:
         self.tokenizer.padding_side = "left"
         if not getattr(tokenizer, "chat_template", None):
             log.warning("the tokenizer has no chat template; formatting prompts with Phi-3's")
-            self.tokenizer.chat_template = PHI3_CHAT_TEMPLATE
-        self.pad_token_id = self._pad_token_id()
-        self.stop_token_ids = self._stop_token_ids()
+            self.tokenizer.chat_template = chat_format.PHI3_CHAT_TEMPLATE
+        self.pad_token_id = chat_format.padding_id(tokenizer)
+        # chat_format's one stop-token policy: a tokenizer without <|end|> is refused, with the fix.
+        self.stop_token_ids = chat_format.generation_stop_ids(tokenizer, model.generation_config.eos_token_id)
         self.max_context = int(
             getattr(model.config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 4096)
         )
@@ -206,33 +190,6 @@ class Engine:
     def device(self) -> Any:
         """The model's device: build input tensors there."""
         return self.model.device
-
-    def _pad_token_id(self) -> int:
-        tok = self.tokenizer
-        for candidate in (tok.pad_token_id, tok.unk_token_id, tok.eos_token_id):
-            if candidate is not None:
-                return int(candidate)
-        raise ValueError("the tokenizer has no pad, unk or eos token to pad a batch with")
-
-    def _stop_token_ids(self) -> list[int]:
-        ids: list[int] = []
-
-        def add(value: object) -> None:
-            values = value if isinstance(value, (list, tuple)) else [value]
-            for v in values:
-                if isinstance(v, int) and v not in ids:
-                    ids.append(v)
-
-        add(self.tokenizer.eos_token_id)
-        add(getattr(self.model.generation_config, "eos_token_id", None))
-        unk = self.tokenizer.unk_token_id
-        for token in END_OF_TURN_TOKENS:
-            token_id = self.tokenizer.convert_tokens_to_ids(token)
-            if token_id is not None and token_id != unk:
-                add(token_id)
-        if not ids:
-            raise ValueError("the tokenizer defines no end-of-sequence token: generation would never stop")
-        return ids
 
     def render(self, conversation: Sequence[Message] | str) -> str:
         """The prompt text for one conversation or prompt string, ending with the assistant's turn header."""
