@@ -11,7 +11,9 @@ runs: `model.init_continuous_batching(generation_config)` + `add_request` + a re
 Models: "tiny" = the demo model's architecture (finetuning_dir/tiny_model.py TinySpec, random
 weights, byte-level BPE trained on the demo rows); "100m" = Phi3Config hidden 768, 12 layers,
 12 heads, intermediate 2048 over the same tokenizer (~89M parameters), random weights.
-Prompts: the demo questions plus 4 long ultrachat_200k prompts cut to 1,200 characters.
+Prompts: the demo questions plus 4 long ultrachat_200k prompts cut to 1,200 characters (from
+finetune_phi.fixtures, `make fixtures`; without them the bench stops with exit 1 and how to get them,
+rather than measure another workload).
 
 Load: closed loop, N clients, `--seconds` per run; ours and the peer alternate for `--rounds`
 rounds at each level (the machine is shared: interleaving spreads its noise over both), and the
@@ -38,8 +40,8 @@ for extra in (ROOT, ROOT / "finetuning_dir"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
-ULTRACHAT = ROOT.parent / "shared" / "fixtures" / "ultrachat_200k" / "train_sft_first20.jsonl"
 NEW_TOKENS = 32
+LONG_PROMPTS = 4
 
 
 def build(size: str) -> tuple[Any, Any]:
@@ -54,7 +56,7 @@ def build(size: str) -> tuple[Any, Any]:
     return build_model(tokenizer, seed=0, spec=spec).eval(), tokenizer
 
 
-def conversations() -> list[list[dict[str, str]]]:
+def conversations(ultrachat: Path) -> list[list[dict[str, str]]]:
     from finetune_phi.demo_data import demo_rows
 
     questions: list[str] = []
@@ -63,9 +65,8 @@ def conversations() -> list[list[dict[str, str]]]:
         if q not in questions:
             questions.append(q)
     texts = questions[:24]
-    if ULTRACHAT.is_file():
-        rows = [json.loads(line)["messages"] for line in ULTRACHAT.read_text().splitlines()[:4]]
-        texts += [r[0]["content"][:1200] for r in rows]
+    rows = [json.loads(line)["messages"] for line in ultrachat.read_text(encoding="utf-8").splitlines()[:LONG_PROMPTS]]
+    texts += [r[0]["content"][:1200] for r in rows]
     return [[{"role": "user", "content": t}] for t in texts]
 
 
@@ -132,7 +133,7 @@ async def closed_loop(call: Callable[[int], Awaitable[Any]], n_prompts: int, cli
     }
 
 
-def run_size(size: str, levels: list[int], rounds: int, seconds: float, check: int) -> list[dict[str, Any]]:
+def run_size(size: str, levels: list[int], rounds: int, seconds: float, check: int, ultrachat: Path) -> list[dict[str, Any]]:
     import torch
 
     from finetune_phi.endpoint.batcher import Batcher
@@ -140,7 +141,7 @@ def run_size(size: str, levels: list[int], rounds: int, seconds: float, check: i
 
     model, tokenizer = build(size)
     engine = Engine(model, tokenizer)
-    convs = conversations()
+    convs = conversations(ultrachat)
     prompt_ids = engine.prepare(convs)
     params = SamplingParams(max_new_tokens=NEW_TOKENS, do_sample=False)
     peer = Peer(copy.deepcopy(model), engine.stop_token_ids)
@@ -249,10 +250,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import logging
 
+    from finetune_phi import fixtures
+
     logging.basicConfig(level=logging.WARNING)
+    try:
+        ultrachat = fixtures.ultrachat_first20()
+    except fixtures.FixtureUnavailable as exc:
+        # A string exit code: Python prints it to stderr and exits 1.
+        raise SystemExit(f"batching_bench.py: the benchmark's workload is unavailable, nothing was measured:\n{exc}") from exc
     for size in args.sizes:
         seconds = args.seconds_100m if size == "100m" else args.seconds
-        run_size(size, args.clients, args.rounds, seconds, args.check if size == "100m" else 10**6)
+        run_size(size, args.clients, args.rounds, seconds, args.check if size == "100m" else 10**6, ultrachat)
     return 0
 
 

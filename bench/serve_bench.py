@@ -30,6 +30,10 @@ comparison shows both servers generated the same amount. Prints ONE JSON line: `
 peer, case and clients: req/s, p50/p99 and their ratios ours/peer), `ttft`, `goals` (issue #10's
 targets, each with its value and whether it is met) and `setup`. Servers are stopped at the end,
 whatever happens.
+
+The long prompts (4 ultrachat_200k rows) and the 100m model's Phi-3 tokenizer come from
+finetune_phi.fixtures (`make fixtures`); a missing one stops the bench with exit 1 and how to get it,
+before anything is built: it never measures another workload in their place.
 """
 
 from __future__ import annotations
@@ -63,8 +67,6 @@ log = logging.getLogger("serve_bench")
 SHORT_TOKENS = 32
 LONG_TOKENS = 128
 WARMUP_TOKENS = 8  # warm-up requests: open the connections without a long generation before timing
-ULTRACHAT_FIXTURE = ROOT.parent / "shared" / "fixtures" / "ultrachat_200k" / "train_sft_first20.jsonl"
-PHI3_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "phi-3-mini-tokenizer"
 # The demo model's tokenizer is trained on the demo set only, so real text costs ~1 token per 2-3
 # characters: 1,200 characters keep a long prompt at a few hundred tokens, well inside the context.
 LONG_PROMPT_CHARS = 1200
@@ -184,7 +186,9 @@ def build_100m_model(state: Path, seed: int = 0) -> Model:
     import torch
     from transformers import AutoTokenizer, GenerationConfig, Phi3Config, Phi3ForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(PHI3_TOKENIZER)
+    from finetune_phi import fixtures
+
+    tokenizer = AutoTokenizer.from_pretrained(fixtures.phi3_tokenizer_dir())
     end = tokenizer.convert_tokens_to_ids("<|end|>")
     config = Phi3Config(
         vocab_size=32064,  # Phi-3-mini's (the tokenizer has 32011 entries)
@@ -277,9 +281,16 @@ def stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def bench_prompts(fixture: Path = ULTRACHAT_FIXTURE) -> list[str]:
-    """Demo questions (short, the model answers them) and a few long real prompts (mixed lengths)."""
+def bench_prompts(fixture: Path | None = None) -> list[str]:
+    """Demo questions (short, the model answers them) and a few long real prompts (mixed lengths).
+
+    The long prompts are the first ultrachat_200k rows (finetune_phi.fixtures): without them this
+    raises FixtureUnavailable rather than measure a different workload under the same name.
+    """
+    from finetune_phi import fixtures
     from finetune_phi.demo_data import demo_rows
+
+    fixture = fixture or fixtures.ultrachat_first20()
 
     questions: list[str] = []
     for row in demo_rows():
@@ -289,11 +300,8 @@ def bench_prompts(fixture: Path = ULTRACHAT_FIXTURE) -> list[str]:
     # Spread over the set (founders and capitals, both phrasings) rather than the first few.
     step = max(1, len(questions) // DEMO_PROMPTS)
     prompts = questions[::step][:DEMO_PROMPTS]
-    if fixture.is_file():
-        rows = [json.loads(line) for line in fixture.read_text(encoding="utf-8").splitlines() if line.strip()]
-        prompts += [r["messages"][0]["content"][:LONG_PROMPT_CHARS] for r in rows[:LONG_PROMPTS]]
-    else:
-        log.warning("%s is missing: benchmarking with the demo questions only", fixture)
+    rows = [json.loads(line) for line in fixture.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts += [r["messages"][0]["content"][:LONG_PROMPT_CHARS] for r in rows[:LONG_PROMPTS]]
     return prompts
 
 
@@ -788,10 +796,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         **machine(),
     }  # fmt: skip
     started = time.perf_counter()
+    # The workload's fixtures first: a missing one stops the bench before minutes of model building.
+    prompts = bench_prompts()
+    if "100m" in args.sizes:
+        from finetune_phi import fixtures
+
+        fixtures.phi3_tokenizer_dir()
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         work = Path(tmp)
         models = get_models(args, work)
-        prompts = bench_prompts()
         setup["prompts"] = len(prompts)
         for model in models:
             bench_model(model, work, args, prompts, out)
@@ -842,6 +855,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = resolve_defaults(build_parser().parse_args(argv))
     from finetune_phi.common import setup_logging
+    from finetune_phi.fixtures import FixtureUnavailable
 
     setup_logging()
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -860,6 +874,9 @@ def main(argv: list[str] | None = None) -> int:
         result = run(args)
     except (BenchError, subprocess.CalledProcessError) as exc:
         log.error("%s", exc)
+        return 1
+    except FixtureUnavailable as exc:
+        log.error("the benchmark's workload is unavailable, nothing was measured: %s", exc)
         return 1
     print(json.dumps(result))
     return 0

@@ -7,6 +7,7 @@ import os
 import socket
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -31,10 +32,26 @@ os.environ.setdefault("EVAL_MAX_NEW_TOKENS", "8")
 os.environ.setdefault("PF_HOME_DIRECTORY", tempfile.mkdtemp(prefix="finetune-phi-pf-home-"))
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-FIXTURES = SHARED / "fixtures"
-PHI3_TOKENIZER_DIR = FIXTURES / "phi-3-mini-tokenizer"
-ULTRACHAT_20 = FIXTURES / "ultrachat_200k" / "train_sft_first20.jsonl"
+
+from finetune_phi import fixtures  # noqa: E402 (after the offline variables: nothing heavy is imported)
+
+
+def _found_or_expected(resolver: Callable[[], Path], expected: Path) -> Path:
+    try:
+        return resolver()
+    except fixtures.FixtureUnavailable:
+        return expected
+
+
+# For modules that import a path rather than request the fixture (tests/test_endpoint_client.py checks
+# that it exists and skips): where the resolver found it, else where ../shared would hold it. New tests
+# request the `phi3_tokenizer_dir` / `ultrachat_20` fixtures below, which skip with the how-to.
+PHI3_TOKENIZER_DIR = _found_or_expected(
+    fixtures.phi3_tokenizer_dir, fixtures.shared_root() / fixtures.PHI3_TOKENIZER.key
+)
+ULTRACHAT_20 = _found_or_expected(
+    fixtures.ultrachat_first20, fixtures.shared_root() / fixtures.ULTRACHAT_FIRST20.key / "train_sft_first20.jsonl"
+)
 
 
 def _is_local(address: object) -> bool:
@@ -80,15 +97,24 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect_ex", guard_ex)
 
 
+def require(resolver: Callable[[], Path]) -> Path:
+    """The third-party fixture's path, or skip the test with the resolver's how-to-get-it message.
+
+    Only tests that need the real data request these: a clone without ../shared runs everything else.
+    """
+    try:
+        return resolver()
+    except fixtures.FixtureUnavailable as exc:
+        pytest.skip(str(exc))
+
+
 @pytest.fixture
 def phi3_tokenizer_dir() -> Path:
-    if not PHI3_TOKENIZER_DIR.is_dir():
-        pytest.fail(f"missing fixture {PHI3_TOKENIZER_DIR}: tests expect ../shared beside the checkout")
-    return PHI3_TOKENIZER_DIR
+    """The real Phi-3-mini-4k-instruct tokenizer's folder (finetune_phi.fixtures)."""
+    return require(fixtures.phi3_tokenizer_dir)
 
 
 @pytest.fixture
 def ultrachat_20() -> Path:
-    if not ULTRACHAT_20.is_file():
-        pytest.fail(f"missing fixture {ULTRACHAT_20}: tests expect ../shared beside the checkout")
-    return ULTRACHAT_20
+    """The first 20 rows of ultrachat_200k train_sft as .jsonl (finetune_phi.fixtures)."""
+    return require(fixtures.ultrachat_first20)

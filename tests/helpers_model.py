@@ -1,18 +1,37 @@
 """A tiny random Phi-3 logged and registered in a throw-away MLflow store, for endpoint tests.
 
-The vocabulary is the real Phi-3-mini tokenizer's (with its chat template and special tokens), so
-prompt formatting, stop tokens and decoding run exactly as they would for the real model; only the
+The tokenizer is the real Phi-3-mini one where finetune_phi.fixtures finds it, so prompt formatting,
+stop tokens and decoding run exactly as they would for the real model. Without it (a clone with
+nothing beside it), the project's own stand-in: finetuning_dir/tiny_model.py's byte-level BPE, which
+carries the same special tokens and chat template, plus Phi-3's unused <|placeholder1..6|> tokens
+(tests bias the model towards one as "a special token that never stops generation"). Tests that
+depend on the real vocabulary itself request the `phi3_tokenizer_dir` fixture instead. Only the
 weights are random (hidden size 32, one layer: builds in about a second).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
+import logging
 import os
+import shutil
+import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from conftest import OFFLINE_ENV, PHI3_TOKENIZER_DIR
+from conftest import OFFLINE_ENV, REPO
+
+from finetune_phi import fixtures
+
+log = logging.getLogger(__name__)
+
+# Special tokens of the real Phi-3-mini vocabulary that its chat format never emits.
+PHI3_PLACEHOLDERS = tuple(f"<|placeholder{i}|>" for i in range(1, 7))
 
 # Logging a transformers model without explicit requirements makes MLflow probe for torchvision
 # (known-traps.md); the server loads the model in this same environment, so names are enough.
@@ -35,8 +54,33 @@ class RegisteredModel:
         return f"models:/{self.name}/{self.version}"
 
 
-def tiny_phi3(tokenizer_dir: Path = PHI3_TOKENIZER_DIR, seed: int = 0, end_is_eos: bool = True) -> tuple[Any, Any]:
-    """(model, tokenizer): a random 1-layer Phi3ForCausalLM over the real Phi-3 vocabulary.
+@functools.cache
+def stand_in_tokenizer_dir() -> Path:
+    """The project's locally trained tokenizer (trained on the demo rows), saved once per test session."""
+    sys.path.insert(0, str(REPO / "finetuning_dir"))  # the job's code folder imports its siblings by bare name
+    import tiny_model
+
+    from finetune_phi.demo_data import demo_rows
+
+    tokenizer = tiny_model.build_tokenizer(tiny_model.corpus_from_rows([r["messages"] for r in demo_rows()]))
+    tokenizer.add_tokens(list(PHI3_PLACEHOLDERS), special_tokens=True)
+    folder = Path(tempfile.mkdtemp(prefix="finetune-phi-stand-in-tokenizer-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def default_tokenizer_dir() -> Path:
+    """The real Phi-3 tokenizer where the fixtures resolver finds one, else the project's stand-in."""
+    try:
+        return fixtures.phi3_tokenizer_dir()
+    except fixtures.FixtureUnavailable as exc:
+        log.info("tiny_phi3 uses the project's stand-in tokenizer: %s", exc)
+        return stand_in_tokenizer_dir()
+
+
+def tiny_phi3(tokenizer_dir: Path | None = None, seed: int = 0, end_is_eos: bool = True) -> tuple[Any, Any]:
+    """(model, tokenizer): a random 1-layer Phi3ForCausalLM over `tokenizer_dir` (default: see the module doc).
 
     `end_is_eos=False` leaves <|end|> out of the model's own eos_token_id (only <|endoftext|>),
     as some saved configs do: the server must still stop at the end of the assistant's turn.
@@ -44,9 +88,7 @@ def tiny_phi3(tokenizer_dir: Path = PHI3_TOKENIZER_DIR, seed: int = 0, end_is_eo
     import torch
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
-    if not tokenizer_dir.is_dir():
-        raise FileNotFoundError(f"missing fixture {tokenizer_dir}: tests expect ../shared beside the checkout")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or default_tokenizer_dir())
     tokenizer.pad_token = "<unk>"
     end_id = tokenizer.convert_tokens_to_ids("<|end|>")
     config = Phi3Config(
@@ -117,3 +159,23 @@ def biased(model: Any, token_id: int) -> Callable[[], None]:
         return logits
 
     return model.lm_head.register_forward_hook(hook).remove
+
+
+@contextlib.contextmanager
+def slowed(model: Any, seconds: float) -> Iterator[None]:
+    """Every decoding step of `model` takes at least `seconds` longer inside the block.
+
+    For tests of the request timeout: the generation they cut must outlast it by construction,
+    whichever tokenizer (and so vocabulary size and speed) tiny_phi3 was built with. The hook is on
+    lm_head, which runs once per step both in model.forward and in the batcher's packed step.
+    """
+
+    def hook(_module: Any, _inputs: Any, output: Any) -> Any:
+        time.sleep(seconds)
+        return output
+
+    handle = model.lm_head.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

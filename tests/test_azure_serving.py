@@ -7,8 +7,8 @@ project's venv), on the EXACT folder fine_tune.py writes for the Azure job to re
 the demo data with the demo's settings. The local endpoint serves the same folder; the parity tests
 send the same payloads to both and compare the JSON bodies.
 
-The scoring script: $AZUREML_SCORE_SCRIPT, else ../shared/fixtures/azureml-inference/. Without
-either, these tests skip and say where to get it.
+The scoring script comes from finetune_phi.fixtures ($AZUREML_SCORE_SCRIPT, ../shared/fixtures, or the
+cache `make fixtures` fills). Without it, these tests skip and say how to get it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from conftest import FIXTURES, OFFLINE_ENV, PHI3_TOKENIZER_DIR, REPO, ULTRACHAT_20, free_port
+from conftest import OFFLINE_ENV, REPO, free_port, require
+from finetune_phi import fixtures
 from helpers_pf import start_own_pf_service
 from finetune_phi.demo_data import DEMO_ANSWER, DEMO_QUESTION
 from helpers_endpoint import AUTH, KEY, ThreadServer
@@ -37,12 +38,6 @@ sys.path.insert(0, str(FINETUNING_DIR))  # the job's code folder imports its sib
 import fine_tune  # noqa: E402
 import tiny_model  # noqa: E402
 
-SCRIPT_ENV = "AZUREML_SCORE_SCRIPT"
-SCRIPT_FIXTURE = FIXTURES / "azureml-inference" / "mlflow_score_script.py"
-SCRIPT_SOURCE = (
-    "Azure/azureml-assets, assets/inference/environments/mlflow-py312-inference/context/mlflow_score_script.py "
-    "at commit 4b41f8ccbc01cf492767adc586ce1661c54c340a"
-)
 AZ_VENV = REPO / ".venv-azureml"
 READY_TIMEOUT_S = 180
 
@@ -72,22 +67,22 @@ WITH_SYSTEM = [{"role": "system", "content": "Answer in one sentence."}, {"role"
 # --- tokenization is the same on both serving paths (no Azure needed) ------------------------------------
 
 
-def _tokenizers() -> list[tuple[str, Any]]:
+def _tokenizers(phi3_tokenizer_dir: Path, ultrachat_20: Path) -> list[tuple[str, Any]]:
     from transformers import AutoTokenizer
 
-    rows = [json.loads(line)["messages"] for line in ULTRACHAT_20.read_text(encoding="utf-8").splitlines()[:16]]
+    rows = [json.loads(line)["messages"] for line in ultrachat_20.read_text(encoding="utf-8").splitlines()[:16]]
     tiny = tiny_model.build_tokenizer(tiny_model.corpus_from_rows(rows))
-    return [("tiny", tiny), ("phi-3-mini", AutoTokenizer.from_pretrained(PHI3_TOKENIZER_DIR))]
+    return [("tiny", tiny), ("phi-3-mini", AutoTokenizer.from_pretrained(phi3_tokenizer_dir))]
 
 
-def test_a_contract_prompt_in_the_template_tokenizes_exactly_like_the_chat_template() -> None:
+def test_a_contract_prompt_in_the_template_tokenizes_exactly_like_the_chat_template(
+    phi3_tokenizer_dir: Path, ultrachat_20: Path
+) -> None:
     """MLflow's pipeline tokenizes PROMPT_TEMPLATE.format(prompt=...) with the tokenizer's defaults
     (/score, Azure); /v1/chat/completions tokenizes the chat template's rendering without special
     tokens. Same text and same ids, no BOS on either, for the tiny tokenizer and the real Phi-3 one."""
-    if not (PHI3_TOKENIZER_DIR.is_dir() and ULTRACHAT_20.is_file()):
-        pytest.fail("missing fixtures under ../shared/fixtures: tests expect ../shared beside the checkout")
     folded = [{"role": "user", "content": WITH_SYSTEM[0]["content"] + "\n\n" + WITH_SYSTEM[1]["content"]}]
-    for name, tok in _tokenizers():
+    for name, tok in _tokenizers(phi3_tokenizer_dir, ultrachat_20):
         for conversation, as_chat in ((MULTI_TURN, MULTI_TURN), (MULTI_TURN[:1], MULTI_TURN[:1]), (WITH_SYSTEM, folded)):
             text = fine_tune.PROMPT_TEMPLATE.format(prompt=encode_conversation(conversation))
             chat = tok.apply_chat_template(as_chat, add_generation_prompt=True, tokenize=False)
@@ -100,14 +95,8 @@ def test_a_contract_prompt_in_the_template_tokenizes_exactly_like_the_chat_templ
 
 
 def scoring_script() -> Path:
-    named = os.environ.get(SCRIPT_ENV)
-    script = Path(named) if named else SCRIPT_FIXTURE
-    if not script.is_file():
-        pytest.skip(
-            f"Azure's scoring script not found at {script}: set {SCRIPT_ENV} to a copy of {SCRIPT_SOURCE} "
-            "(or put ../shared/fixtures beside the checkout)"
-        )
-    return script
+    """Azure's mlflow_score_script.py, or skip with the resolver's how-to."""
+    return require(fixtures.azureml_score_script)
 
 
 @pytest.fixture(scope="module")

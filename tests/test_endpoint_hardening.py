@@ -26,7 +26,7 @@ from finetune_phi.endpoint.__main__ import main as endpoint_main
 from finetune_phi.endpoint.engine import Engine
 from finetune_phi.endpoint.server import create_app
 from helpers_endpoint import AUTH, KEY, ProcessServer, ThreadServer, assert_generation_stopped, count_forward_passes, wait_until
-from helpers_model import RegisteredModel, registered_tiny_model, tiny_phi3
+from helpers_model import RegisteredModel, registered_tiny_model, slowed, tiny_phi3
 
 MAX_BODY = 64 * 1024
 JSON = {"Content-Type": "application/json"}
@@ -284,7 +284,8 @@ def test_beyond_max_concurrent_requests_is_429_with_retry_after(engine: Engine) 
 def test_a_request_past_the_timeout_is_408_and_its_generation_stops(engine: Engine) -> None:
     calls, remove = count_forward_passes(engine)
     try:
-        with ThreadServer(create_app(KEY, engine=engine, request_timeout_s=0.3)) as running:
+        # ~500 steps fill the tiny model's context: at 5 ms more each they take 2.5 s, far past 0.3 s.
+        with ThreadServer(create_app(KEY, engine=engine, request_timeout_s=0.3)) as running, slowed(engine.model, 0.005):
             with httpx.Client(base_url=running.base, timeout=60) as c:
                 started = time.monotonic()
                 response = c.post("/v1/chat/completions", json=SLOW_CHAT, headers=AUTH)

@@ -21,7 +21,7 @@ import pytest
 from finetune_phi.endpoint.engine import Engine
 from finetune_phi.endpoint.server import IncrementalText, create_app, torch_seed
 from helpers_endpoint import AUTH, KEY, ThreadServer, assert_generation_stopped, count_forward_passes, wait_until
-from helpers_model import tiny_phi3
+from helpers_model import slowed, tiny_phi3
 
 USER = [{"role": "user", "content": "Who founded Microsoft?"}]
 GREEDY = {"temperature": 0, "max_tokens": 12}
@@ -163,7 +163,8 @@ def test_errors_before_the_first_byte_are_json_with_their_status(server: ThreadS
 
 
 def test_the_request_timeout_ends_a_started_stream_with_an_error_event(engine: Engine) -> None:
-    with ThreadServer(create_app(KEY, engine=engine, request_timeout_s=0.5)) as slow:
+    # ~500 tokens fit the tiny model's context: at 5 ms more per step they take 2.5 s, far past 0.5 s.
+    with ThreadServer(create_app(KEY, engine=engine, request_timeout_s=0.5)) as slow, slowed(engine.model, 0.005):
         client = openai.OpenAI(base_url=f"{slow.base}/v1", api_key=KEY, max_retries=0, timeout=30)
         received = []
         started = time.monotonic()
@@ -294,7 +295,7 @@ def test_chat_stream_reports_a_mid_stream_error_and_azure_kinds_yield_one_piece(
 ) -> None:
     from chat_flow import endpoint_client
 
-    with ThreadServer(create_app(KEY, engine=engine, request_timeout_s=0.5)) as slow:
+    with ThreadServer(create_app(KEY, engine=engine, request_timeout_s=0.5)) as slow, slowed(engine.model, 0.005):
         received = []
         with pytest.raises(endpoint_client.EndpointError, match="ended the stream with an error: the request took longer"):
             for piece in endpoint_client.chat_stream(f"{slow.base}/score", KEY, USER, params={"max_new_tokens": 2048}):
