@@ -10,7 +10,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo chat test test-fast bench teardown clean constraints azureml-serving
+.PHONY: install demo chat test test-fast bench fixtures teardown clean constraints azureml-serving
 
 # Azure ML's own scoring stack (azureml-inference-server-http + the model's requirements), a test peer
 # for /score: a venv of its own (it pins opentelemetry 1.33), resolved in ONE pip command.
@@ -116,6 +116,11 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/serve_bench.py
 	$(PY) bench/train_bench.py
+
+# Third-party test fixtures into the cache (sha256-checked); a no-op where ../shared/fixtures has them.
+# Tests never download: without them the tests that need real third-party data skip and say how to get it.
+fixtures: $(STAMP)
+	$(PY) -m finetune_phi.fixtures fetch
 
 teardown: $(STAMP)
 	$(PY) deploy_model.py --teardown

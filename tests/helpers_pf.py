@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 from conftest import free_port
 
@@ -17,7 +18,12 @@ def start_own_pf_service(pf: str, env: dict[str, str]) -> int:
     A port taken here and written to this home's port file by `pf service start --port` keeps
     each home on its own service."""
     port = free_port()
-    done = subprocess.run([pf, "service", "start", "--port", str(port)], env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, f"pf service start --port {port} failed:\n{done.stdout}\n{done.stderr}"
+    # The service it starts in the background inherits stdout/stderr: a captured pipe would stay open
+    # and hold run() until its timeout, so the output goes to a file in the home instead.
+    log = Path(env["PF_HOME_DIRECTORY"]) / "pf-service-start.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        done = subprocess.run([pf, "service", "start", "--port", str(port)], env=env, stdin=subprocess.DEVNULL,
+                              stdout=out, stderr=subprocess.STDOUT, timeout=120)
+    assert done.returncode == 0, f"pf service start --port {port} failed:\n{log.read_text()}"
     return port

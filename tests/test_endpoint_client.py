@@ -110,7 +110,7 @@ def test_ask_posts_the_sdk_shape_with_the_key_as_bearer_token(server: ScriptedSe
     assert seen.headers["Authorization"] == f"Bearer {KEY}"
     assert seen.body["input_data"] == ["Who founded Microsoft?"]
     assert seen.body["params"]["max_new_tokens"] == 16
-    assert seen.body["params"]["do_sample"] is True  # defaults kept where not overridden
+    assert seen.body["params"]["do_sample"] is False  # the model's (greedy) defaults kept where not overridden
 
 
 HISTORY = [{"inputs": {"question": "Hi"}, "outputs": {"answer": "Hello!"}}]
@@ -124,7 +124,8 @@ def test_chat_sends_our_models_shape_one_encoded_prompt(server: ScriptedServer, 
     body = server.seen[0].body
     assert body == {
         "input_data": ["Hi<|end|>\n<|assistant|>\nHello!<|end|>\n<|user|>\nWhere is Microsoft?"],
-        "params": {"max_new_tokens": 128, "temperature": 0.7, "do_sample": True, "top_p": 0.9},
+        "params": {"max_new_tokens": 128, "do_sample": False, "temperature": 1.0, "top_p": 0.9, "top_k": 50,
+                   "repetition_penalty": 1.0},
     }
 
 
@@ -141,7 +142,8 @@ def test_chat_sends_the_catalog_shape_with_the_history_as_messages(server: Scrip
                 {"role": "assistant", "content": "Hello!"},
                 {"role": "user", "content": "Where is Microsoft?"},
             ],
-            "parameters": {"max_new_tokens": 128, "temperature": 0.7, "do_sample": True},
+            "parameters": {"max_new_tokens": 128, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50,
+                           "repetition_penalty": 1.0},
         }
     }
 
@@ -233,14 +235,13 @@ def test_encoded_prompt_in_the_template_is_phi3s_chat_template_byte_for_byte(nam
 
 
 def test_the_template_is_the_one_the_model_is_packaged_and_served_with() -> None:
-    import ast
-
     from finetune_phi.endpoint import engine
+    from finetune_phi.training import job_module
 
-    source = (Path(__file__).resolve().parents[1] / "finetuning_dir" / "fine_tune.py").read_text(encoding="utf-8")
-    packaged = next(node.value.value for node in ast.parse(source).body if isinstance(node, ast.Assign)
-                    and any(getattr(t, "id", "") == "PROMPT_TEMPLATE" for t in node.targets))
-    assert ec.PROMPT_TEMPLATE == packaged == engine.PHI3_PROMPT_TEMPLATE
+    chat_format, fine_tune = job_module("chat_format"), job_module("fine_tune")
+    # One object, not equal copies: the client's, the one the job saves the model with, the endpoint's.
+    assert ec.PROMPT_TEMPLATE is fine_tune.PROMPT_TEMPLATE is chat_format.PROMPT_TEMPLATE
+    assert ec.chat_format is engine.chat_format is chat_format
 
 
 def test_encode_prompt_refuses_conversations_the_template_cannot_hold() -> None:
