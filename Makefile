@@ -101,11 +101,12 @@ demo: $(STAMP)
 chat: $(STAMP)
 	$(PY) -m finetune_phi.pf_env $(VENV)/bin/pf flow test --flow chat_flow --interactive
 
-# Two pytest-xdist workers, one test file each: most tests wait on servers and subprocesses, so two
-# workers halve the wall time on two cores (492 tests: 5 min 8-18 s vs 10 min 23 s in one process,
-# 2026-12-04). Each Prompt flow test home runs its own pf service (tests/helpers_pf.py): sharing one
-# was what made the chat-UI test fail on two workers. TEST_WORKERS=0 runs everything in one process.
-TEST_WORKERS ?= 2
+# One process by default (492 tests: 10 min 23 s on two cores, 2026-12-04). TEST_WORKERS=2 (two
+# pytest-xdist workers, one test file each) takes ~5 min and passed twice from a fresh clone, but a third
+# run failed tests/test_batching.py::test_concurrent_requests_share_decoding_steps (9 of 10 concurrent
+# requests joined one step: it depends on the other worker's load); CI keeps the stable setting until
+# that test is made load-independent.
+TEST_WORKERS ?= 0
 
 test: $(STAMP) $(AZ_STAMP)
 	bash scripts/ensure-chromium.sh
