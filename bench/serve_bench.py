@@ -186,17 +186,19 @@ def build_100m_model(state: Path, seed: int = 0) -> Model:
     import torch
     from transformers import AutoTokenizer, GenerationConfig, Phi3Config, Phi3ForCausalLM
 
+    from chat_format import stop_token_ids  # the one stop-token policy (finetuning_dir/ is on sys.path)
+
     from finetune_phi import fixtures
 
     tokenizer = AutoTokenizer.from_pretrained(fixtures.phi3_tokenizer_dir())
-    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    stops = stop_token_ids(tokenizer)
     config = Phi3Config(
         vocab_size=32064,  # Phi-3-mini's (the tokenizer has 32011 entries)
         num_key_value_heads=P100M["num_attention_heads"],
         max_position_embeddings=4096,
         original_max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=[tokenizer.eos_token_id, end],
+        eos_token_id=stops,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
         **P100M,
@@ -204,7 +206,7 @@ def build_100m_model(state: Path, seed: int = 0) -> Model:
     torch.manual_seed(seed)
     model = Phi3ForCausalLM(config).eval()
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=[tokenizer.eos_token_id, end],
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=stops,
         pad_token_id=tokenizer.pad_token_id, do_sample=False,
     )  # fmt: skip
     log.info("built a %.1fM-parameter Phi-3 (random weights)", model.num_parameters() / 1e6)

@@ -439,7 +439,7 @@ def test_the_chat_flow_keeps_the_history_through_azures_scoring(azure: AzureServ
     env = {k: v for k, v in pf_env_for_azure.items() if not k.startswith("AZURE_ML_")}  # the connection only
     proc = pf_run(env, "flow", "test", "--flow", "chat_flow", "--interactive", stdin=f"{DEMO_QUESTION}\nWho founded Apple?\n")
     assert proc.stdout.count("Bot:") == 2, proc.stdout[-2000:]
-    assert proc.stdout.split("Bot:")[1].strip()  # (sampled at the client's temperature: no exact text)
+    assert proc.stdout.split("Bot:")[1].strip()  # any reply: the demo answer's exact text is test_promptflow's check
     assert served_by_azure(azure) == before + 2  # the second turn carried the history as one encoded prompt
 
 

@@ -96,9 +96,10 @@ def test_greedy_batched_equals_one_at_a_time(engine: Engine, batcher: Batcher, s
     async def together() -> list[Any]:
         spy.hold()  # the first request starts alone; the rest queue behind its first step
         first = asyncio.create_task(batcher.submit([conversations[0]], GREEDY))
-        await asyncio.to_thread(spy.entered.wait, 10)
+        assert await asyncio.to_thread(spy.entered.wait, 10)
         rest = [asyncio.create_task(batcher.submit([c], GREEDY)) for c in conversations[1:]]
-        await _wait_for(lambda: batcher.queued == len(rest))
+        # `waiting`, not `queued`: a request still being tokenized would join a step later.
+        await _wait_for(lambda: batcher.waiting == len(rest))
         spy.gate.set()
         return [(await first)[0], *[(await t)[0] for t in rest]]
 
@@ -122,7 +123,7 @@ def test_concurrent_requests_share_decoding_steps(engine: Engine, batcher: Batch
     async def scenario() -> list[list[Any]]:
         spy.hold()
         blocker = asyncio.create_task(batcher.submit([[{"role": "user", "content": "first"}]], GREEDY))
-        await asyncio.to_thread(spy.entered.wait, 10)
+        assert await asyncio.to_thread(spy.entered.wait, 10)
         tasks = [
             asyncio.create_task(batcher.submit([[{"role": "user", "content": f"question {i}"}]], p))
             for i, p in enumerate(greedy)
@@ -131,7 +132,7 @@ def test_concurrent_requests_share_decoding_steps(engine: Engine, batcher: Batch
         tasks.append(asyncio.create_task(batcher.submit([[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]], GREEDY)))
         tasks.append(asyncio.create_task(batcher.submit([[{"role": "user", "content": "warm"}]], sampled)))
         tasks.append(asyncio.create_task(batcher.submit([seeded_prompt], seeded)))
-        await _wait_for(lambda: batcher.queued == len(tasks))
+        await _wait_for(lambda: batcher.waiting == len(tasks))
         spy.gate.set()
         await blocker
         return [await t for t in tasks]
@@ -182,7 +183,7 @@ def test_cancelled_queued_work_is_dropped_before_generation(batcher: Batcher, sp
     async def scenario() -> str:
         spy.hold()
         running = asyncio.create_task(batcher.submit([[{"role": "user", "content": "running"}]], GREEDY))
-        await asyncio.to_thread(spy.entered.wait, 10)
+        assert await asyncio.to_thread(spy.entered.wait, 10)
         abandoned = asyncio.create_task(batcher.submit([[{"role": "user", "content": "abandoned"}]], GREEDY))
         await _wait_for(lambda: batcher.queued == 1)
         with pytest.raises(asyncio.TimeoutError):
@@ -238,7 +239,7 @@ def test_queue_bound_is_enforced(engine: Engine, spy: Spy) -> None:
     async def scenario() -> None:
         spy.hold()
         running = asyncio.create_task(small.submit([[{"role": "user", "content": "running"}]], GREEDY))
-        await asyncio.to_thread(spy.entered.wait, 10)
+        assert await asyncio.to_thread(spy.entered.wait, 10)
         waiting = [asyncio.create_task(small.submit([[{"role": "user", "content": f"w{i}"}]], GREEDY)) for i in range(2)]
         await _wait_for(lambda: small.queued == 2)
         assert small.queue_full()
@@ -265,7 +266,7 @@ def test_runtime_maps_queue_full_to_429_and_long_input_to_400(engine: Engine, sp
     async def scenario() -> None:
         spy.hold()
         running = asyncio.create_task(runtime.generate([[{"role": "user", "content": "running"}]], GREEDY))
-        await asyncio.to_thread(spy.entered.wait, 10)
+        assert await asyncio.to_thread(spy.entered.wait, 10)
         queued = asyncio.create_task(runtime.generate([[{"role": "user", "content": "queued"}]], GREEDY))
         await _wait_for(lambda: runtime.batcher is not None and runtime.batcher.queued == 1)
         with pytest.raises(ApiError) as full:

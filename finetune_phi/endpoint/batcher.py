@@ -195,6 +195,12 @@ class Batcher:
         with self._cond:
             return len(self._queue) + self._preparing
 
+    @property
+    def waiting(self) -> int:
+        """Requests tokenized and waiting for the next step to admit them (a subset of `queued`)."""
+        with self._cond:
+            return len(self._queue)
+
     def queue_full(self) -> bool:
         return self.queued >= self.max_queue
 
@@ -219,19 +225,23 @@ class Batcher:
         engine = self.engine
         try:
             rows = await loop.run_in_executor(self._pool, engine.prepare, conversations)
-        finally:
+            work = _Work(
+                rows=rows,
+                limits=[engine.row_limit(len(r), params) for r in rows],
+                params=params,
+                key=batch_key(params),
+                loop=loop,
+                future=loop.create_future(),
+                on_tokens=on_tokens,
+            )
+        except BaseException:
             with self._cond:
                 self._preparing -= 1
-        work = _Work(
-            rows=rows,
-            limits=[engine.row_limit(len(r), params) for r in rows],
-            params=params,
-            key=batch_key(params),
-            loop=loop,
-            future=loop.create_future(),
-            on_tokens=on_tokens,
-        )
+            raise
         with self._cond:
+            # Leaving "preparing" and joining the queue in one step: `queued` never dips in between,
+            # so the bound cannot be overshot by a request slipping through that gap.
+            self._preparing -= 1
             if self._closed:
                 raise RuntimeError("the batcher is closed: the server is shutting down")
             self._queue.append(work)
