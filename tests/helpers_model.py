@@ -17,14 +17,13 @@ import functools
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from conftest import OFFLINE_ENV, REPO
+from conftest import OFFLINE_ENV
 
 from finetune_phi import fixtures
 
@@ -57,10 +56,10 @@ class RegisteredModel:
 @functools.cache
 def stand_in_tokenizer_dir() -> Path:
     """The project's locally trained tokenizer (trained on the demo rows), saved once per test session."""
-    sys.path.insert(0, str(REPO / "finetuning_dir"))  # the job's code folder imports its siblings by bare name
-    import tiny_model
-
     from finetune_phi.demo_data import demo_rows
+    from finetune_phi.training import job_module
+
+    tiny_model = job_module("tiny_model")
 
     tokenizer = tiny_model.build_tokenizer(tiny_model.corpus_from_rows([r["messages"] for r in demo_rows()]))
     tokenizer.add_tokens(list(PHI3_PLACEHOLDERS), special_tokens=True)

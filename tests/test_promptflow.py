@@ -729,11 +729,12 @@ def included_files(flow_dir: Path) -> dict[Path, Path]:
 def copy_snapshot(flow_dir: Path, dest: Path) -> Path:
     """The flow as pf snapshots it and Azure receives it: its own files plus its additional includes."""
     shutil.rmtree(dest, ignore_errors=True)
-    sources = {rel: flow_dir / rel for rel in flow_snapshot_files(flow_dir)} | included_files(flow_dir)
+    includes = included_files(flow_dir)
+    sources = {rel: flow_dir / rel for rel in flow_snapshot_files(flow_dir)} | includes
     for rel, source in sources.items():
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, dest / rel)
-    if included_files(flow_dir):
+    if includes:
         dag_path = flow_dag(dest)
         dag = yaml.safe_load(dag_path.read_text())
         dag.pop("additional_includes")
