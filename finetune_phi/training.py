@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 
 import config
@@ -95,30 +96,52 @@ class LocalTrainingResult:
     seconds: float
 
 
-def mlflow_env(settings: config.Settings) -> dict[str, str]:
-    """Environment for any process that talks to the local MLflow store: offline and quiet."""
+def mlflow_env(settings: config.Settings, *, offline: bool = True) -> dict[str, str]:
+    """Environment for any process that talks to the local MLflow store: quiet, and offline unless told not to.
+
+    Offline (HF_HUB_OFFLINE=1 unless the user set it) suits every process that loads only local files:
+    MLflow otherwise looks a model's name up on the Hub, and waits ~47 s for it without a network.
+    A fine-tune of a Hub model passes offline=False: it downloads its base with the user's own
+    HF_HUB_OFFLINE, HF_TOKEN, HF_ENDPOINT, HF_HOME and proxies.
+    """
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    return {
+    env = {
         "MLFLOW_TRACKING_URI": settings.tracking_uri,
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "1",
-        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
+    if offline:
+        env["HF_HUB_OFFLINE"] = os.environ.get("HF_HUB_OFFLINE", "1")
+    return env
 
 
 def use_local_mlflow(settings: config.Settings) -> None:
-    """Point this process's MLflow (tracking and registry) at the local store, offline and quiet."""
-    os.environ.update(mlflow_env(settings))
+    """Point this process's MLflow (tracking and registry) at the local store, quietly.
+
+    This process's HF_HUB_OFFLINE is left as the user set it: the fine-tunes it starts inherit it."""
+    os.environ.update(mlflow_env(settings, offline=False))
     import mlflow
 
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.tracking_uri)
 
 
-def create_local_run(settings: config.Settings) -> tuple[str, str]:
-    """Create the MLflow run up front so the caller knows its id; fine_tune.py joins it via MLFLOW_RUN_ID."""
+def model_output_dir(settings: config.Settings, run_id: str, artifact_uri: str) -> Path:
+    """Where fine_tune.py writes the model: straight into the run's artifact folder when the store is a
+    local folder (the default), so that the model exists once on disk; else a folder of the state dir,
+    uploaded from there to the remote artifact store."""
+    folder = job_module("fine_tune").local_artifact_dir(artifact_uri)
+    if folder is not None:
+        return folder / job_module("fine_tune").MODEL_ARTIFACT_PATH
+    return settings.state_dir / "outputs" / run_id / "model"
+
+
+def create_local_run(settings: config.Settings) -> tuple[str, str, str]:
+    """Create the MLflow run up front so the caller knows its id; fine_tune.py joins it via MLFLOW_RUN_ID.
+
+    Returns (run id, experiment id, the run's artifact URI)."""
     use_local_mlflow(settings)
     import mlflow
 
@@ -132,7 +155,7 @@ def create_local_run(settings: config.Settings) -> tuple[str, str]:
     else:
         experiment_id = experiment.experiment_id
     run = client.create_run(experiment_id, run_name=settings.AZURE_JOB_DISPLAY_NAME, tags={"backend": "local"})
-    return run.info.run_id, experiment_id
+    return run.info.run_id, experiment_id, run.info.artifact_uri
 
 
 def run_local_fine_tune(
@@ -143,11 +166,13 @@ def run_local_fine_tune(
 ) -> LocalTrainingResult:
     """Run fine_tune.py as a subprocess with the Azure job's exact command line, then record the run."""
     model = model or settings.LOCAL_BASE_MODEL
+    if Path(model).exists():  # a local folder: absolute, since fine_tune.py runs in finetuning_dir/
+        model = str(Path(model).resolve())
     for path, name in ((settings.train_data_path, "TRAIN_DATA_PATH"), (settings.test_data_path, "TEST_DATA_PATH")):
         if not path.is_file():
             raise FileNotFoundError(f"{name}: {path} does not exist; run `python download_dataset.py` first")
-    run_id, experiment_id = create_local_run(settings)
-    output_dir = settings.state_dir / "outputs" / run_id / "model"
+    run_id, experiment_id, artifact_uri = create_local_run(settings)
+    output_dir = model_output_dir(settings, run_id, artifact_uri)
     command = fine_tune_command(
         settings,
         train_file=str(settings.train_data_path),
@@ -160,7 +185,8 @@ def run_local_fine_tune(
     # Azure keeps the job's default (outputs/checkpoints, uploaded with the job); locally, checkpoints
     # live in the state folder so that re-running setup_ml.py after a crash resumes (SAVE_STEPS > 0).
     argv += ["--checkpoint-dir", str(settings.state_dir / "checkpoints"), *(extra_args or [])]
-    env = {**os.environ, **mlflow_env(settings), "MLFLOW_RUN_ID": run_id}
+    local = job_module("fine_tune").is_local_model(model)  # nothing to download: offline and quick
+    env = {**os.environ, **mlflow_env(settings, offline=local), "MLFLOW_RUN_ID": run_id}
     log.info("running: %s", command)
     start = time.perf_counter()
     proc = subprocess.run(argv, cwd=FINETUNING_DIR, env=env)

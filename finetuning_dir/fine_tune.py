@@ -15,9 +15,11 @@ MLFLOW_RUN_ID when set, and talks to MLFLOW_TRACKING_URI.
     # crash-safe: a checkpoint every 50 steps; the same command after a crash resumes from the last one
     ... --save-steps 50 --checkpoint-dir ../.finetune_phi/checkpoints
 
-The model ends up twice, from one serialization: as an MLflow model folder in --model_output_dir
-(Azure registers that job output as an mlflow_model) and as the run's artifacts under "model"
-(`mlflow.pyfunc.load_model("runs:/<run_id>/model")`, `mlflow.register_model(...)`).
+The model is serialized once, as an MLflow model folder in --model_output_dir (Azure registers that job
+output as an mlflow_model), in the base model's dtype, and is the run's "model" artifact
+(`mlflow.pyfunc.load_model("runs:/<run_id>/model")`, `mlflow.register_model(...)`): uploaded from that
+folder to a remote artifact store, or written straight into a local one when --model_output_dir points
+there (the local backend does: one copy on disk per fine-tune).
 """
 
 from __future__ import annotations
@@ -87,6 +89,12 @@ def make_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--model", default=DEFAULT_MODEL,
         help=f"hub id or local folder of a Phi-3 causal LM, or '{TINY}' for a 1M-parameter stand-in (default: %(default)s)",
+    )  # fmt: skip
+    model.add_argument(
+        "--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+        help="dtype the model is loaded and trained in; auto = bfloat16 for LoRA where the device computes bf16 "
+        "natively (CUDA with bf16, CPUs with avx512_bf16 or amx_bf16: half the memory of float32), else float32. "
+        "The fine-tuned model is saved in the base model's own dtype either way",
     )  # fmt: skip
     model.add_argument(
         "--peft", choices=("auto", "lora", "full"), default="auto",
@@ -198,9 +206,77 @@ class Device:
 
 def detect_device() -> Device:
     import torch
+    from native_dtypes import cpu_bf16_flags, cuda_bf16
 
     cuda = torch.cuda.is_available()
-    return Device(cuda=cuda, bf16=cuda and torch.cuda.is_bf16_supported())
+    return Device(cuda=cuda, bf16=cuda_bf16() if cuda else bool(cpu_bf16_flags()))
+
+
+def choose_dtype(requested: str, device: Device, peft: str) -> str:
+    """The dtype the model is loaded (and, for LoRA, its frozen base kept) in.
+
+    LoRA trains only the adapters, which PEFT keeps in float32 whatever the base's dtype, so a bf16
+    base halves the weights' memory without touching what is learned: Phi-3-mini on this project's
+    2-core CPU box peaked at 19.7 GiB with a float32 base (bench/RESULTS.md has the bf16 figures).
+    Full fine-tuning keeps float32 master weights (bf16 autocast does the compute on a GPU).
+    """
+    if requested != "auto":
+        return requested
+    return "bfloat16" if device.bf16 and peft == "lora" else "float32"
+
+
+def base_model_dtype(model: str) -> str:
+    """The dtype the base model's weights are published in (its config's dtype); the tiny model: float32."""
+    if model == TINY:
+        return "float32"
+    from transformers import AutoConfig
+
+    with hub_errors(model):
+        config = AutoConfig.from_pretrained(model)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    return str(dtype).removeprefix("torch.")
+
+
+def hub_is_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+class hub_errors:  # noqa: N801 (used as `with hub_errors(model):`)
+    """Turn a failed Hugging Face download into one line that says why (offline mode, no network, no access).
+
+    transformers reports an offline cache miss as "couldn't connect to ... and couldn't find them in the
+    cached files", with the cause (offline mode) only in the chained exception.
+    """
+
+    def __init__(self, model: str):
+        self.model = model
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc is None or not isinstance(exc, OSError) or is_local_model(self.model):
+            return
+        from huggingface_hub import constants
+
+        if hub_is_offline():
+            reason = (
+                f"{self.model} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set, "
+                "which forbids downloading it: unset HF_HUB_OFFLINE (or set it to 0), or pass a local folder as --model"
+            )
+        else:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = (
+                f"could not download {self.model} from {constants.ENDPOINT}: {first} "
+                "(check the network or proxy, HF_TOKEN for a gated model, or pass a local folder as --model)"
+            )
+        raise ModelUnavailable(reason) from exc
+
+
+class ModelUnavailable(RuntimeError):
+    """The base model could not be loaded from the Hub; the message is one line that names the fix."""
 
 
 def has_module(name: str) -> bool:
@@ -287,6 +363,8 @@ class Recipe:
 def load_model_and_tokenizer(
     args: argparse.Namespace, device: Device, peft: str, attention: str = "sdpa"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model (in choose_dtype's dtype) and its tokenizer, from the Hub (downloaded into the user's
+    Hugging Face cache with the user's HF_TOKEN / HF_ENDPOINT / proxies), a local folder, or built (tiny)."""
     from chat_format import ensure_pad_token, generation_stop_ids
 
     if args.model == TINY:
@@ -298,12 +376,11 @@ def load_model_and_tokenizer(
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        # LoRA keeps the frozen base in bf16 (half the memory); full fine-tuning keeps fp32 master
-        # weights and lets bf16 autocast do the compute.
-        dtype = torch.bfloat16 if device.bf16 and peft == "lora" else torch.float32
+        dtype = getattr(torch, choose_dtype(args.dtype, device, peft))
         log.info("loading %s (%s)", args.model, dtype)
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation=attention)
+        with hub_errors(args.model):
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation=attention)
         model.config.use_cache = False  # incompatible with gradient checkpointing; re-enabled before saving
     ensure_pad_token(tokenizer)
     if args.assistant_only_loss:
@@ -385,7 +462,9 @@ def sft_config(
         seed=args.seed,
         data_seed=args.seed,
         use_cpu=not device.cuda,
-        bf16=device.bf16,  # on CPU bf16 autocast is slower and uses twice the memory
+        # Autocast on CUDA only: on the CPU it made full fine-tuning 25% slower in twice the memory,
+        # and a LoRA base loaded in bf16 already computes in bf16 without it.
+        bf16=device.cuda and device.bf16,
         gradient_checkpointing=recipe.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         use_liger_kernel=recipe.liger,
@@ -452,6 +531,7 @@ def run_params(args: argparse.Namespace, peft: str, device: Device, model: PreTr
         "trainable_parameters": trainable,
         "device": device.name,
         "bf16": device.bf16,
+        "dtype": str(model.dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "trl": trl.__version__,
@@ -659,6 +739,7 @@ class Prepared:
     n_train: int
     n_eval: int
     total_steps: int
+    base_dtype: str = "float32"  # what the fine-tuned model is saved in: the base model's published dtype
 
 
 def make_trainer(
@@ -698,6 +779,7 @@ def prepare(args: argparse.Namespace, checkpoint_dir: Path, callbacks: list[Trai
     set_cpu_threads(args, device)
     attention = choose_attention(args.attn_implementation, device)
     model, tokenizer = load_model_and_tokenizer(args, device, peft, attention)
+    base_dtype = base_model_dtype(args.model)  # its config, now in the cache
     recipe = choose_recipe(args, model, device, peft, attention)
     train_ds, eval_ds = load_datasets(args.train_file, args.eval_file)
     total_steps = planned_steps(len(train_ds), args)
@@ -709,7 +791,7 @@ def prepare(args: argparse.Namespace, checkpoint_dir: Path, callbacks: list[Trai
         args, model, tokenizer, train_ds, eval_ds, device=device, peft=peft, recipe=recipe,
         checkpoint_dir=checkpoint_dir, total_steps=total_steps, callbacks=callbacks,
     )  # fmt: skip
-    return Prepared(trainer, tokenizer, device, peft, recipe, len(train_ds), len(eval_ds), total_steps)
+    return Prepared(trainer, tokenizer, device, peft, recipe, len(train_ds), len(eval_ds), total_steps, base_dtype)
 
 
 def train(args: argparse.Namespace, checkpoint_dir: Path) -> Trained:
@@ -757,6 +839,7 @@ def train(args: argparse.Namespace, checkpoint_dir: Path) -> Trained:
         # Serve one plain model: a PEFT-wrapped model would need the base from the hub at load
         # time, and MLflow saves it broken (the base reloads with random weights).
         trained = trained.merge_and_unload()
+    trained = in_dtype(trained, prepared.base_dtype)
     trained.config.use_cache = True
     trained.eval()
     result = None
@@ -774,9 +857,20 @@ def train(args: argparse.Namespace, checkpoint_dir: Path) -> Trained:
     return Trained(trained, prepared.tokenizer, before, after, trainer.state.global_step, resumed_from, result)
 
 
+def in_dtype(model: PreTrainedModel, dtype: str) -> PreTrainedModel:
+    """The model in `dtype` (the base's own): a bf16 base trained in float32 must not come back twice its size."""
+    import torch
+
+    target = getattr(torch, dtype, None)
+    if not isinstance(target, torch.dtype) or model.dtype == target:
+        return model
+    log.info("casting the fine-tuned model from %s to %s, the base model's dtype, before saving", model.dtype, target)
+    return model.to(dtype=target)
+
+
 def checkpoint_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The arguments that change what a run learns (not where it writes, nor how often it saves)."""
-    keys = ("model", "epochs", "max_steps", "learning_rate", "batch_size", "grad_accum", "max_seq_length", "seed",
+    keys = ("model", "dtype", "epochs", "max_steps", "learning_rate", "batch_size", "grad_accum", "max_seq_length", "seed",
             "lora_r", "lora_alpha", "lora_dropout", "assistant_only_loss", "packing")  # fmt: skip
     return {"peft": resolve_peft(args.peft, args.model), **{key: getattr(args, key) for key in keys}}
 
@@ -788,14 +882,36 @@ def checkpoint_dir_for(args: argparse.Namespace) -> Path:
 
 
 def save_and_log(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, run_id: str) -> str:
-    """Serialize once into `out`, then upload that folder as the run's "model"; returns its runs:/ URI."""
+    """Serialize once into `out`, then make it the run's "model" artifact; returns its runs:/ URI.
+
+    When `out` already is that artifact (the local backend points --model_output_dir into its own file
+    artifact store), nothing is copied: a fine-tuned Phi-3-mini is 7 GiB, and a second copy per run
+    would double the disk every fine-tune leaves behind.
+    """
     import mlflow
 
     write_model_folder(model, tokenizer, out, run_id)
-    # Plain run artifacts rather than an MLflow 3 LoggedModel: runs:/<run_id>/model loads and
-    # registers from them in every store, Azure ML's included.
-    mlflow.log_artifacts(str(out), artifact_path=MODEL_ARTIFACT_PATH)
+    artifact_dir = local_artifact_dir(mlflow.get_run(run_id).info.artifact_uri)
+    if artifact_dir is not None and out.resolve() == (artifact_dir / MODEL_ARTIFACT_PATH).resolve():
+        log.info("model written straight into the run's artifact store (%s): no second copy", out)
+    else:
+        # Plain run artifacts rather than an MLflow 3 LoggedModel: runs:/<run_id>/model loads and
+        # registers from them in every store, Azure ML's included.
+        mlflow.log_artifacts(str(out), artifact_path=MODEL_ARTIFACT_PATH)
     return f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}"
+
+
+def local_artifact_dir(artifact_uri: str) -> Path | None:
+    """The folder behind a file: artifact URI (a local MLflow store); None for a remote store."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme == "file":
+        return Path(url2pathname(parsed.path))
+    if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):  # a bare path (C:\... on Windows)
+        return Path(artifact_uri)
+    return None
 
 
 def fine_tune(args: argparse.Namespace) -> FineTuneResult:
@@ -840,7 +956,10 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     validate_args(args)
-    result = fine_tune(args)
+    try:
+        result = fine_tune(args)
+    except ModelUnavailable as exc:
+        raise SystemExit(f"fine_tune.py: {exc}") from None
     resumed = f" (resumed from step {result.resumed_from_step})" if result.resumed_from_step else ""
     if result.evaluation:  # before the summary line, which stays last
         print(f"evaluation on {result.evaluation.rows} held-out questions: {result.evaluation.line}", flush=True)

@@ -40,7 +40,6 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8, "int8": 1, "uint8": 1}
 # safetensors header names -> torch names
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64", "I8": "int8", "U8": "uint8"}
-CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 DEFAULT_MAX_CONCURRENT_REQUESTS = 16  # limits.DEFAULT_MAX_CONCURRENT_REQUESTS (not imported: no starlette here)
 # What a running endpoint needs beyond weights and KV cache: activations of a step, the logits of a
 # batch, allocator slack. A fraction of the weights plus a fixed amount for the runtime itself.
@@ -152,17 +151,14 @@ def resolve_device(requested: str) -> str:
 
 
 def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
-    """The native-bf16 flags this CPU reports (/proc/cpuinfo), e.g. ["avx512_bf16", "amx_bf16"]."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
-        except OSError:
-            return []
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return [f for f in CPU_BF16_FLAGS if f in flags]
-    return []
+    """The native-bf16 flags this CPU reports; the fine-tune asks the same question (finetuning_dir/native_dtypes.py)."""
+    return list(_hardware().cpu_bf16_flags(cpuinfo))
+
+
+def _hardware():  # type: ignore[no-untyped-def]
+    from finetune_phi.training import job_module
+
+    return job_module("native_dtypes")
 
 
 def resolve_dtype(requested: str, device: str, saved_dtype: str, cpu_flags: Iterable[str] | None = None) -> tuple[str, str]:
@@ -178,7 +174,7 @@ def resolve_dtype(requested: str, device: str, saved_dtype: str, cpu_flags: Iter
     flags = list(cpu_bf16_flags() if cpu_flags is None else cpu_flags)
     if not flags:
         note = f", weights saved in {saved_dtype}" if saved_dtype not in ("float32", "unknown") else ""
-        return "float32", f"auto: CPU without native bf16 (no {'/'.join(CPU_BF16_FLAGS)}){note}"
+        return "float32", f"auto: CPU without native bf16 (no {'/'.join(_hardware().CPU_BF16_FLAGS)}){note}"
     if saved_dtype in ("bfloat16", "float16"):
         return "bfloat16", f"auto: CPU with native bf16 ({', '.join(flags)}), weights saved in {saved_dtype}"
     return "float32", f"auto: CPU with native bf16 ({', '.join(flags)}), but weights saved in {saved_dtype}: kept"
