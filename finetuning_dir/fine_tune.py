@@ -609,6 +609,7 @@ def save_mlflow_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     tokenizer keeps its chat template, which the local endpoint's /v1/chat/completions uses.
     """
     import mlflow
+    import torch
 
     from mlflow.models import Model
 
@@ -622,6 +623,11 @@ def save_mlflow_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         input_example=([EXAMPLE_QUESTION], {"max_new_tokens": 32}),
         model_config={"return_full_text": False},
         mlflow_model=Model(run_id=run_id, artifact_path=MODEL_ARTIFACT_PATH),
+        # The dtype MLflow, and so Azure's no-code scoring, loads the model in; MLflow would record the
+        # weights' own (bf16). Azure's CPU deployment sizes (E-series) have no native bf16 units, where
+        # bf16 runs through slow conversions, so they keep serving float32 as they always did. The
+        # local endpoint picks its dtype from the weights and the machine (finetune_phi/endpoint/loading.py).
+        torch_dtype=torch.float32,
     )
     make_readable(path)
 

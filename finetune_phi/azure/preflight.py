@@ -125,6 +125,8 @@ MODEL_PARAMS = {
     "microsoft/phi-3-mini-4k-instruct": 3.82e9,
     "microsoft/phi-3-mini-128k-instruct": 3.82e9,
     "microsoft/phi-3.5-mini-instruct": 3.82e9,
+    # 200k-token vocabulary whose embedding the output layer shares (tied): 3.84e9 in all.
+    "microsoft/phi-4-mini-instruct": 3.84e9,
     "microsoft/phi-3-small-8k-instruct": 7.39e9,
     "microsoft/phi-3-medium-4k-instruct": 14.0e9,
     "microsoft/phi-3-medium-128k-instruct": 14.0e9,

@@ -54,8 +54,14 @@ def _packing_wanted(model: Any) -> bool:
     return PACKED_MIN_BYTES <= layer_bytes <= PACKED_MAX_BYTES
 
 
+# RoPE variants whose cos/sin the step reproduces exactly (tests/test_batcher_layouts.py): plain RoPE
+# (Phi-3-mini-4k) and LongRoPE (Phi-3.5-mini, Phi-4-mini), whose factors depend on the sequence length.
+COVERED_ROPE = ("default", "longrope")
+
+
 def supports(model: Any) -> bool:
-    """True for models laid out like Phi3ForCausalLM (fused qkv_proj, RMSNorm layers, rotary_emb)."""
+    """True for models laid out like Phi3ForCausalLM (fused qkv_proj, RMSNorm layers, rotary_emb) with a
+    RoPE variant in COVERED_ROPE; any other model is served by one generate() per request."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if inner is None or layers is None or not len(layers) or not hasattr(model, "lm_head"):
@@ -64,7 +70,7 @@ def supports(model: Any) -> bool:
     attn = getattr(layer, "self_attn", None)
     return (
         hasattr(inner, "embed_tokens")
-        and hasattr(inner, "rotary_emb")
+        and getattr(getattr(inner, "rotary_emb", None), "rope_type", "default") in COVERED_ROPE
         and hasattr(inner, "norm")
         and attn is not None
         and hasattr(attn, "qkv_proj")
@@ -91,10 +97,18 @@ class Row:
     finish: str | None = None  # "stop" | "length" | "cancelled"
     owner: Any = None  # the batcher's request
     index: int = 0  # the row's place in its request
+    # Tokens to (re)compute the cache of, when not the prompt: a LongRoPE row crossing its original
+    # context recomputes its whole sequence with the long factors (Stepper._switch_to_long_factors).
+    refeed: list[int] | None = None
+
+    @property
+    def fed(self) -> list[int]:
+        """The tokens a prefill feeds: the prompt, or the whole sequence being recomputed."""
+        return self.prompt if self.refeed is None else self.refeed
 
     @property
     def prefilling(self) -> bool:
-        return self.cached < len(self.prompt)
+        return self.cached < len(self.fed)
 
     @property
     def capacity(self) -> int:
@@ -158,6 +172,38 @@ class Stepper:
             cos, sin = rotary(probe, position_ids=torch.arange(positions, device=self.param.device)[None])
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
+    @property
+    def _length_dependent_rope(self) -> bool:
+        return getattr(self.inner.rotary_emb, "rope_type", "default") == "longrope"
+
+    def _rope_per_row(self, hidden: torch.Tensor, segments: Sequence[tuple[Row, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for LongRoPE, whose factors (short or long) follow the length of the sequence the model
+        sees: generate() prefills a prompt of L tokens in one forward (factors of L) and then decodes
+        position p alone (factors of p + 1). A packed step holds several rows and a prompt may arrive in
+        chunks, so each segment asks the rotary embedding for its own positions plus, while prefilling,
+        the prompt's last position (dropped again), which makes it pick the factors generate() picks."""
+        rotary = self.inner.rotary_emb
+        device = hidden.device
+        cos_parts, sin_parts = [], []
+        for row, start, n in segments:
+            positions = list(range(start, start + n))
+            if row.prefilling:
+                positions.append(len(row.fed) - 1)
+            cos, sin = rotary(hidden, position_ids=torch.tensor([positions], device=device))
+            cos_parts.append(cos[:, :n])
+            sin_parts.append(sin[:, :n])
+        return torch.cat(cos_parts, dim=1).unsqueeze(1), torch.cat(sin_parts, dim=1).unsqueeze(1)
+
+    def _switch_to_long_factors(self, row: Row) -> None:
+        """What Phi3ForCausalLM.prepare_inputs_for_generation does when a sequence first outgrows the
+        original context: it drops the cache (built with the short factors) and recomputes the whole
+        sequence with the long ones. The row about to feed position `original` re-prefills its prompt and
+        the tokens generated so far instead, so that it keeps giving the tokens generate() gives."""
+        original = getattr(self.model.config, "original_max_position_embeddings", None)
+        if original and not row.done and not row.prefilling and row.cached == original and row.generated:
+            row.refeed = row.prompt + row.generated
+            row.cached = 0
+
     def _norm(self, norm: Any, x: torch.Tensor) -> torch.Tensor:
         """Phi3RMSNorm.forward as torch's fused rms_norm (same values on fp32; hooks-free modules only)."""
         if self._fused_norm and not norm._forward_hooks and not norm._forward_pre_hooks:
@@ -209,6 +255,9 @@ class Stepper:
         (oldest first), so a long prompt is fed over several steps instead of one huge forward.
         A row always gets at least one token when nothing else runs.
         """
+        if self._length_dependent_rope:
+            for row in rows:
+                self._switch_to_long_factors(row)
         segments: list[tuple[Row, int, int]] = []  # (row, start in its sequence, n tokens)
         budget = max_tokens
         for row in rows:
@@ -217,7 +266,7 @@ class Stepper:
                 budget -= 1
         for row in rows:
             if row.prefilling:
-                left = len(row.prompt) - row.cached
+                left = len(row.fed) - row.cached
                 n = min(left, budget) if segments else min(left, max(budget, 1))
                 if n <= 0:
                     continue
@@ -229,7 +278,7 @@ class Stepper:
         positions: list[int] = []
         for row, start, n in segments:
             if row.prefilling:
-                ids.extend(row.prompt[start : start + n])
+                ids.extend(row.fed[start : start + n])
             else:
                 ids.append(row.generated[-1] if row.generated else row.prompt[-1])
             positions.extend(range(start, start + n))
@@ -239,6 +288,8 @@ class Stepper:
         hidden = self.inner.embed_tokens(input_ids)
         if self._rope is not None and max(positions) < self._rope[0].shape[2]:
             cos, sin = self._rope[0][:, :, position_ids[0]], self._rope[1][:, :, position_ids[0]]
+        elif self._length_dependent_rope:
+            cos, sin = self._rope_per_row(hidden, segments)
         else:
             cos, sin = self.inner.rotary_emb(hidden, position_ids=position_ids)
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -278,7 +329,7 @@ class Stepper:
         for row, start, n in segments:
             offset += n
             row.cached = start + n
-            if row.cached >= len(row.prompt):
+            if row.cached >= len(row.fed):
                 last.append(offset - 1)
                 emitting.append(row)
         self.forwards += 1
