@@ -16,7 +16,6 @@ the ratios bf16/float32.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import realsize_bench  # noqa: E402  (bench/ is on sys.path: this file's folder)
+import serve_bench  # noqa: E402
 from serve_bench import ROOT, BenchError, machine, thread_env
 
 log = logging.getLogger("lora_dtype_bench")
@@ -102,16 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     from finetune_phi.common import setup_logging
-    from finetune_phi.fixtures import FixtureUnavailable
 
     setup_logging()
-    try:
-        result = run(args)
-    except (BenchError, FixtureUnavailable) as exc:
-        log.error("%s", exc)
-        return 1
-    print(json.dumps(result))
-    return 0
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    return serve_bench.print_result(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -148,8 +148,10 @@ def timed_chat(base: str, headers: dict[str, str], model: str, tokens: int) -> t
     return seconds, int(response.json()["usage"]["completion_tokens"])
 
 
-def decode_speed(base: str, headers: dict[str, str], model: str, tokens: int = DECODE_TOKENS, tries: int = 2) -> dict[str, Any]:
-    """Single-stream decode tokens/s, prefill excluded: (N - 1) tokens over t(N tokens) - t(1 token), best of `tries`."""
+def decode_speed(base: str, headers: dict[str, str], model: str, tries: int = 2) -> dict[str, Any]:
+    """Single-stream decode tokens/s, prefill excluded: (N - 1) tokens over t(N tokens) - t(1 token), best of
+    `tries`, N = DECODE_TOKENS."""
+    tokens = DECODE_TOKENS
     best: dict[str, Any] | None = None
     for _ in range(tries):
         one, _ = timed_chat(base, headers, model, 1)
@@ -331,20 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from finetune_phi.common import setup_logging
-    from finetune_phi.fixtures import FixtureUnavailable
 
     setup_logging()
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    try:
-        result = run(args)
-    except BenchError as exc:
-        log.error("%s", exc)
-        return 1
-    except FixtureUnavailable as exc:
-        log.error("the benchmark's workload is unavailable, nothing was measured: %s", exc)
-        return 1
-    print(json.dumps(result))
-    return 0
+    return serve_bench.print_result(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -854,26 +854,12 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = resolve_defaults(build_parser().parse_args(argv))
-    from finetune_phi.common import setup_logging
+def print_result(run: Callable[[], dict[str, Any]]) -> int:
+    """A benchmark's main: its one JSON line on stdout and exit 0, or exit 1 with why nothing was measured."""
     from finetune_phi.fixtures import FixtureUnavailable
 
-    setup_logging()
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    levels = [*args.clients, *args.mlflow_clients, *args.ttft_clients]
-    if any(n < 1 for n in levels) or args.seconds <= 0 or args.max_requests < 1 or args.threads < 1:
-        log.error("--clients, --seconds, --max-requests and --threads must be positive")
-        return 2
     try:
-        if args.build_only:
-            if not args.models_dir:
-                log.error("--build-only needs --models-dir")
-                return 2
-            models = get_models(args, args.models_dir)
-            print(json.dumps({m.size: {"uri": m.uri, "tracking_uri": m.tracking_uri} for m in models}))
-            return 0
-        result = run(args)
+        result = run()
     except (BenchError, subprocess.CalledProcessError) as exc:
         log.error("%s", exc)
         return 1
@@ -882,6 +868,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(json.dumps(result))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = resolve_defaults(build_parser().parse_args(argv))
+    from finetune_phi.common import setup_logging
+
+    setup_logging()
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    levels = [*args.clients, *args.mlflow_clients, *args.ttft_clients]
+    if any(n < 1 for n in levels) or args.seconds <= 0 or args.max_requests < 1 or args.threads < 1:
+        log.error("--clients, --seconds, --max-requests and --threads must be positive")
+        return 2
+    if args.build_only:
+        if not args.models_dir:
+            log.error("--build-only needs --models-dir")
+            return 2
+        return print_result(lambda: {m.size: {"uri": m.uri, "tracking_uri": m.tracking_uri}
+                                     for m in get_models(args, args.models_dir)})  # fmt: skip
+    return print_result(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -424,6 +424,11 @@ def test_gradient_checkpointing_only_when_phi3_mini_would_not_fit():
         "auto", total_params=n, trainable_params=n, base_bytes_per_param=4, model_config=phi3_mini, batch=4,
         seq_len=1024, device=cpu, gpu_bytes=None,
     ) is False  # fmt: skip
+    # LoRA on a CPU recomputes: its activations are most of the machine's shared RAM (bench/RESULTS.md).
+    assert fine_tune.choose_gradient_checkpointing(
+        "auto", total_params=n, trainable_params=lora, base_bytes_per_param=2, model_config=phi3_mini, batch=4,
+        seq_len=1024, device=cpu, gpu_bytes=None,
+    ) is True  # fmt: skip
 
 
 def test_lora_parameter_count_matches_what_peft_trains(ultrachat_20, tmp_path):
@@ -435,3 +440,53 @@ def test_lora_parameter_count_matches_what_peft_trains(ultrachat_20, tmp_path):
     expected = fine_tune.lora_parameter_count(model, args.lora_r)
     wrapped = get_peft_model(model, fine_tune.lora_config(args))
     assert expected == sum(p.numel() for p in wrapped.parameters() if p.requires_grad) > 0
+
+
+# --- dtype: what the base is trained in, and what the fine-tuned model is saved in -----------------
+
+
+def test_lora_keeps_a_bf16_base_only_where_bf16_is_native():
+    native_cpu, plain_cpu = fine_tune.Device(cuda=False, bf16=True), fine_tune.Device(cuda=False, bf16=False)
+    assert fine_tune.choose_dtype("auto", native_cpu, "lora") == "bfloat16"
+    assert fine_tune.choose_dtype("auto", plain_cpu, "lora") == "float32"  # bf16 there runs through conversions
+    assert fine_tune.choose_dtype("auto", native_cpu, "full") == "float32"  # full FT keeps fp32 master weights
+    assert fine_tune.choose_dtype("float32", native_cpu, "lora") == "float32"  # --dtype wins
+    import native_dtypes
+
+    assert native_dtypes.cpu_bf16_flags("flags\t: fpu avx512f avx512_bf16 amx_bf16\n") == ["avx512_bf16", "amx_bf16"]
+    assert native_dtypes.cpu_bf16_flags("flags\t: fpu avx2\n") == []
+
+
+def test_the_fine_tuned_model_goes_back_to_the_base_models_dtype(tmp_path):
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    model = Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, pad_token_id=0))  # fmt: skip
+    assert model.dtype == torch.float32
+    assert fine_tune.in_dtype(model, "bfloat16").dtype == torch.bfloat16
+    assert fine_tune.in_dtype(model, "float32") is model  # nothing to do, no copy
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    assert fine_tune.base_model_dtype(str(tmp_path / "base")) == "bfloat16"  # from its config, no weight read
+    assert fine_tune.base_model_dtype("tiny") == "float32"
+
+
+def test_a_local_artifact_store_is_written_in_place_a_remote_one_is_uploaded(tmp_path):
+    assert fine_tune.local_artifact_dir((tmp_path / "a b").as_uri()) == tmp_path / "a b"
+    assert fine_tune.local_artifact_dir("/srv/mlartifacts/1/run/artifacts") == Path("/srv/mlartifacts/1/run/artifacts")
+    for remote in ("mlflow-artifacts:/1/run/artifacts", "azureml://experiments/x/runs/y/artifacts", "s3://b/k"):
+        assert fine_tune.local_artifact_dir(remote) is None
+
+
+def test_a_failed_hub_download_becomes_one_line_that_names_the_cause(monkeypatch):
+    monkeypatch.setattr(fine_tune, "hub_is_offline", lambda: True)
+    with pytest.raises(fine_tune.ModelUnavailable, match=r"org/model is not in the Hugging Face cache .* HF_HUB_OFFLINE"):
+        with fine_tune.hub_errors("org/model"):
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+    monkeypatch.setattr(fine_tune, "hub_is_offline", lambda: False)
+    with pytest.raises(fine_tune.ModelUnavailable, match=r"could not download org/model from .*: 401 Client Error"):
+        with fine_tune.hub_errors("org/model"):
+            raise OSError("401 Client Error\nmore detail")
+    with pytest.raises(ValueError):  # not a download failure: left as it is
+        with fine_tune.hub_errors("org/model"):
+            raise ValueError("bad shape")

@@ -70,14 +70,18 @@ def run(argv: list[str], env: dict[str, str], timeout: int = 600) -> subprocess.
     return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def fine_tune_argv(tmp_path: Path, model: str) -> list[str]:
-    return [sys.executable, "fine_tune.py", "--train-file", str(tmp_path / "rows.jsonl"), "--eval-file",
-            str(tmp_path / "rows.jsonl"), "--model_output_dir", str(tmp_path / "out"), "--model", model]  # fmt: skip
-
-
-def write_rows(tmp_path: Path) -> None:
+def failed_fine_tune_line(tmp_path: Path, env: dict[str, str]) -> str:
+    """Run fine_tune.py on HUB_ID as the job runs it; it must fail (exit 1): its last line of stderr."""
     rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}] * 4
-    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = [sys.executable, "fine_tune.py", "--train-file", str(data), "--eval-file", str(data),
+            "--model_output_dir", str(tmp_path / "out"), "--model", HUB_ID]  # fmt: skip
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
+    proc = subprocess.run(argv, cwd=REPO / "finetuning_dir", env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+    return proc.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.slow
@@ -127,27 +131,17 @@ def test_setup_ml_downloads_a_hub_model_then_deploy_and_the_flow_answer(tmp_path
 
 
 def test_offline_mode_with_an_empty_cache_fails_in_one_line_naming_hf_hub_offline(tmp_path: Path, hub: HubStandIn) -> None:
-    write_rows(tmp_path)
-    env = user_env(tmp_path, hub, HF_HUB_OFFLINE="1", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'm.db'}")
-    proc = subprocess.run(fine_tune_argv(tmp_path, HUB_ID), cwd=REPO / "finetuning_dir", env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 1
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"fine_tune.py: {HUB_ID} is not in the Hugging Face cache"), proc.stderr[-2000:]
+    last = failed_fine_tune_line(tmp_path, user_env(tmp_path, hub, HF_HUB_OFFLINE="1"))
+    assert last.startswith(f"fine_tune.py: {HUB_ID} is not in the Hugging Face cache"), last
     assert "HF_HUB_OFFLINE" in last and "unset" in last
     assert hub.requests == []  # offline means offline
-    assert not (tmp_path / "out").exists()
 
 
 def test_a_gated_model_without_the_token_fails_in_one_line_naming_hf_token(tmp_path: Path, hub: HubStandIn) -> None:
-    write_rows(tmp_path)
-    env = user_env(tmp_path, hub, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'm.db'}")
+    env = user_env(tmp_path, hub)
     del env["HF_TOKEN"]
-    proc = subprocess.run(fine_tune_argv(tmp_path, HUB_ID), cwd=REPO / "finetuning_dir", env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 1
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"fine_tune.py: could not download {HUB_ID} from {hub.url}"), proc.stderr[-2000:]
+    last = failed_fine_tune_line(tmp_path, env)
+    assert last.startswith(f"fine_tune.py: could not download {HUB_ID} from {hub.url}"), last
     assert "gated" in last and "HF_TOKEN" in last
     assert hub.requests and all(r.authorization is None for r in hub.requests)
 
