@@ -8,7 +8,7 @@ published), so that each step the bench times (data, fine-tune, deploy, answer, 
 
 from __future__ import annotations
 
-import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -21,9 +21,6 @@ def realsize_bench(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-
     monkeypatch.syspath_prepend(str(BENCH))
     import realsize_bench
 
-    narrow = {**realsize_bench.PHI3_MINI_CONFIG, "hidden_size": 64, "intermediate_size": 128,
-              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4}  # fmt: skip
-    monkeypatch.setattr(realsize_bench, "PHI3_MINI_CONFIG", narrow)
     monkeypatch.setattr(realsize_bench, "DECODE_TOKENS", 8)
     return realsize_bench
 
@@ -31,8 +28,13 @@ def realsize_bench(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-
 @pytest.mark.slow
 def test_the_chain_runs_with_the_defaults_and_reports_every_step(realsize_bench, tmp_path: Path,
                                                                  phi3_tokenizer_dir: Path, ultrachat_20: Path) -> None:  # fmt: skip
-    args = argparse.Namespace(threads=2, keep_base=tmp_path / "base", work_dir=tmp_path, keep_work=False)
+    narrow = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 4}  # fmt: skip
+    args = realsize_bench.build_parser().parse_args(
+        ["--threads", "2", "--keep-base", str(tmp_path / "base"), "--work-dir", str(tmp_path), "--shape", json.dumps(narrow)]
+    )
     line = realsize_bench.run(args)
+    assert line["shape"] == narrow
     assert line["base"]["dtype"] == "bfloat16"  # as published
     assert line["fine_tune"]["saved_dtype"] == "bfloat16"  # the base's dtype, not float32
     for step in ("build_base", "data", "fine_tune", "deploy", "answer", "teardown"):
