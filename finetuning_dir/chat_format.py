@@ -1,4 +1,4 @@
-"""The Phi-3 chat format, in one place: template, roles and special tokens, the one-string prompt of our
+"""The Phi chat formats, in one place: templates, roles and special tokens, the one-string prompt of our
 MLflow model, stop and pad tokens, and the generation settings a request gets when it names none.
 
 Who imports it, and how each finds this file:
@@ -34,15 +34,63 @@ PHI3_CHAT_TEMPLATE = (
     "{% endif %}"
 )
 
+# Byte for byte the template microsoft/Phi-4-mini-instruct ships (its tokenizer_config.json): the same role
+# tokens and <|end|> as Phi-3, without the newlines, and a system turn that may carry tools.
+PHI4_MINI_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and message['tools'] "
+    "is not none %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + "
+    "'<|/tool|>' + '<|end|>' }}{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
+)
+# Its twin for assistant-only loss: the same text, with each assistant turn's content and <|end|> inside
+# `{% generation %}` (the tokens the loss learns from). trl ships such twins for Phi-3 and Phi-3.5 only.
+PHI4_MINI_TRAINING_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and message['tools'] "
+    "is not none %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + "
+    "'<|/tool|>' + '<|end|>' }}{% elif message['role'] == 'assistant' %}{{ '<|assistant|>' }}{% generation %}"
+    "{{ message['content'] + '<|end|>' }}{% endgeneration %}{% else %}{{ '<|' + message['role'] + '|>' + "
+    "message['content'] + '<|end|>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}"
+    "{% else %}{{ eos_token }}{% endif %}"
+)
+# Published template -> our training twin, for the supported families trl has none for.
+TRAINING_TEMPLATES = {PHI4_MINI_CHAT_TEMPLATE: PHI4_MINI_TRAINING_TEMPLATE}
+
 END_OF_TURN = "<|end|>"
 EOS = "<|endoftext|>"
 # The special tokens of Phi-3's chat format (the real vocabulary also has placeholders we never emit).
 CHAT_SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", END_OF_TURN, EOS)
 ROLES = ("system", "user", "assistant")
 
-# Phi-3's user turn and the assistant's turn header: the prompt template our MLflow model is saved
-# with (fine_tune.py). MLflow, and so Azure's scoring of the model, wraps every input string in it.
+# Phi-3's user turn and the assistant's turn header: the prompt template a Phi-3 (or Phi-3.5) MLflow
+# model is saved with (fine_tune.py derives each model's from its tokenizer: prompt_template()). MLflow,
+# and so Azure's scoring of the model, wraps every input string in it.
 PROMPT_TEMPLATE = "<|user|>\n{prompt}<|end|>\n<|assistant|>\n"
+_PROMPT_MARK = "\x00prompt\x00"
+
+
+def prompt_template(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The MLflow prompt template of a model: its own chat template's rendering of one user turn holding
+    `{prompt}`, then the assistant's turn header. Phi-3 and Phi-3.5 give PROMPT_TEMPLATE; Phi-4-mini
+    `<|user|>{prompt}<|end|><|assistant|>`."""
+    text = str(tokenizer.apply_chat_template([{"role": "user", "content": _PROMPT_MARK}], add_generation_prompt=True,
+                                             tokenize=False))  # fmt: skip
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and text.startswith(bos):  # the tokenizer adds BOS itself when it encodes
+        text = text[len(bos):]
+    if text.count(_PROMPT_MARK) != 1:
+        raise ValueError("the tokenizer's chat template does not render a user message's content once: "
+                         "it is not a chat template this project can package")  # fmt: skip
+    return text.replace("{", "{{").replace("}", "}}").replace(_PROMPT_MARK, "{prompt}")
+
+
+def training_template(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """Our `{% generation %}`-marked twin of the tokenizer's template, where trl has none; else None."""
+    return TRAINING_TEMPLATES.get(getattr(tokenizer, "chat_template", None) or "")
+
+
+def published_template(template: str) -> str:
+    """The published template a training twin stands for (any other template: itself)."""
+    return next((published for published, twin in TRAINING_TEMPLATES.items() if twin == template), template)
 
 # What a request that names no generation setting gets, on every path: the MLflow model's params
 # schema (whose defaults MLflow and Azure's scoring script fill in), the local endpoint's /score and

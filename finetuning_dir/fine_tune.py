@@ -25,6 +25,7 @@ there (the local backend does: one copy on disk per fine-tune).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -35,8 +36,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
+import chat_format
 import checkpoints
 import evaluation
 # DEFAULT_MAX_NEW_TOKENS and PROMPT_TEMPLATE define the model this script saves, so they are also
@@ -243,33 +245,29 @@ def hub_is_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-class hub_errors:  # noqa: N801 (used as `with hub_errors(model):`)
+@contextlib.contextmanager
+def hub_errors(model: str) -> Iterator[None]:
     """Turn a failed Hugging Face download into one line that says why (offline mode, no network, no access).
 
     transformers reports an offline cache miss as "couldn't connect to ... and couldn't find them in the
     cached files", with the cause (offline mode) only in the chained exception.
     """
-
-    def __init__(self, model: str):
-        self.model = model
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        if exc is None or not isinstance(exc, OSError) or is_local_model(self.model):
-            return
+    try:
+        yield
+    except OSError as exc:
+        if is_local_model(model):
+            raise
         from huggingface_hub import constants
 
         if hub_is_offline():
             reason = (
-                f"{self.model} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set, "
+                f"{model} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set, "
                 "which forbids downloading it: unset HF_HUB_OFFLINE (or set it to 0), or pass a local folder as --model"
             )
         else:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             reason = (
-                f"could not download {self.model} from {constants.ENDPOINT}: {first} "
+                f"could not download {model} from {constants.ENDPOINT}: {first} "
                 "(check the network or proxy, HF_TOKEN for a gated model, or pass a local folder as --model)"
             )
         raise ModelUnavailable(reason) from exc
@@ -375,7 +373,7 @@ def load_model_and_tokenizer(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model (in choose_dtype's dtype) and its tokenizer, from the Hub (downloaded into the user's
     Hugging Face cache with the user's HF_TOKEN / HF_ENDPOINT / proxies), a local folder, or built (tiny)."""
-    from chat_format import ensure_pad_token, generation_stop_ids
+    from chat_format import ensure_pad_token, generation_stop_ids, training_template
 
     if args.model == TINY:
         from tiny_model import build_tiny
@@ -394,6 +392,9 @@ def load_model_and_tokenizer(
         model.config.use_cache = False  # incompatible with gradient checkpointing; re-enabled before saving
     ensure_pad_token(tokenizer)
     if args.assistant_only_loss:
+        # Trained with our `{% generation %}`-marked twin of the template where trl has none (the same
+        # text); Prepared.published_template puts the published one back before the model is saved.
+        tokenizer.chat_template = training_template(tokenizer) or tokenizer.chat_template
         require_maskable_template(tokenizer)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
@@ -611,12 +612,13 @@ def save_mlflow_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 
     Task text-generation with a string input: Azure ML's no-code deployment of an MLflow model
     (mlflow_score_script.py under azureml-inference-server-http) serves it as
-    `{"input_data": ["prompt", ...], "params": {...}}` -> `["reply", ...]`. Each input is wrapped in
-    chat_format.PROMPT_TEMPLATE, Phi-3's user turn, and only the generated text comes back
-    (return_full_text False). A conversation travels as ONE string, the conversation contract of
-    chat_format.encode_prompt, which the template turns into exactly Phi-3's chat template rendering
+    `{"input_data": ["prompt", ...], "params": {...}}` -> `["reply", ...]`. Each input is wrapped in the
+    model's own user turn (chat_format.prompt_template: derived from the tokenizer's chat template, so
+    Phi-3's for Phi-3, Phi-4-mini's for Phi-4-mini), and only the generated text comes back
+    (return_full_text False). For Phi-3 a conversation travels as ONE string, the conversation contract
+    of chat_format.encode_prompt, which the template turns into exactly Phi-3's chat template rendering
     of the conversation. Generation stops at <|end|> (in the generation config's eos_token_id). The
-    tokenizer keeps its chat template, which the local endpoint's /v1/chat/completions uses.
+    tokenizer keeps its published chat template, which the local endpoint's /v1/chat/completions uses.
     """
     import mlflow
     import torch
@@ -628,7 +630,7 @@ def save_mlflow_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         path=str(path),
         task="text-generation",
         signature=model_signature(),
-        prompt_template=PROMPT_TEMPLATE,
+        prompt_template=chat_format.prompt_template(tokenizer),
         pip_requirements=pip_requirements(),
         input_example=([EXAMPLE_QUESTION], {"max_new_tokens": 32}),
         model_config={"return_full_text": False},
@@ -855,6 +857,8 @@ def train(args: argparse.Namespace, checkpoint_dir: Path) -> Trained:
         # Serve one plain model: a PEFT-wrapped model would need the base from the hub at load
         # time, and MLflow saves it broken (the base reloads with random weights).
         trained = trained.merge_and_unload()
+    # The saved model carries its family's published template, byte for byte, not the training twin.
+    prepared.tokenizer.chat_template = chat_format.published_template(prepared.tokenizer.chat_template)
     trained = in_dtype(trained, prepared.base_dtype)
     trained.config.use_cache = True
     trained.eval()

@@ -1,0 +1,196 @@
+"""Model families beside Phi-3: the chat format comes from the tokenizer's own template.
+
+Phi-4-mini-instruct has Phi-3's role tokens and <|end|> but its own template (no newlines), and trl
+ships no `{% generation %}` twin of it for assistant-only loss. The tiny Phi-4-mini here has that
+template byte for byte and Phi-4-mini's attention layout (grouped-query attention, partial rotary,
+LongRoPE, tied embeddings) over the project's stand-in tokenizer; its vocabulary is not Phi-4-mini's
+200k one (the real tokenizer files are not among the fixtures this machine can reach).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import config
+from conftest import free_port
+from finetune_phi.training import job_module
+from helpers_endpoint import AUTH, KEY, ThreadServer
+from helpers_model import stand_in_tokenizer_dir
+from helpers_pf import start_own_pf_service
+from test_azure_serving import LOOPBACK_AZMLINFSRV, azure_env, azureml_python, scoring_script  # noqa: F401 (a fixture)
+from test_hub_download import run
+
+chat_format = job_module("chat_format")
+PF = str(Path(sys.executable).parent / "pf")
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+    [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}, {"role": "user", "content": "C"},
+     {"role": "assistant", "content": "D"}],
+]  # fmt: skip
+
+
+def tokenizer_with(template: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(stand_in_tokenizer_dir())
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def test_phi3s_prompt_template_is_its_tokenizers_rendering_of_one_user_turn(phi3_tokenizer_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    assert chat_format.prompt_template(AutoTokenizer.from_pretrained(phi3_tokenizer_dir)) == chat_format.PROMPT_TEMPLATE
+
+
+def test_the_prompt_template_is_the_tokenizers_own_rendering_of_one_user_turn() -> None:
+    assert chat_format.prompt_template(tokenizer_with(chat_format.PHI3_CHAT_TEMPLATE)) == chat_format.PROMPT_TEMPLATE
+    phi4 = tokenizer_with(chat_format.PHI4_MINI_CHAT_TEMPLATE)
+    assert chat_format.prompt_template(phi4) == "<|user|>{prompt}<|end|><|assistant|>"
+    with pytest.raises(ValueError, match="does not render a user message's content once"):
+        chat_format.prompt_template(tokenizer_with("{{ 'no content here' }}"))
+
+
+@pytest.mark.parametrize("generation_prompt", [True, False])
+def test_the_phi4_training_twin_renders_the_published_text_and_masks_only_assistant_turns(generation_prompt: bool) -> None:
+    from trl.chat_template_utils import get_training_chat_template
+
+    published, twin = tokenizer_with(chat_format.PHI4_MINI_CHAT_TEMPLATE), tokenizer_with(chat_format.PHI4_MINI_TRAINING_TEMPLATE)
+    for conversation in CONVERSATIONS:
+        assert twin.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation_prompt) == \
+            published.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation_prompt)  # fmt: skip
+    assert chat_format.training_template(published) == chat_format.PHI4_MINI_TRAINING_TEMPLATE
+    assert chat_format.published_template(chat_format.PHI4_MINI_TRAINING_TEMPLATE) == chat_format.PHI4_MINI_CHAT_TEMPLATE
+    assert get_training_chat_template(twin) is None  # trl takes it as it is
+    encoded = twin.apply_chat_template(CONVERSATIONS[2], tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    learned = [t for t, m in zip(encoded["input_ids"], encoded["assistant_masks"]) if m]
+    assert twin.decode(learned) == "B<|end|>D<|end|>"  # the assistant's words and its end of turn, nothing else
+
+
+@pytest.fixture(scope="module")
+def phi4_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model of Phi-4-mini's layout and template, saved as a local folder (a user's download)."""
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    tokenizer = tokenizer_with(chat_format.PHI4_MINI_CHAT_TEMPLATE)
+    end, eos = tokenizer.convert_tokens_to_ids(chat_format.END_OF_TURN), tokenizer.convert_tokens_to_ids(chat_format.EOS)
+    rotary = int(16 * 0.75)
+    config = Phi3Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, partial_rotary_factor=0.75, tie_word_embeddings=True, max_position_embeddings=8192,
+        original_max_position_embeddings=4096, rope_scaling={"rope_type": "longrope",
+        "short_factor": [1.0] * (rotary // 2), "long_factor": [1.5] * (rotary // 2)},
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=eos, eos_token_id=[eos, end],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("phi4-tiny") / "Phi-4-mini-instruct-tiny"
+    Phi3ForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)  # published in bf16, as Phi-4-mini is
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@dataclass(frozen=True)
+class Chain:
+    env: dict[str, str]
+    settings: config.Settings
+    model_dir: Path  # the MLflow model folder the fine-tune wrote (the one Azure's job registers)
+
+
+@pytest.fixture(scope="module")
+def phi4_chain(phi4_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Chain:
+    """data -> setup_ml.py on the Phi-4-mini-shaped folder (LoRA, the CPU defaults), as a user runs them."""
+    from finetune_phi.common import read_state
+
+    tmp = tmp_path_factory.mktemp("phi4-chain")
+    env = {**os.environ, "BACKEND": "local", "STATE_DIR": str(tmp / "state"), "ENV_FILE": str(tmp / ".env"),
+           "TRAIN_DATA_PATH": str(tmp / "data" / "train.jsonl"), "TEST_DATA_PATH": str(tmp / "data" / "test.jsonl"),
+           "LOCAL_ENDPOINT_PORT": str(free_port()), "NUM_TRAIN_EPOCHS": "1", "LOCAL_BASE_MODEL": str(phi4_tiny)}  # fmt: skip
+    assert run([sys.executable, "download_dataset.py", "--source", "demo"], env).returncode == 0
+    trained = run([sys.executable, "setup_ml.py"], env)
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    settings = config.load(env=env)
+    return Chain(env, settings, Path(read_state(settings)["training"]["model_output_dir"]))
+
+
+@pytest.mark.slow
+def test_a_phi4_mini_shaped_model_goes_through_fine_tune_deploy_and_both_flows(phi4_chain: Chain) -> None:
+    import yaml
+
+    from finetune_phi.pf_env import subprocess_env
+
+    env, settings, model_dir = phi4_chain.env, phi4_chain.settings, phi4_chain.model_dir
+    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
+    assert mlmodel["metadata"]["prompt_template"] == "<|user|>{prompt}<|end|><|assistant|>"  # Phi-4-mini's turn
+    saved = json.loads((model_dir / "components" / "tokenizer" / "tokenizer_config.json").read_text())
+    template = saved.get("chat_template") or (model_dir / "components" / "tokenizer" / "chat_template.jinja").read_text()
+    assert template == chat_format.PHI4_MINI_CHAT_TEMPLATE  # the published one, not the training twin
+    try:
+        deployed = run([sys.executable, "deploy_model.py", "--force"], env)
+        assert deployed.returncode == 0, deployed.stderr[-4000:]
+        pf_env = subprocess_env(settings, env)
+        start_own_pf_service(PF, pf_env)
+        try:
+            standard = run([PF, "flow", "test", "--flow", ".", "--inputs", "input_data=Who founded Microsoft?"], pf_env)
+            chat = run([PF, "flow", "test", "--flow", "chat_flow", "--inputs", "question=Who founded Microsoft?"], pf_env)
+        finally:
+            subprocess.run([PF, "service", "stop"], env=pf_env, capture_output=True, timeout=60)
+        for name, answer in (("standard", standard), ("chat", chat)):
+            assert answer.returncode == 0, f"{name}: {answer.stdout[-3000:]}{answer.stderr[-3000:]}"
+            start = answer.stdout.rfind('{\n    "answer"')
+            assert isinstance(json.loads(answer.stdout[start:])["answer"], str), name
+    finally:
+        run([sys.executable, "deploy_model.py", "--teardown"], env)
+
+
+@pytest.mark.slow
+def test_azures_scoring_stack_serves_the_phi4_mini_shaped_model_as_the_local_endpoint_does(
+    phi4_chain: Chain, azureml_python: Path, tmp_path: Path
+) -> None:
+    from finetune_phi.endpoint.engine import Engine
+    from finetune_phi.endpoint.loading import LoadPolicy
+    from finetune_phi.endpoint.server import create_app
+
+    script = scoring_script()
+    port = free_port()
+    log_path = tmp_path / "azmlinfsrv.log"
+    argv = [str(azureml_python), "-c", LOOPBACK_AZMLINFSRV, "--entry_script", str(script), "--port", str(port)]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(argv, cwd=tmp_path, env=azure_env(script, phi4_chain.model_dir, tmp_path), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    # The SDK tutorial's request, greedy so that both must give the same words.
+    body = {"input_data": ["Who founded Microsoft?"], "params": {"max_new_tokens": 8, "do_sample": False}}
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, f"azmlinfsrv exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"azmlinfsrv never answered /score:\n{log_path.read_text()[-4000:]}"
+            try:
+                azure = httpx.post(f"http://127.0.0.1:{port}/score", json=body, timeout=60)
+                if azure.status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+    # Azure loads it in the dtype MLflow recorded (float32); the local endpoint, told the same, must agree.
+    engine = Engine.from_mlflow(str(phi4_chain.model_dir), policy=LoadPolicy(dtype="float32"))
+    with ThreadServer(create_app(KEY, engine=engine)) as local:
+        mine = httpx.post(f"{local.base}/score", json=body, headers=AUTH, timeout=60)
+    assert mine.status_code == 200, mine.text
+    [reply] = azure.json()
+    assert isinstance(reply, str) and azure.json() == mine.json()
