@@ -107,7 +107,8 @@ class Settings:
 
     # --- fine-tuning ----------------------------------------------------------------------------
     # "tiny" builds a 1M-parameter Phi-3-architecture model offline (the local default);
-    # a hub id or a local directory loads real weights.
+    # a hub id or a local directory loads real weights: microsoft/Phi-3-mini-4k-instruct,
+    # microsoft/Phi-3.5-mini-instruct or microsoft/Phi-4-mini-instruct.
     BASE_MODEL: str = "microsoft/Phi-3-mini-4k-instruct"
     LOCAL_BASE_MODEL: str = "tiny"  # what the local backend trains unless BASE_MODEL is forced
     PEFT: str = "auto"  # "lora", "full", or "auto" (lora for real models, full for tiny)
