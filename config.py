@@ -35,6 +35,8 @@ BACKENDS = ("local", "azure")
 # "local" = finetune_phi.endpoint; "azure-mlflow" = Azure's no-code deployment of our MLflow model;
 # "azure-catalog" = a model-catalog fine-tuned Phi-3 deployment.
 ENDPOINT_KINDS = ("local", "azure-mlflow", "azure-catalog")
+# The conversation encodings of the supported model families (finetuning_dir/chat_format.TURN_FORMATS).
+CHAT_FORMATS = ("phi3", "phi4-mini")
 ENDPOINT_DTYPES = ("auto", "float32", "bfloat16", "float16")  # finetune_phi.endpoint.loading.DTYPES
 # The scores fine_tune.py logs that the deploy gate can use as its primary metric (higher is better).
 EVAL_GATE_METRICS = ("f1", "rougeL", "exact_match", "contains")
@@ -95,6 +97,9 @@ class Settings:
     # One of ENDPOINT_KINDS, also written by deploy_model.py; an .env from an older deploy has none,
     # which means "local" (the request shape local and azure-mlflow share).
     AZURE_ML_ENDPOINT_KIND: str = "local"
+    # The deployed model's family (one of CHAT_FORMATS), also written by deploy_model.py: how a client
+    # writes a conversation as the one prompt our MLflow model takes.
+    AZURE_ML_CHAT_FORMAT: str = "phi3"
 
     # --- data ---------------------------------------------------------------------------------
     DATASET_NAME: str = "HuggingFaceH4/ultrachat_200k"
@@ -314,6 +319,8 @@ def _check_values(s: Settings) -> list[str]:
         problems.append(f"PEFT={s.PEFT!r}: use auto, lora or full")
     if s.AZURE_ML_ENDPOINT_KIND not in ENDPOINT_KINDS:
         problems.append(f"AZURE_ML_ENDPOINT_KIND={s.AZURE_ML_ENDPOINT_KIND!r}: use one of {', '.join(ENDPOINT_KINDS)}")
+    if s.AZURE_ML_CHAT_FORMAT not in CHAT_FORMATS:
+        problems.append(f"AZURE_ML_CHAT_FORMAT={s.AZURE_ML_CHAT_FORMAT!r}: use one of {', '.join(CHAT_FORMATS)}")
     if s.AZURE_CREDENTIAL not in ("default", "cli"):
         problems.append(f"AZURE_CREDENTIAL={s.AZURE_CREDENTIAL!r}: use default or cli")
     for name in ("ENDPOINT_MAX_CONCURRENT_REQUESTS", "ENDPOINT_REQUEST_TIMEOUT_S", "ENDPOINT_MAX_BODY_BYTES"):

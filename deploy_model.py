@@ -49,23 +49,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def publish(settings: config.Settings, scoring_uri: str, key: str, kind: str, connection: bool = True) -> None:
+def publish(
+    settings: config.Settings, scoring_uri: str, key: str, kind: str, chat_format: str = "phi3", connection: bool = True
+) -> None:
     """Hand the endpoint to the flows: .env for the SDK variant, a CustomConnection for the Studio variant.
 
-    `kind` (config.ENDPOINT_KINDS) tells the flows which request shape the endpoint answers.
+    `kind` (config.ENDPOINT_KINDS) tells the flows which request shape the endpoint answers, and
+    `chat_format` (config.CHAT_FORMATS) how they write a conversation as the one prompt our model takes.
     """
     if kind not in config.ENDPOINT_KINDS:
         raise config.ConfigError([f"deployment kind {kind!r}: use one of {', '.join(config.ENDPOINT_KINDS)}"])
+    if chat_format not in config.CHAT_FORMATS:
+        raise config.ConfigError([f"chat format {chat_format!r}: use one of {', '.join(config.CHAT_FORMATS)}"])
     common.write_dotenv(
         settings.env_file,
-        {"AZURE_ML_ENDPOINT": scoring_uri, "AZURE_ML_API_KEY": key, "AZURE_ML_ENDPOINT_KIND": kind},
-    )
-    log.info("wrote AZURE_ML_ENDPOINT=%s, AZURE_ML_API_KEY=%s and AZURE_ML_ENDPOINT_KIND=%s to %s",
-             scoring_uri, common.redact(key), kind, settings.env_file)
+        {"AZURE_ML_ENDPOINT": scoring_uri, "AZURE_ML_API_KEY": key, "AZURE_ML_ENDPOINT_KIND": kind,
+         "AZURE_ML_CHAT_FORMAT": chat_format},
+    )  # fmt: skip
+    log.info("wrote AZURE_ML_ENDPOINT=%s, AZURE_ML_API_KEY=%s, AZURE_ML_ENDPOINT_KIND=%s and AZURE_ML_CHAT_FORMAT=%s "
+             "to %s", scoring_uri, common.redact(key), kind, chat_format, settings.env_file)  # fmt: skip
     if connection:
         from finetune_phi.pf_connection import upsert_connection
 
-        upsert_connection(settings, endpoint=scoring_uri, key=key, kind=kind)
+        upsert_connection(settings, endpoint=scoring_uri, key=key, kind=kind, chat_format=chat_format)
         log.info("Prompt flow connection %r now points at %s (%s)",
                  settings.PROMPTFLOW_CONNECTION_NAME, scoring_uri, kind)
 
@@ -77,7 +83,8 @@ def run_local(settings: config.Settings, args: argparse.Namespace) -> int:
         log.info("%s", local_deploy.teardown(settings))
         return 0
     info = local_deploy.deploy(settings, rotate_key=args.rotate_key, force=args.force)
-    publish(settings, info.scoring_uri, info.key, "local", connection=not args.no_connection)
+    chat_format = local_deploy.chat_format_of(settings, info.model_uri)
+    publish(settings, info.scoring_uri, info.key, "local", chat_format, connection=not args.no_connection)
     log.info("endpoint serving %s at %s (pid %s, log %s)", info.model_uri, info.scoring_uri, info.pid, info.log_path)
     return 0
 
@@ -96,7 +103,11 @@ def run_azure(settings: config.Settings, args: argparse.Namespace) -> int:
             log.info("%s", line)
         return 0
     info = workflow.deploy(settings, job_name=args.job_name, force=args.force)
-    publish(settings, info.scoring_uri, info.key, info.kind, connection=not args.no_connection)
+    from finetune_phi.training import job_module
+
+    # The registered model is in the workspace, not here: its family follows from the base model's id.
+    chat_format = job_module("chat_format").turn_format_of_model_id(settings.BASE_MODEL)
+    publish(settings, info.scoring_uri, info.key, info.kind, chat_format, connection=not args.no_connection)
     return 0
 
 

@@ -30,4 +30,5 @@ from endpoint_client import chat_stream, endpoint_from_connection, messages_from
 @tool
 def chat_with_endpoint(question: str, chat_history: list, connection: CustomConnection) -> Iterator[str]:
     endpoint = endpoint_from_connection(connection.configs, connection.secrets)
-    yield from chat_stream(endpoint.url, endpoint.key, messages_from_history(chat_history, question), kind=endpoint.kind)
+    yield from chat_stream(endpoint.url, endpoint.key, messages_from_history(chat_history, question), kind=endpoint.kind,
+                           chat_format_name=endpoint.chat_format)

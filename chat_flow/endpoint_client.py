@@ -114,6 +114,8 @@ NOT_DEPLOYED_HINT = "run python deploy_model.py first"
 KINDS = ("local", "azure-mlflow", "azure-catalog")
 PROMPT_KINDS = ("local", "azure-mlflow")  # our MLflow model: one prompt string in, a list of strings out
 KIND_VARIABLE = "AZURE_ML_ENDPOINT_KIND"
+CHAT_FORMAT_VARIABLE = "AZURE_ML_CHAT_FORMAT"
+DEFAULT_CHAT_FORMAT: str = chat_format.DEFAULT_TURN_FORMAT
 # What an .env or connection written before kinds existed meant: deploy_model.py then only ever
 # deployed our own model, whose request shape "local" and "azure-mlflow" share.
 LEGACY_KIND = "local"
@@ -301,16 +303,31 @@ def check_kind(kind: str | None, *, source: str = KIND_VARIABLE) -> str:
     return kind
 
 
+def check_chat_format(name: str | None, *, source: str = CHAT_FORMAT_VARIABLE) -> str:
+    """The deployed model's family (chat_format.TURN_FORMATS); empty (an older deploy) means Phi-3's."""
+    name = (name or "").strip() or DEFAULT_CHAT_FORMAT
+    if name not in chat_format.TURN_FORMATS:
+        raise EndpointError(
+            f"{source}={name!r} is not a chat format: use one of {', '.join(chat_format.TURN_FORMATS)} "
+            "(python deploy_model.py writes it)"
+        )
+    return name
+
+
 def request_body(
-    kind: str, messages: Sequence[Mapping[str, str]], params: Mapping[str, Any] | None = None
+    kind: str,
+    messages: Sequence[Mapping[str, str]],
+    params: Mapping[str, Any] | None = None,
+    chat_format_name: str = DEFAULT_CHAT_FORMAT,
 ) -> dict[str, Any]:
-    """What `kind`'s scoring endpoint expects for this conversation (see the module docstring)."""
+    """What `kind`'s scoring endpoint expects for this conversation (see the module docstring), the
+    conversation written in the deployed model's family's format (`chat_format_name`)."""
     kind = check_kind(kind)
     parameters = {**DEFAULT_PARAMS, **(params or {})}
     if kind == "azure-catalog":
         msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
         return {"input_data": {"input_string": msgs, "parameters": parameters}}
-    return {"input_data": [encode_prompt(messages)], "params": parameters}
+    return {"input_data": [encode_prompt(messages, check_chat_format(chat_format_name))], "params": parameters}
 
 
 def reply_text(kind: str, body: Any, endpoint: str = "") -> str:
@@ -337,12 +354,13 @@ def ask(
     params: Mapping[str, Any] | None = None,
     timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
     session: requests.Session | None = None,
+    chat_format_name: str = DEFAULT_CHAT_FORMAT,
 ) -> str:
     """One question, one reply."""
     if not isinstance(question, str) or not question.strip():
         raise ValueError("question is empty: pass the text to send to the model")
     return chat(endpoint, key, [{"role": "user", "content": question}], kind=kind, params=params,
-                timeout=timeout, session=session)
+                timeout=timeout, session=session, chat_format_name=chat_format_name)
 
 
 def chat(
@@ -354,12 +372,13 @@ def chat(
     params: Mapping[str, Any] | None = None,
     timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
     session: requests.Session | None = None,
+    chat_format_name: str = DEFAULT_CHAT_FORMAT,
 ) -> str:
     """A conversation (role/content messages, the last one the user's) in, the assistant's reply out."""
     msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
     if not msgs or msgs[-1]["role"] != "user":
         raise ValueError("messages must end with a user message: add the question as the last message")
-    payload = request_body(kind, msgs, params)
+    payload = request_body(kind, msgs, params, chat_format_name)
     body = score(endpoint, key, payload, timeout=timeout, session=session)
     return reply_text(kind, body, endpoint)
 
@@ -397,6 +416,7 @@ def chat_stream(
     params: Mapping[str, Any] | None = None,
     timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
     session: requests.Session | None = None,
+    chat_format_name: str = DEFAULT_CHAT_FORMAT,
 ) -> Iterator[str]:
     """The assistant's reply in pieces as they are generated ("local"), or whole in one piece (Azure kinds).
 
@@ -407,7 +427,8 @@ def chat_stream(
     if not msgs or msgs[-1]["role"] != "user":
         raise ValueError("messages must end with a user message: add the question as the last message")
     if check_kind(kind) != "local":
-        yield chat(endpoint, key, msgs, kind=kind, params=params, timeout=timeout, session=session)
+        yield chat(endpoint, key, msgs, kind=kind, params=params, timeout=timeout, session=session,
+                   chat_format_name=chat_format_name)
         return
     url = chat_completions_url(endpoint)
     body = {"messages": msgs, "stream": True, **openai_params(params)}
@@ -469,6 +490,7 @@ class Endpoint:
     url: str
     key: str = field(repr=False)  # never in a log line or a traceback
     kind: str = LEGACY_KIND
+    chat_format: str = DEFAULT_CHAT_FORMAT  # the deployed model's family (chat_format.TURN_FORMATS)
 
 
 def endpoint_from_connection(configs: Mapping[str, Any], secrets: Mapping[str, Any]) -> Endpoint:
@@ -480,7 +502,9 @@ def endpoint_from_connection(configs: Mapping[str, Any], secrets: Mapping[str, A
             f"the Prompt flow connection lacks configs.endpoint or secrets.key; {NOT_DEPLOYED_HINT}"
         )
     kind = str(configs["kind"]) if "kind" in configs else ""
-    return Endpoint(url, key, check_kind(kind, source="the Prompt flow connection's configs.kind"))
+    family = str(configs["chat_format"]) if "chat_format" in configs else ""
+    return Endpoint(url, key, check_kind(kind, source="the Prompt flow connection's configs.kind"),
+                    check_chat_format(family, source="the Prompt flow connection's configs.chat_format"))
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -532,7 +556,7 @@ def endpoint_from_environment(
     """
     environ = os.environ if environ is None else environ
     folders = [Path.cwd()] if folders is None else [Path(f) for f in folders]
-    names = ("AZURE_ML_ENDPOINT", "AZURE_ML_API_KEY", KIND_VARIABLE)
+    names = ("AZURE_ML_ENDPOINT", "AZURE_ML_API_KEY", KIND_VARIABLE, CHAT_FORMAT_VARIABLE)
     values = {n: environ[n] for n in names if environ.get(n)}
     env_file = None
     if len(values) < len(names):
@@ -545,4 +569,5 @@ def endpoint_from_environment(
             f"AZURE_ML_ENDPOINT or AZURE_ML_API_KEY is not set in {where}; {NOT_DEPLOYED_HINT}, "
             "or set ENV_FILE to the .env it wrote"
         )
-    return Endpoint(values["AZURE_ML_ENDPOINT"], values["AZURE_ML_API_KEY"], check_kind(values.get(KIND_VARIABLE)))
+    return Endpoint(values["AZURE_ML_ENDPOINT"], values["AZURE_ML_API_KEY"], check_kind(values.get(KIND_VARIABLE)),
+                    check_chat_format(values.get(CHAT_FORMAT_VARIABLE)))

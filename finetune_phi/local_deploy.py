@@ -588,3 +588,17 @@ def _teardown_locked(settings: config.Settings, timeout: float) -> str:
         )
     where = deployment.get("scoring_uri", f"port {settings.LOCAL_ENDPOINT_PORT}")
     return f"local endpoint {outcome} (pid {pid}, {deployment.get('model_uri', 'model')} at {where}){also}"
+
+
+def chat_format_of(settings: config.Settings, model_uri: str) -> str:
+    """The deployed model's family (config.CHAT_FORMATS), from the prompt template it was packaged with."""
+    use_local_mlflow(settings)
+    import mlflow
+    from mlflow.models import Model
+
+    from finetune_phi.training import job_module
+
+    chat_format = job_module("chat_format")
+    mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/MLmodel")
+    template = (Model.load(mlmodel).metadata or {}).get("prompt_template")
+    return chat_format.turn_format_of(template) if template else chat_format.DEFAULT_TURN_FORMAT

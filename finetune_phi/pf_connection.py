@@ -2,9 +2,10 @@
 
     python -m finetune_phi.pf_connection show       # the connection's endpoint (never its key)
 
-`deploy_model.py` calls `upsert_connection(settings, endpoint=..., key=..., kind=...)`; the chat flow
-names the connection (PROMPTFLOW_CONNECTION_NAME, default phi3_endpoint) and Prompt flow hands the
-tool its `configs["endpoint"]`, `configs["kind"]` (config.ENDPOINT_KINDS) and decrypted `secrets["key"]`.
+`deploy_model.py` calls `upsert_connection(settings, endpoint=..., key=..., kind=..., chat_format=...)`;
+the chat flow names the connection (PROMPTFLOW_CONNECTION_NAME, default phi3_endpoint) and Prompt flow
+hands the tool its `configs["endpoint"]`, `configs["kind"]` (config.ENDPOINT_KINDS),
+`configs["chat_format"]` (config.CHAT_FORMATS) and decrypted `secrets["key"]`.
 
 Prompt flow fixes its home directory when it is first imported, so the connection store is written
 by a child process started with `pf_env.promptflow_env(settings)`: the caller may have imported
@@ -36,7 +37,8 @@ class PromptflowConnectionError(RuntimeError):
     """Creating or reading the Prompt flow connection failed."""
 
 
-def _check(name: str, endpoint: str | None = None, key: str | None = None, kind: str | None = None) -> None:
+def _check(name: str, endpoint: str | None = None, key: str | None = None, kind: str | None = None,
+           chat_format: str | None = None) -> None:
     problems = []
     if not NAME_RE.match(name or ""):
         problems.append(
@@ -50,6 +52,8 @@ def _check(name: str, endpoint: str | None = None, key: str | None = None, kind:
         problems.append("key is empty: pass the endpoint's key (AZURE_ML_API_KEY)")
     if kind is not None and kind not in config.ENDPOINT_KINDS:
         problems.append(f"kind={kind!r}: use one of {', '.join(config.ENDPOINT_KINDS)}")
+    if chat_format is not None and chat_format not in config.CHAT_FORMATS:
+        problems.append(f"chat_format={chat_format!r}: use one of {', '.join(config.CHAT_FORMATS)}")
     if problems:
         raise config.ConfigError(problems)
 
@@ -74,14 +78,17 @@ def _run_child(settings: config.Settings, action: str, payload: dict[str, str]) 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def upsert_connection(settings: config.Settings, *, endpoint: str, key: str, kind: str) -> dict[str, Any]:
+def upsert_connection(
+    settings: config.Settings, *, endpoint: str, key: str, kind: str, chat_format: str = "phi3"
+) -> dict[str, Any]:
     """Create or update the CustomConnection `settings.PROMPTFLOW_CONNECTION_NAME`.
 
     Returns the stored connection's name and configs (the key is not returned).
     """
     name = settings.PROMPTFLOW_CONNECTION_NAME
-    _check(name, endpoint, key, kind)
-    stored = _run_child(settings, "upsert", {"name": name, "endpoint": endpoint, "key": key, "kind": kind})
+    _check(name, endpoint, key, kind, chat_format)
+    payload = {"name": name, "endpoint": endpoint, "key": key, "kind": kind, "chat_format": chat_format}
+    stored = _run_child(settings, "upsert", payload)
     log.info(
         "Prompt flow connection %r -> %s (key %s, home %s)",
         name, stored["configs"].get("endpoint"), common.redact(key), pf_env.promptflow_home(settings),
@@ -108,7 +115,7 @@ def _child(action: str) -> int:
     if action == "upsert":
         connection = CustomConnection(
             name=payload["name"],
-            configs={"endpoint": payload["endpoint"], "kind": payload["kind"]},
+            configs={"endpoint": payload["endpoint"], "kind": payload["kind"], "chat_format": payload["chat_format"]},
             secrets={"key": payload["key"]},
         )
         stored = client.connections.create_or_update(connection)

@@ -68,6 +68,32 @@ PROMPT_TEMPLATE = "<|user|>\n{prompt}<|end|>\n<|assistant|>\n"
 _PROMPT_MARK = "\x00prompt\x00"
 
 
+# How each supported family writes a conversation as text: the header of a ROLE's turn and the end of a
+# turn. The conversation contract of encode_prompt, for the client, which knows the family by this name
+# (deploy_model.py records it as AZURE_ML_CHAT_FORMAT) and imports nothing beyond the standard library.
+TURN_FORMATS: dict[str, tuple[str, str]] = {
+    "phi3": ("<|{role}|>\n", "<|end|>\n"),  # Phi-3-mini, Phi-3.5-mini
+    "phi4-mini": ("<|{role}|>", "<|end|>"),  # Phi-4-mini
+}
+DEFAULT_TURN_FORMAT = "phi3"
+
+
+def turn_format_of(template: str) -> str:
+    """The TURN_FORMATS name whose user turn and assistant header make up this MLflow prompt template."""
+    for name, (header, end) in TURN_FORMATS.items():
+        if header.format(role="user") + "{prompt}" + end + header.format(role="assistant") == template:
+            return name
+    raise ValueError(
+        f"the chat template's turn {template!r} is none of the supported Phi families' ({', '.join(TURN_FORMATS)}): "
+        "fine-tune Phi-3-mini-4k-instruct, Phi-3.5-mini-instruct or Phi-4-mini-instruct"
+    )
+
+
+def turn_format_of_model_id(model: str) -> str:
+    """The family of a Hub or catalog model id, where only its name is at hand (an Azure deployment)."""
+    return "phi4-mini" if "phi-4-mini" in model.lower() else DEFAULT_TURN_FORMAT
+
+
 def prompt_template(tokenizer: PreTrainedTokenizerBase) -> str:
     """The MLflow prompt template of a model: its own chat template's rendering of one user turn holding
     `{prompt}`, then the assistant's turn header. Phi-3 and Phi-3.5 give PROMPT_TEMPLATE; Phi-4-mini
@@ -122,14 +148,19 @@ class GenerationDefaults:
 GENERATION_DEFAULTS = GenerationDefaults()
 
 
-def encode_prompt(messages: Iterable[Mapping[str, str]]) -> str:
-    """A conversation as the ONE prompt string that PROMPT_TEMPLATE wraps: our model's conversation contract.
+def encode_prompt(messages: Iterable[Mapping[str, str]], turn_format: str = DEFAULT_TURN_FORMAT) -> str:
+    """A conversation as the ONE prompt string that the model's prompt template wraps: our model's
+    conversation contract, in `turn_format` (a TURN_FORMATS name: the model's family).
 
-    The first user message's content, then "<|end|>\n<|ROLE|>\nCONTENT" for each following message;
-    inside the template that is byte for byte what Phi-3's chat template makes of the messages (with
-    add_generation_prompt). A leading system message is folded into the first user message
-    ("SYSTEM\n\nUSER"): the template opens with <|user|>, so a <|system|> turn cannot be expressed.
+    The first user message's content, then END + HEADER(role) + CONTENT for each following message
+    (Phi-3: "<|end|>\n<|ROLE|>\nCONTENT"); inside the template that is byte for byte what the family's
+    chat template makes of the messages (with add_generation_prompt). A leading system message is
+    folded into the first user message ("SYSTEM\n\nUSER"): the template opens with the user's turn,
+    so a system turn cannot be expressed.
     """
+    if turn_format not in TURN_FORMATS:
+        raise ValueError(f"chat format {turn_format!r}: use one of {', '.join(TURN_FORMATS)}")
+    header, end = TURN_FORMATS[turn_format]
     msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
     if msgs and msgs[0]["role"] == "system":
         system = msgs.pop(0)["content"]
@@ -140,7 +171,7 @@ def encode_prompt(messages: Iterable[Mapping[str, str]]) -> str:
         raise ValueError("the conversation must start with a user message (after an optional system message)")
     prompt = msgs[0]["content"]
     for m in msgs[1:]:
-        prompt += f"{END_OF_TURN}\n<|{m['role']}|>\n{m['content']}"
+        prompt += end + header.format(role=m["role"]) + m["content"]
     return prompt
 
 

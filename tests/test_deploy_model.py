@@ -39,11 +39,14 @@ def test_azure_deploy_publishes_the_kind_of_deployment_it_made(tmp_path: Path, m
     from finetune_phi.azure import workflow
 
     published = []
-    monkeypatch.setattr(deploy_model, "publish", lambda s, uri, key, kind, connection: published.append(kind))
+    monkeypatch.setattr(deploy_model, "publish",
+                        lambda s, uri, key, kind, chat_format, connection: published.append((kind, chat_format)))  # fmt: skip
     args = SimpleNamespace(dry_run=None, check=False, teardown=False, job_name=None, no_connection=True, force=False)
     settings = _settings(tmp_path)
     for kind in ("azure-mlflow", "azure-catalog"):
         info = workflow.AzureDeployInfo("e", "d", "https://e/score", "azureml:m:1", "job", key="k", kind=kind)
         monkeypatch.setattr(workflow, "deploy", lambda s, job_name=None, force=False: info)
         assert deploy_model.run_azure(settings, args) == 0
-    assert published == ["azure-mlflow", "azure-catalog"]
+    # The family follows the base model's id: the registered model itself is in the workspace.
+    assert deploy_model.run_azure(settings.with_overrides(BASE_MODEL="microsoft/Phi-4-mini-instruct"), args) == 0
+    assert published == [("azure-mlflow", "phi3"), ("azure-catalog", "phi3"), ("azure-catalog", "phi4-mini")]

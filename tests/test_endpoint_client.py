@@ -190,6 +190,8 @@ def test_no_kind_means_our_models_shape_logged_once(server: ScriptedServer, capl
 def test_the_kinds_match_config() -> None:
     assert ec.KINDS == config.ENDPOINT_KINDS
     assert config.Settings().AZURE_ML_ENDPOINT_KIND == ec.LEGACY_KIND
+    assert tuple(ec.chat_format.TURN_FORMATS) == config.CHAT_FORMATS  # the families, named alike in both
+    assert config.Settings().AZURE_ML_CHAT_FORMAT == ec.DEFAULT_CHAT_FORMAT
 
 
 # --- the prompt our MLflow model sees ---------------------------------------------------------------------

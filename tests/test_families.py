@@ -79,6 +79,36 @@ def test_the_phi4_training_twin_renders_the_published_text_and_masks_only_assist
     assert twin.decode(learned) == "B<|end|>D<|end|>"  # the assistant's words and its end of turn, nothing else
 
 
+@pytest.mark.parametrize("family, template", [("phi3", "PHI3_CHAT_TEMPLATE"), ("phi4-mini", "PHI4_MINI_CHAT_TEMPLATE")])
+def test_a_conversation_as_one_prompt_is_the_familys_own_rendering(family: str, template: str) -> None:
+    tokenizer = tokenizer_with(getattr(chat_format, template))
+    wrapper = chat_format.prompt_template(tokenizer)
+    assert chat_format.turn_format_of(wrapper) == family
+    for conversation in CONVERSATIONS:
+        asked = [*conversation, {"role": "user", "content": "And?"}] if conversation[-1]["role"] == "assistant" else conversation
+        expected = tokenizer.apply_chat_template(asked, add_generation_prompt=True, tokenize=False)
+        if asked[0]["role"] == "system":  # folded into the first user turn (the wrapper opens with it)
+            folded = [{"role": "user", "content": f"{asked[0]['content']}\n\n{asked[1]['content']}"}, *asked[2:]]
+            expected = tokenizer.apply_chat_template(folded, add_generation_prompt=True, tokenize=False)
+        assert wrapper.format(prompt=chat_format.encode_prompt(asked, family)) == expected
+    with pytest.raises(ValueError, match="none of the supported Phi families"):
+        chat_format.turn_format_of("### User: {prompt}\n### Assistant:")
+    assert chat_format.turn_format_of_model_id("microsoft/Phi-4-mini-instruct") == "phi4-mini"
+    assert chat_format.turn_format_of_model_id("microsoft/Phi-3.5-mini-instruct") == "phi3"
+
+
+def test_the_client_reads_the_family_and_refuses_an_unknown_one(tmp_path: Path) -> None:
+    from chat_flow.endpoint_client import EndpointError, endpoint_from_environment, request_body
+
+    env = {"AZURE_ML_ENDPOINT": "http://127.0.0.1:1/score", "AZURE_ML_API_KEY": "k" * 32}
+    assert endpoint_from_environment({**env, "ENV_FILE": str(tmp_path / "none")}).chat_format == "phi3"  # an older .env
+    assert endpoint_from_environment({**env, "AZURE_ML_CHAT_FORMAT": "phi4-mini"}).chat_format == "phi4-mini"
+    with pytest.raises(EndpointError, match="AZURE_ML_CHAT_FORMAT='phi5'"):
+        endpoint_from_environment({**env, "AZURE_ML_CHAT_FORMAT": "phi5"})
+    turns = CONVERSATIONS[2] + [{"role": "user", "content": "E"}]
+    assert request_body("azure-mlflow", turns, None, "phi4-mini")["input_data"] == ["A<|end|><|assistant|>B<|end|><|user|>C<|end|><|assistant|>D<|end|><|user|>E"]
+
+
 @pytest.fixture(scope="module")
 def phi4_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model of Phi-4-mini's layout and template, saved as a local folder (a user's download)."""
@@ -140,6 +170,19 @@ def test_a_phi4_mini_shaped_model_goes_through_fine_tune_deploy_and_both_flows(p
     try:
         deployed = run([sys.executable, "deploy_model.py", "--force"], env)
         assert deployed.returncode == 0, deployed.stderr[-4000:]
+        published = config.load(env={k: v for k, v in env.items() if not k.startswith("AZURE_ML_")})
+        assert published.AZURE_ML_CHAT_FORMAT == "phi4-mini"  # recorded from the packaged model's prompt template
+        # A conversation through /score, written in Phi-4-mini's format, gets the greedy reply the OpenAI route
+        # gives the same messages (rendered by the tokenizer's own template): the two paths agree.
+        from chat_flow.endpoint_client import chat, chat_stream
+
+        turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                 {"role": "user", "content": "Who founded Microsoft?"}]  # fmt: skip
+        url, key = published.AZURE_ML_ENDPOINT, published.AZURE_ML_API_KEY
+        greedy = {"max_new_tokens": 12}
+        by_score = chat(url, key, turns, kind="local", params=greedy, chat_format_name="phi4-mini")
+        by_messages = "".join(chat_stream(url, key, turns, kind="local", params=greedy))
+        assert by_score == by_messages
         pf_env = subprocess_env(settings, env)
         start_own_pf_service(PF, pf_env)
         try:

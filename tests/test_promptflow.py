@@ -403,11 +403,12 @@ def test_connection_upsert_creates_updates_and_keeps_the_secret(tmp_path: Path, 
 
     first = pf_connection.upsert_connection(settings, endpoint="http://127.0.0.1:5001/score",
                                             key="key-one-aaaaaaaaaaaaaaaa", kind="local")
-    assert first == {"name": "phi3_endpoint", "configs": {"endpoint": "http://127.0.0.1:5001/score", "kind": "local"}}
+    assert first == {"name": "phi3_endpoint",
+                     "configs": {"endpoint": "http://127.0.0.1:5001/score", "kind": "local", "chat_format": "phi3"}}
     pf_connection.upsert_connection(settings, endpoint="http://127.0.0.1:5002/score",
-                                    key="key-two-bbbbbbbbbbbbbbbb", kind="azure-catalog")
+                                    key="key-two-bbbbbbbbbbbbbbbb", kind="azure-mlflow", chat_format="phi4-mini")
     stored = pf_connection.read_connection(settings, with_secret=True)
-    assert stored["configs"] == {"endpoint": "http://127.0.0.1:5002/score", "kind": "azure-catalog"}
+    assert stored["configs"] == {"endpoint": "http://127.0.0.1:5002/score", "kind": "azure-mlflow", "chat_format": "phi4-mini"}
     assert stored["secrets"] == {"key": "key-two-bbbbbbbbbbbbbbbb"}
 
     # Encrypted at rest: the sqlite store does not hold the key in clear.
@@ -422,6 +423,9 @@ def test_connection_upsert_creates_updates_and_keeps_the_secret(tmp_path: Path, 
                                         endpoint="http://127.0.0.1:1/score", key="k", kind="local")
     with pytest.raises(config.ConfigError, match="local, azure-mlflow, azure-catalog"):
         pf_connection.upsert_connection(settings, endpoint="http://127.0.0.1:1/score", key="k", kind="serverless")
+    with pytest.raises(config.ConfigError, match="chat_format='phi5': use one of phi3, phi4-mini"):
+        pf_connection.upsert_connection(settings, endpoint="http://127.0.0.1:1/score", key="k", kind="local",
+                                        chat_format="phi5")
 
 
 # --- the flows through the real pf CLI -----------------------------------------------------------------
