@@ -116,7 +116,8 @@ def test_catalog_job_fine_tunes_phi3_mini_with_config_hyperparameters(tmp_path: 
     job = entities.catalog_job(s)
     assert job.model.path.startswith("azureml://registries/azureml/models/Phi-3-mini-4k-instruct")
     assert job.task.lower() == "chatcompletion"
-    assert job.hyperparameters["num_train_epochs"] == "3.0"
+    assert job.hyperparameters["num_train_epochs"] == "3"  # an integer string, as Azure's samples send it
+    assert entities.catalog_hyperparameters(azure_settings(tmp_path, NUM_TRAIN_EPOCHS=1.5))["num_train_epochs"] == "1.5"
     assert float(job.hyperparameters["learning_rate"]) == 2e-5
     assert job.hyperparameters["per_device_train_batch_size"] == "2"
     assert job.training_data.path == str(s.train_data_path) and job.validation_data.path == str(s.test_data_path)

@@ -152,10 +152,15 @@ def training_job(settings: config.Settings) -> "Command":
     return builder
 
 
+def _number(value: float) -> str:
+    """A whole number as Azure's own fine-tuning samples write it ("1", not "1.0"); others as they are."""
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
 def catalog_hyperparameters(settings: config.Settings) -> dict[str, str]:
     # The catalog's fine-tuning component takes every value as a string.
     return {
-        "num_train_epochs": repr(settings.NUM_TRAIN_EPOCHS),
+        "num_train_epochs": _number(settings.NUM_TRAIN_EPOCHS),
         "learning_rate": repr(settings.LEARNING_RATE),
         "per_device_train_batch_size": str(settings.PER_DEVICE_TRAIN_BATCH_SIZE),
         "gradient_accumulation_steps": str(settings.GRADIENT_ACCUMULATION_STEPS),
