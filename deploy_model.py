@@ -50,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def publish(
-    settings: config.Settings, scoring_uri: str, key: str, kind: str, chat_format: str = "phi3", connection: bool = True
+    settings: config.Settings,
+    scoring_uri: str,
+    key: str,
+    kind: str,
+    chat_format: str = config.Settings.AZURE_ML_CHAT_FORMAT,
+    connection: bool = True,
 ) -> None:
     """Hand the endpoint to the flows: .env for the SDK variant, a CustomConnection for the Studio variant.
 

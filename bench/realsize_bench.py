@@ -186,18 +186,6 @@ def read_bandwidth_gbs(threads: int, gib: float = 1.0, tries: int = 5) -> float:
         torch.set_num_threads(previous)
 
 
-def merged_hf_folder(model_dir: Path, work: Path) -> Path:
-    """The MLflow model's weights and tokenizer side by side (links, no copy): what `transformers serve` loads."""
-    from finetune_phi.endpoint.loading import model_folder
-
-    out = work / "peer-model"
-    out.mkdir(exist_ok=True)
-    for source in [*model_folder(model_dir).iterdir(), *(model_dir / "components" / "tokenizer").iterdir()]:
-        if not (out / source.name).exists():
-            (out / source.name).symlink_to(source)
-    return out
-
-
 # --- the run --------------------------------------------------------------------------------------------
 
 
@@ -218,7 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import config
     from finetune_phi import fixtures
     from finetune_phi.common import read_state
-    from finetune_phi.endpoint.loading import kv_bytes_per_token, read_weights
+    from finetune_phi.endpoint.loading import DTYPE_BYTES, kv_bytes_per_token, model_folder, read_weights
 
     tokenizer_dir, rows = fixtures.phi3_tokenizer_dir(), fixtures.ultrachat_first20()
     work = Path(tempfile.mkdtemp(prefix="realsize-", dir=args.work_dir))
@@ -245,7 +233,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         left = folder_bytes(settings.state_dir) - before
         training = read_state(settings)["training"]
         model_dir = Path(training["model_output_dir"])
-        saved = read_weights(model_dir / "model")
+        saved = read_weights(model_folder(model_dir))
         out["fine_tune"] = {"saved_dtype": saved.saved_dtype, "disk_left_gib": round(left / GIB, 2),
                             "disk_ratio_to_base": round(left / base_bytes, 3)}  # fmt: skip
         steps["deploy"] = run_step("deploy", [py, "deploy_model.py", "--force"], env, work)
@@ -272,10 +260,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         steps["teardown"] = run_step("teardown", [py, "deploy_model.py", "--teardown"], env, work)
 
         dtype = "bfloat16" if "bfloat16 (" in (out["endpoint_load_plan"] or "") else "float32"
-        peer = peer_decode(merged_hf_folder(model_dir, work), work, args.threads, dtype)
-        config_json = json.loads((model_dir / "model" / "config.json").read_text())
+        peer = peer_decode(serve_bench.link_hf_folder(model_dir, work / "peer-model"), work, args.threads, dtype)
+        config_json = json.loads((model_folder(model_dir) / "config.json").read_text())
         context = DECODE_TOKENS + 16  # prompt + reply: what one decode step reads from the KV cache, at most
-        per_token = saved.parameters * 2 + kv_bytes_per_token(config_json, 2) * context
+        itemsize = DTYPE_BYTES[dtype]  # the weights and cache as served
+        per_token = saved.parameters * itemsize + kv_bytes_per_token(config_json, itemsize) * context
         bandwidth = read_bandwidth_gbs(args.threads)
         bound = bandwidth * 1e9 / per_token
         out["decode"] = {

@@ -260,13 +260,19 @@ def hf_folder(model: Model, work: Path) -> tuple[Path, int]:
     mlflow.set_tracking_uri(model.tracking_uri)
     mlflow.set_registry_uri(model.tracking_uri)  # each model has its own store
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model.uri))
-    out = work / f"hf-{model.size}"
+    return link_hf_folder(local, work / f"hf-{model.size}"), read_weights(model_folder(local)).parameters
+
+
+def link_hf_folder(mlflow_model: Path, out: Path) -> Path:
+    """`out` holding an MLflow transformers model's weights and tokenizer side by side, as links (no copy)."""
+    from finetune_phi.endpoint.loading import model_folder
+
     out.mkdir(parents=True, exist_ok=True)
-    for source in [*model_folder(local).iterdir(), *(local / "components" / "tokenizer").iterdir()]:
+    for source in [*model_folder(mlflow_model).iterdir(), *(mlflow_model / "components" / "tokenizer").iterdir()]:
         target = out / source.name
         if not target.exists():
             target.symlink_to(source)
-    return out, read_weights(model_folder(local)).parameters
+    return out
 
 
 @contextlib.contextmanager

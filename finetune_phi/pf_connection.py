@@ -79,7 +79,8 @@ def _run_child(settings: config.Settings, action: str, payload: dict[str, str]) 
 
 
 def upsert_connection(
-    settings: config.Settings, *, endpoint: str, key: str, kind: str, chat_format: str = "phi3"
+    settings: config.Settings, *, endpoint: str, key: str, kind: str,
+    chat_format: str = config.Settings.AZURE_ML_CHAT_FORMAT,
 ) -> dict[str, Any]:
     """Create or update the CustomConnection `settings.PROMPTFLOW_CONNECTION_NAME`.
 

@@ -393,7 +393,7 @@ def load_model_and_tokenizer(
     ensure_pad_token(tokenizer)
     if args.assistant_only_loss:
         # Trained with our `{% generation %}`-marked twin of the template where trl has none (the same
-        # text); Prepared.published_template puts the published one back before the model is saved.
+        # text); train() puts the published one back (chat_format.published_template) before saving.
         tokenizer.chat_template = training_template(tokenizer) or tokenizer.chat_template
         require_maskable_template(tokenizer)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Mapping, Sequence
 
 from conftest import free_port
 
@@ -27,3 +28,40 @@ def start_own_pf_service(pf: str, env: dict[str, str]) -> int:
                               stdout=out, stderr=subprocess.STDOUT, timeout=120)
     assert done.returncode == 0, f"pf service start --port {port} failed:\n{log.read_text()}"
     return port
+
+
+# --- the local pipeline as a user runs it, script by script ------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pipeline_env(base: Mapping[str, str], folder: Path, **extra: str) -> dict[str, str]:
+    """`base` plus a local pipeline of its own in `folder`: state, .env, data files and a free endpoint port."""
+    return {
+        **base,
+        "BACKEND": "local", "STATE_DIR": str(folder / "state"), "ENV_FILE": str(folder / ".env"),
+        "TRAIN_DATA_PATH": str(folder / "data" / "train.jsonl"), "TEST_DATA_PATH": str(folder / "data" / "test.jsonl"),
+        "LOCAL_ENDPOINT_PORT": str(free_port()), "NUM_TRAIN_EPOCHS": "1",
+        **extra,
+    }  # fmt: skip
+
+
+def run(argv: list[str], env: Mapping[str, str], timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    """A step of the pipeline (a script, or pf) as a user runs it: from the repository, its output captured."""
+    return subprocess.run(argv, cwd=REPO, env=dict(env), capture_output=True, text=True, timeout=timeout)
+
+
+def flow_answers(pf: str, env: Mapping[str, str], tests: Mapping[str, Sequence[str]]) -> dict[str, str]:
+    """`pf flow test` for each named (flow folder, input) pair, on a pf service of the home in `env`'s own;
+    each must exit 0. Returns each flow's answer."""
+    from finetune_phi.demo import parse_flow_answer
+
+    env = dict(env)
+    start_own_pf_service(pf, env)
+    try:
+        done = {name: run([pf, "flow", "test", "--flow", flow, "--inputs", given], env) for name, (flow, given) in tests.items()}
+    finally:
+        subprocess.run([pf, "service", "stop"], env=env, capture_output=True, timeout=60)
+    for name, proc in done.items():
+        assert proc.returncode == 0, f"{name}: {proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    return {name: parse_flow_answer(proc.stdout) for name, proc in done.items()}

@@ -13,6 +13,7 @@ cache `make fixtures` fills). Without it, these tests skip and say how to get it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -173,13 +174,19 @@ LOOPBACK_AZMLINFSRV = (
 
 @pytest.fixture(scope="module")
 def azure(azureml_python: Path, demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzureServer]:
+    with azmlinfsrv(azureml_python, demo_model, tmp_path_factory.mktemp("azmlinfsrv-home")) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def azmlinfsrv(azureml_python: Path, model_dir: Path, home: Path) -> Iterator[AzureServer]:
+    """Azure's scoring stack serving the MLflow model folder `model_dir`, ready (its /score answers); stopped on exit."""
     script = scoring_script()
-    home = tmp_path_factory.mktemp("azmlinfsrv-home")
     port = free_port()
     log_path = home / "azmlinfsrv.log"
     argv = [str(azureml_python), "-c", LOOPBACK_AZMLINFSRV, "--entry_script", str(script), "--port", str(port)]
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(argv, cwd=home, env=azure_env(script, demo_model, home), stdout=log,
+        proc = subprocess.Popen(argv, cwd=home, env=azure_env(script, model_dir, home), stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     server = AzureServer(f"http://127.0.0.1:{port}", proc, log_path)
     try:

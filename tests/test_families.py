@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,13 +20,11 @@ import httpx
 import pytest
 
 import config
-from conftest import free_port
 from finetune_phi.training import job_module
 from helpers_endpoint import AUTH, KEY, ThreadServer
 from helpers_model import stand_in_tokenizer_dir
-from helpers_pf import start_own_pf_service
-from test_azure_serving import LOOPBACK_AZMLINFSRV, azure_env, azureml_python, scoring_script  # noqa: F401 (a fixture)
-from test_hub_download import run
+from helpers_pf import flow_answers, pipeline_env, run
+from test_azure_serving import azmlinfsrv, azureml_python  # noqa: F401 (azureml_python: a fixture)
 
 chat_format = job_module("chat_format")
 PF = str(Path(sys.executable).parent / "pf")
@@ -144,10 +140,7 @@ def phi4_chain(phi4_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Cha
     """data -> setup_ml.py on the Phi-4-mini-shaped folder (LoRA, the CPU defaults), as a user runs them."""
     from finetune_phi.common import read_state
 
-    tmp = tmp_path_factory.mktemp("phi4-chain")
-    env = {**os.environ, "BACKEND": "local", "STATE_DIR": str(tmp / "state"), "ENV_FILE": str(tmp / ".env"),
-           "TRAIN_DATA_PATH": str(tmp / "data" / "train.jsonl"), "TEST_DATA_PATH": str(tmp / "data" / "test.jsonl"),
-           "LOCAL_ENDPOINT_PORT": str(free_port()), "NUM_TRAIN_EPOCHS": "1", "LOCAL_BASE_MODEL": str(phi4_tiny)}  # fmt: skip
+    env = pipeline_env(os.environ, tmp_path_factory.mktemp("phi4-chain"), LOCAL_BASE_MODEL=str(phi4_tiny))
     assert run([sys.executable, "download_dataset.py", "--source", "demo"], env).returncode == 0
     trained = run([sys.executable, "setup_ml.py"], env)
     assert trained.returncode == 0, trained.stderr[-4000:]
@@ -183,17 +176,11 @@ def test_a_phi4_mini_shaped_model_goes_through_fine_tune_deploy_and_both_flows(p
         by_score = chat(url, key, turns, kind="local", params=greedy, chat_format_name="phi4-mini")
         by_messages = "".join(chat_stream(url, key, turns, kind="local", params=greedy))
         assert by_score == by_messages
-        pf_env = subprocess_env(settings, env)
-        start_own_pf_service(PF, pf_env)
-        try:
-            standard = run([PF, "flow", "test", "--flow", ".", "--inputs", "input_data=Who founded Microsoft?"], pf_env)
-            chat = run([PF, "flow", "test", "--flow", "chat_flow", "--inputs", "question=Who founded Microsoft?"], pf_env)
-        finally:
-            subprocess.run([PF, "service", "stop"], env=pf_env, capture_output=True, timeout=60)
-        for name, answer in (("standard", standard), ("chat", chat)):
-            assert answer.returncode == 0, f"{name}: {answer.stdout[-3000:]}{answer.stderr[-3000:]}"
-            start = answer.stdout.rfind('{\n    "answer"')
-            assert isinstance(json.loads(answer.stdout[start:])["answer"], str), name
+        answers = flow_answers(PF, subprocess_env(settings, env), {
+            "standard": (".", "input_data=Who founded Microsoft?"),
+            "chat": ("chat_flow", "question=Who founded Microsoft?"),
+        })  # fmt: skip
+        assert all(isinstance(answer, str) for answer in answers.values()), answers
     finally:
         run([sys.executable, "deploy_model.py", "--teardown"], env)
 
@@ -206,30 +193,11 @@ def test_azures_scoring_stack_serves_the_phi4_mini_shaped_model_as_the_local_end
     from finetune_phi.endpoint.loading import LoadPolicy
     from finetune_phi.endpoint.server import create_app
 
-    script = scoring_script()
-    port = free_port()
-    log_path = tmp_path / "azmlinfsrv.log"
-    argv = [str(azureml_python), "-c", LOOPBACK_AZMLINFSRV, "--entry_script", str(script), "--port", str(port)]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(argv, cwd=tmp_path, env=azure_env(script, phi4_chain.model_dir, tmp_path), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     # The SDK tutorial's request, greedy so that both must give the same words.
     body = {"input_data": ["Who founded Microsoft?"], "params": {"max_new_tokens": 8, "do_sample": False}}
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, f"azmlinfsrv exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, f"azmlinfsrv never answered /score:\n{log_path.read_text()[-4000:]}"
-            try:
-                azure = httpx.post(f"http://127.0.0.1:{port}/score", json=body, timeout=60)
-                if azure.status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+    with azmlinfsrv(azureml_python, phi4_chain.model_dir, tmp_path) as server:
+        azure = httpx.post(f"{server.base}/score", json=body, timeout=60)
+    assert azure.status_code == 200, azure.text
     # Azure loads it in the dtype MLflow recorded (float32); the local endpoint, told the same, must agree.
     engine = Engine.from_mlflow(str(phi4_chain.model_dir), policy=LoadPolicy(dtype="float32"))
     with ThreadServer(create_app(KEY, engine=engine)) as local:

@@ -18,9 +18,8 @@ import pytest
 from hub_standin import HubStandIn
 
 import config
-from conftest import free_port
 from finetune_phi.training import job_module
-from helpers_pf import start_own_pf_service
+from helpers_pf import flow_answers, pipeline_env, run
 
 REPO = Path(__file__).resolve().parents[1]
 PF = str(Path(sys.executable).parent / "pf")
@@ -55,19 +54,8 @@ def hub(hub_repo: Path) -> Iterator[HubStandIn]:
 
 def user_env(tmp_path: Path, hub: HubStandIn, **extra: str) -> dict[str, str]:
     """A user's shell: an empty Hugging Face cache, the Hub at HF_ENDPOINT, a token, no offline switch."""
-    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_SWITCHES}
-    env.update(
-        HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"), HF_TOKEN=TOKEN,
-        BACKEND="local", STATE_DIR=str(tmp_path / "state"), ENV_FILE=str(tmp_path / ".env"),
-        TRAIN_DATA_PATH=str(tmp_path / "data" / "train.jsonl"), TEST_DATA_PATH=str(tmp_path / "data" / "test.jsonl"),
-        LOCAL_ENDPOINT_PORT=str(free_port()), NUM_TRAIN_EPOCHS="1",
-    )  # fmt: skip
-    env.update(extra)
-    return env
-
-
-def run(argv: list[str], env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    shell = {k: v for k, v in os.environ.items() if k not in OFFLINE_SWITCHES}
+    return pipeline_env(shell, tmp_path, HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"), HF_TOKEN=TOKEN, **extra)
 
 
 def failed_fine_tune_line(tmp_path: Path, env: dict[str, str]) -> str:
@@ -117,15 +105,8 @@ def test_setup_ml_downloads_a_hub_model_then_deploy_and_the_flow_answer(tmp_path
         assert deployed.returncode == 0, deployed.stderr[-4000:]
         from finetune_phi.pf_env import subprocess_env
 
-        pf_env = subprocess_env(settings, env)
-        start_own_pf_service(PF, pf_env)
-        try:
-            answer = run([PF, "flow", "test", "--flow", ".", "--inputs", "input_data=Who founded Microsoft?"], pf_env)
-        finally:
-            subprocess.run([PF, "service", "stop"], env=pf_env, capture_output=True, timeout=60)
-        assert answer.returncode == 0, answer.stdout[-3000:] + answer.stderr[-3000:]
-        start = answer.stdout.rfind('{\n    "answer"')
-        assert isinstance(json.loads(answer.stdout[start:])["answer"], str)
+        answers = flow_answers(PF, subprocess_env(settings, env), {"standard": (".", "input_data=Who founded Microsoft?")})
+        assert isinstance(answers["standard"], str)
     finally:
         run([sys.executable, "deploy_model.py", "--teardown"], env)
 

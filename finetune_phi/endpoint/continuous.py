@@ -135,6 +135,10 @@ class Stepper:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scale = self.layers[0].self_attn.scaling if hasattr(self.layers[0].self_attn, "scaling") else self.head_dim**-0.5
         self.window = getattr(config, "sliding_window", None)
+        # LongRoPE: its factors follow the sequence length (_rope_per_row), and a row that reaches the
+        # original context recomputes its cache (_switch_to_long_factors), as generate() does.
+        self.longrope = getattr(self.inner.rotary_emb, "rope_type", "default") == "longrope"
+        self.original_context: int | None = getattr(config, "original_max_position_embeddings", None) or None
         self.stop_ids = set(engine.stop_token_ids)
         self.param = next(model.parameters())
         # oneDNN-prepacked copies of the decoder layers' weights (see PACKED_* above), or none.
@@ -172,10 +176,6 @@ class Stepper:
             cos, sin = rotary(probe, position_ids=torch.arange(positions, device=self.param.device)[None])
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
-    @property
-    def _length_dependent_rope(self) -> bool:
-        return getattr(self.inner.rotary_emb, "rope_type", "default") == "longrope"
-
     def _rope_per_row(self, hidden: torch.Tensor, segments: Sequence[tuple[Row, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for LongRoPE, whose factors (short or long) follow the length of the sequence the model
         sees: generate() prefills a prompt of L tokens in one forward (factors of L) and then decodes
@@ -199,8 +199,7 @@ class Stepper:
         original context: it drops the cache (built with the short factors) and recomputes the whole
         sequence with the long ones. The row about to feed position `original` re-prefills its prompt and
         the tokens generated so far instead, so that it keeps giving the tokens generate() gives."""
-        original = getattr(self.model.config, "original_max_position_embeddings", None)
-        if original and not row.done and not row.prefilling and row.cached == original and row.generated:
+        if not row.done and not row.prefilling and row.cached == self.original_context and row.generated:
             row.refeed = row.prompt + row.generated
             row.cached = 0
 
@@ -255,7 +254,7 @@ class Stepper:
         (oldest first), so a long prompt is fed over several steps instead of one huge forward.
         A row always gets at least one token when nothing else runs.
         """
-        if self._length_dependent_rope:
+        if self.longrope and self.original_context is not None:
             for row in rows:
                 self._switch_to_long_factors(row)
         segments: list[tuple[Row, int, int]] = []  # (row, start in its sequence, n tokens)
@@ -288,7 +287,7 @@ class Stepper:
         hidden = self.inner.embed_tokens(input_ids)
         if self._rope is not None and max(positions) < self._rope[0].shape[2]:
             cos, sin = self._rope[0][:, :, position_ids[0]], self._rope[1][:, :, position_ids[0]]
-        elif self._length_dependent_rope:
+        elif self.longrope:
             cos, sin = self._rope_per_row(hidden, segments)
         else:
             cos, sin = self.inner.rotary_emb(hidden, position_ids=position_ids)

@@ -29,6 +29,7 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:
@@ -152,10 +153,10 @@ def resolve_device(requested: str) -> str:
 
 def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
     """The native-bf16 flags this CPU reports; the fine-tune asks the same question (finetuning_dir/native_dtypes.py)."""
-    return list(_hardware().cpu_bf16_flags(cpuinfo))
+    return list(_native_dtypes().cpu_bf16_flags(cpuinfo))
 
 
-def _hardware():  # type: ignore[no-untyped-def]
+def _native_dtypes() -> ModuleType:
     from finetune_phi.training import job_module
 
     return job_module("native_dtypes")
@@ -174,7 +175,7 @@ def resolve_dtype(requested: str, device: str, saved_dtype: str, cpu_flags: Iter
     flags = list(cpu_bf16_flags() if cpu_flags is None else cpu_flags)
     if not flags:
         note = f", weights saved in {saved_dtype}" if saved_dtype not in ("float32", "unknown") else ""
-        return "float32", f"auto: CPU without native bf16 (no {'/'.join(_hardware().CPU_BF16_FLAGS)}){note}"
+        return "float32", f"auto: CPU without native bf16 (no {'/'.join(_native_dtypes().CPU_BF16_FLAGS)}){note}"
     if saved_dtype in ("bfloat16", "float16"):
         return "bfloat16", f"auto: CPU with native bf16 ({', '.join(flags)}), weights saved in {saved_dtype}"
     return "float32", f"auto: CPU with native bf16 ({', '.join(flags)}), but weights saved in {saved_dtype}: kept"
