@@ -33,8 +33,9 @@ PLACEHOLDER_PREFIX = "<your-"
 BACKENDS = ("local", "azure")
 # What serves the model, and so which request shape the flows send (chat_flow/endpoint_client.py):
 # "local" = finetune_phi.endpoint; "azure-mlflow" = Azure's no-code deployment of our MLflow model;
-# "azure-catalog" = a model-catalog fine-tuned Phi-3 deployment.
-ENDPOINT_KINDS = ("local", "azure-mlflow", "azure-catalog")
+# "azure-catalog" = a model-catalog fine-tuned model on a managed online endpoint;
+# "azure-serverless" = a serverless endpoint (fine-tuning as a service): OpenAI chat completions.
+ENDPOINT_KINDS = ("local", "azure-mlflow", "azure-catalog", "azure-serverless")
 # The conversation encodings of the supported model families (finetuning_dir/chat_format.TURN_FORMATS).
 CHAT_FORMATS = ("phi3", "phi4-mini")
 ENDPOINT_DTYPES = ("auto", "float32", "bfloat16", "float16")  # finetune_phi.endpoint.loading.DTYPES
@@ -81,6 +82,13 @@ class Settings:
     AZURE_JOB_DISPLAY_NAME: str = "finetune-phi3-mini"
     AZURE_ENVIRONMENT_NAME: str = "finetune-phi3-env"
 
+    # --- Azure model catalog (setup_ml.py --mode serverless, --mode catalog) ---------------------
+    # The catalog model Azure fine-tunes, by its name in AZURE_CATALOG_REGISTRY. Azure retired Phi-3 and
+    # Phi-3.5 from catalog fine-tuning and inference: Phi-4-mini-instruct is their replacement. Each run
+    # reads the model's retirement dates and regions from the registry before anything is billed.
+    AZURE_CATALOG_MODEL: str = "Phi-4-mini-instruct"
+    AZURE_CATALOG_REGISTRY: str = "azureml"
+
     # --- model, endpoint, deployment --------------------------------------------------------
     AZURE_MODEL_NAME: str = "finetune-phi3-model"
     # Endpoint names are unique per Azure region: change it before a real Azure run.
@@ -94,9 +102,9 @@ class Settings:
     # Written by deploy_model.py into ENV_FILE; the flows read them from there.
     AZURE_ML_ENDPOINT: str = ""
     AZURE_ML_API_KEY: str = ""
-    # One of ENDPOINT_KINDS, also written by deploy_model.py; an .env from an older deploy has none,
-    # which means "local" (the request shape local and azure-mlflow share).
-    AZURE_ML_ENDPOINT_KIND: str = "local"
+    # One of ENDPOINT_KINDS, also written by deploy_model.py. Empty (an .env written by hand, the
+    # tutorial's way): the flows tell the kind from the URL where it can (chat_flow/endpoint_client.py).
+    AZURE_ML_ENDPOINT_KIND: str = ""
     # The deployed model's family (one of CHAT_FORMATS), also written by deploy_model.py: how a client
     # writes a conversation as the one prompt our MLflow model takes.
     AZURE_ML_CHAT_FORMAT: str = "phi3"
@@ -317,7 +325,7 @@ def _check_values(s: Settings) -> list[str]:
         problems.append(f"EVAL_GATE_MARGIN={s.EVAL_GATE_MARGIN}: use a score difference in [0, 1], e.g. 0.02")
     if s.PEFT not in ("auto", "lora", "full"):
         problems.append(f"PEFT={s.PEFT!r}: use auto, lora or full")
-    if s.AZURE_ML_ENDPOINT_KIND not in ENDPOINT_KINDS:
+    if s.AZURE_ML_ENDPOINT_KIND and s.AZURE_ML_ENDPOINT_KIND not in ENDPOINT_KINDS:
         problems.append(f"AZURE_ML_ENDPOINT_KIND={s.AZURE_ML_ENDPOINT_KIND!r}: use one of {', '.join(ENDPOINT_KINDS)}")
     if s.AZURE_ML_CHAT_FORMAT not in CHAT_FORMATS:
         problems.append(f"AZURE_ML_CHAT_FORMAT={s.AZURE_ML_CHAT_FORMAT!r}: use one of {', '.join(CHAT_FORMATS)}")

@@ -46,4 +46,4 @@ def find_endpoint(connection: Optional[CustomConnection] = None) -> Endpoint:
 @tool
 def integrate_with_promptflow(input_data: str, connection: Optional[CustomConnection] = None) -> str:
     endpoint = find_endpoint(connection)
-    return ask(endpoint.url, endpoint.key, input_data, kind=endpoint.kind, chat_format_name=endpoint.chat_format)
+    return ask(endpoint.url, endpoint.key, input_data, **endpoint.options())

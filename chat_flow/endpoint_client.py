@@ -16,28 +16,34 @@ The Phi-3 chat format (the prompt template, encode_prompt, the default generatio
 from its one home, finetuning_dir/chat_format.py, the training job's own file: load_chat_format says
 where each flow snapshot carries it.
 
-Three kinds of deployment, recorded by deploy_model.py (AZURE_ML_ENDPOINT_KIND in .env, `kind` in the
+Four kinds of deployment, recorded by deploy_model.py (AZURE_ML_ENDPOINT_KIND in .env, `kind` in the
 Prompt flow connection's configs), and the request each one answers:
 
   * "local" (finetune_phi.endpoint) and "azure-mlflow" (Azure's no-code deployment of our MLflow
     text-generation model, whose prompt template is chat_format.PROMPT_TEMPLATE):
         {"input_data": ["<prompt>"], "params": {"max_new_tokens": ..., ...}}  ->  ["<reply>"]
     A conversation becomes ONE prompt string (encode_prompt) which, inside the template, is exactly
-    what Phi-3's chat template makes of the same messages.
-  * "azure-catalog" (a model-catalog fine-tuned Phi-3, deployed with the catalog's scoring script):
+    what the model family's chat template makes of the same messages.
+  * "azure-catalog" (a model-catalog fine-tune on a managed online endpoint, the catalog's scoring script):
         {"input_data": {"input_string": [messages], "parameters": {...}}}     ->  {"output": "<reply>"}
     as documented on the Phi-3-mini-4k-instruct model card ("Inference sample inputs and outputs",
     Azure/azureml-assets assets/models/system/phi-3-mini-4k-instruct/description.md).
+  * "azure-serverless" (fine-tuning as a service, deployed as a serverless endpoint): OpenAI chat
+    completions at {scoring URI}/v1/chat/completions, {"messages": [...], "max_tokens", ...} ->
+    {"choices": [{"message": {"content": "<reply>"}}]}, as Azure's fine-tuning samples post it.
 
 Our MLflow model gets a 500 from Azure's scoring server for the catalog shape, and the local endpoint
-refuses it, so the shape follows the kind and is never guessed.
+refuses it, so the shape follows the kind. A setting written by hand, without a kind, is told by its
+URL where the URL can tell (guess_kind); where it cannot, the tutorial's own shape is sent, and a
+refusal says which setting to fill in and with what (never another shape tried silently).
 
-Streaming (`chat_stream`, what the chat flow's tool yields): only the "local" kind streams. Its
-OpenAI route sits beside /score (the same server, the same key): the URL is the /score URI with
-/score replaced by /v1/chat/completions, the conversation travels as messages (rendered by the
-model's chat template, which is what encode_prompt reproduces inside the prompt template), and the
-reply arrives as server-sent chat.completion.chunk events. Azure's deployments (azure-mlflow,
-azure-catalog) answer /score only and do not stream: chat_stream yields their whole reply as one piece.
+Streaming (`chat_stream`, what the chat flow's tool yields): the "local" and "azure-serverless" kinds
+stream. The local endpoint's OpenAI route sits beside /score (the same server, the same key): the URL
+is the /score URI with /score replaced by /v1/chat/completions, the conversation travels as messages
+(rendered by the model's chat template, which is what encode_prompt reproduces inside the prompt
+template), and the reply arrives as server-sent chat.completion.chunk events; a serverless endpoint
+streams the same events. Azure's managed online deployments (azure-mlflow, azure-catalog) answer
+/score only and do not stream: chat_stream yields their whole reply as one piece.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ import json
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -110,24 +117,34 @@ RETRY_AFTER_MAX = 30.0  # never sleep longer than this on a server's Retry-After
 
 NOT_DEPLOYED_HINT = "run python deploy_model.py first"
 
-# The deployment kinds (config.ENDPOINT_KINDS holds the same three; a test keeps them equal).
-KINDS = ("local", "azure-mlflow", "azure-catalog")
+# The deployment kinds (config.ENDPOINT_KINDS holds the same; a test keeps them equal).
+KINDS = ("local", "azure-mlflow", "azure-catalog", "azure-serverless")
 PROMPT_KINDS = ("local", "azure-mlflow")  # our MLflow model: one prompt string in, a list of strings out
+OPENAI_KINDS = ("azure-serverless",)  # OpenAI chat completions: messages in, choices[0].message out
+KIND_HELP = (
+    "local (this project's endpoint), azure-mlflow (a managed online endpoint serving the MLflow model "
+    "of setup_ml.py --backend azure), azure-catalog (a managed online endpoint serving a model-catalog "
+    "fine-tune), azure-serverless (a serverless endpoint: OpenAI chat completions)"
+)
 KIND_VARIABLE = "AZURE_ML_ENDPOINT_KIND"
+CONNECTION_KIND = "the Prompt flow connection's configs.kind"
 CHAT_FORMAT_VARIABLE = "AZURE_ML_CHAT_FORMAT"
 DEFAULT_CHAT_FORMAT: str = chat_format.DEFAULT_TURN_FORMAT
-# What an .env or connection written before kinds existed meant: deploy_model.py then only ever
-# deployed our own model, whose request shape "local" and "azure-mlflow" share.
-LEGACY_KIND = "local"
+# Azure ML serverless endpoints (fine-tuning as a service) answer at https://<name>.<region>.models.ai.azure.com.
+SERVERLESS_HOST_SUFFIXES = (".models.ai.azure.com",)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# Answers that say the request's shape or route was wrong, not the key, the load or the clock.
+SHAPE_STATUSES = frozenset({400, 404, 405, 415, 422, 424, 500})
 
 
 class EndpointError(RuntimeError):
     """The endpoint could not be reached or did not answer; the message names it and the HTTP status."""
 
-    def __init__(self, message: str, *, endpoint: str = "", status: int | None = None):
+    def __init__(self, message: str, *, endpoint: str = "", status: int | None = None, detail: str = ""):
         super().__init__(message)
         self.endpoint = endpoint
         self.status = status
+        self.detail = detail  # what the endpoint said, key hidden
 
 
 def validate_endpoint(endpoint: str | None) -> str:
@@ -251,7 +268,8 @@ def _post(
             endpoint=endpoint,
             status=status,
         )
-    raise EndpointError(f"endpoint {endpoint} answered HTTP {status}: {detail}", endpoint=endpoint, status=status)
+    raise EndpointError(f"endpoint {endpoint} answered HTTP {status}: {detail}", endpoint=endpoint, status=status,
+                        detail=detail)
 
 
 def score(
@@ -277,30 +295,50 @@ def score(
 
 # --- the request and reply of each kind ---------------------------------------------------------------
 
-_logged_without_kind: set[str] = set()
+_logged_guesses: set[tuple[str, str]] = set()
 
 
-def check_kind(kind: str | None, *, source: str = KIND_VARIABLE) -> str:
-    """The deployment kind, validated; an empty one (an .env or connection from an older deploy) is "local".
-
-    `source` names where the kind came from, for the messages: AZURE_ML_ENDPOINT_KIND or the connection.
-    """
+def check_kind(kind: str, *, source: str = KIND_VARIABLE) -> str:
+    """A recorded deployment kind, validated; `source` names where it came from, for the message."""
     kind = (kind or "").strip()
-    if not kind:
-        if source not in _logged_without_kind:  # once per source, not once per chat turn
-            _logged_without_kind.add(source)
-            log.info(
-                "%s is not set (written by an older deploy_model.py): using the request shape of %s; "
-                "re-run python deploy_model.py to record the kind",
-                source, " / ".join(PROMPT_KINDS),
-            )
-        return LEGACY_KIND
     if kind not in KINDS:
         raise EndpointError(
             f"{source}={kind!r} is not a deployment kind: use one of {', '.join(KINDS)} "
             f"(python deploy_model.py writes it)"
         )
     return kind
+
+
+def guess_kind(url: str, source: str = KIND_VARIABLE) -> str:
+    """The kind of an endpoint whose kind was never recorded (a connection or .env made by hand).
+
+    The URL tells it where it can: a serverless endpoint's host, a /v1 route, or any URL that is not
+    Azure ML's /score route takes OpenAI chat completions; a /score on this machine is our local
+    endpoint. A managed online endpoint's /score (https://<name>.<region>.inference.ml.azure.com/score)
+    serves our MLflow model or a catalog model alike, so there the request is the one the tutorial that
+    made the setting sends: a connection is the Studio tutorial's (the catalog shape), an .env the SDK
+    tutorial's (the MLflow shape). A wrong guess is reported as such (see chat), never retried silently.
+    """
+    parsed = urlparse(validate_endpoint(url))
+    host = (parsed.hostname or "").lower()
+    segments = [part for part in parsed.path.lower().split("/") if part]
+    if host.endswith(SERVERLESS_HOST_SUFFIXES) or "v1" in segments or segments[-1:] != ["score"]:
+        return "azure-serverless"  # not Azure ML's /score route: an OpenAI server's base URI or route
+    if host in LOOPBACK_HOSTS:
+        return "local"
+    return "azure-catalog" if source == CONNECTION_KIND else "azure-mlflow"
+
+
+def resolve_kind(kind: str | None, url: str, *, source: str = KIND_VARIABLE) -> tuple[str, str]:
+    """(kind, guessed_from): the recorded kind and "", or the URL's guess and the setting that was empty."""
+    if (kind or "").strip():
+        return check_kind(str(kind), source=source), ""
+    guessed = guess_kind(url, source)
+    if (source, url) not in _logged_guesses:  # once per setting and URL, not once per chat turn
+        _logged_guesses.add((source, url))
+        log.info("%s is not set: sending %s the %s request shape (set it to one of %s to choose)",
+                 source, url, guessed, ", ".join(KINDS))  # fmt: skip
+    return guessed, source
 
 
 def check_chat_format(name: str | None, *, source: str = CHAT_FORMAT_VARIABLE) -> str:
@@ -323,26 +361,64 @@ def request_body(
     """What `kind`'s scoring endpoint expects for this conversation (see the module docstring), the
     conversation written in the deployed model's family's format (`chat_format_name`)."""
     kind = check_kind(kind)
+    msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    if kind in OPENAI_KINDS:
+        return {"messages": msgs, **openai_params(params)}
     parameters = {**DEFAULT_PARAMS, **(params or {})}
     if kind == "azure-catalog":
-        msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
         return {"input_data": {"input_string": msgs, "parameters": parameters}}
-    return {"input_data": [encode_prompt(messages, check_chat_format(chat_format_name))], "params": parameters}
+    return {"input_data": [encode_prompt(msgs, check_chat_format(chat_format_name))], "params": parameters}
+
+
+class _UnexpectedShape(EndpointError):
+    """A 2xx answer whose body is not the reply shape of the kind that was sent."""
 
 
 def reply_text(kind: str, body: Any, endpoint: str = "") -> str:
-    """The reply in `kind`'s response: ["reply"] (local, azure-mlflow) or {"output": "reply"} (azure-catalog)."""
-    if check_kind(kind) == "azure-catalog":
+    """The reply in `kind`'s response: ["reply"] (local, azure-mlflow), {"output": "reply"} (azure-catalog)
+    or an OpenAI chat.completion (azure-serverless)."""
+    kind = check_kind(kind)
+    if kind == "azure-catalog":
         if isinstance(body, dict) and isinstance(body.get("output"), str):
             return body["output"]
+    elif kind in OPENAI_KINDS:
+        choices = body.get("choices") if isinstance(body, dict) else None
+        message = choices[0].get("message") if choices and isinstance(choices[0], dict) else None
+        if isinstance(message, dict) and isinstance(message.get("content"), str):
+            return message["content"]
     elif isinstance(body, list) and body and isinstance(body[0], str):
         return body[0]
-    raise EndpointError(
-        f"endpoint {endpoint} answered with an unexpected shape for kind {kind!r}: {json.dumps(body)[:200]}; "
+    shown = json.dumps(body)[:200]
+    raise _UnexpectedShape(
+        f"endpoint {endpoint} answered with an unexpected shape for kind {kind!r}: {shown}; "
         f"if the deployment is another kind, set {KIND_VARIABLE} (one of {', '.join(KINDS)}) "
         "or re-run python deploy_model.py",
         endpoint=endpoint,
+        detail=f"a reply of another shape: {shown}",
     )
+
+
+@contextmanager
+def _guessed(kind: str, guessed_from: str, url: str) -> Iterator[None]:
+    """Turn the refusal of a guessed request shape into one line naming the setting and its values."""
+    try:
+        yield
+    except EndpointError as exc:
+        if not guessed_from or not (isinstance(exc, _UnexpectedShape) or exc.status in SHAPE_STATUSES):
+            raise
+        answer = f"HTTP {exc.status}: {exc.detail}" if exc.status else exc.detail
+        raise EndpointError(
+            f"endpoint {url} answered {answer} to the {kind} request, the shape sent because {guessed_from} is "
+            f"not set: if the deployment is another kind, set {guessed_from} to one of {KIND_HELP}",
+            endpoint=url,
+            status=exc.status,
+            detail=exc.detail,
+        ) from exc
+
+
+def scoring_url(endpoint: str, kind: str) -> str:
+    """Where `kind` takes a request: the scoring URI itself, or the OpenAI route of an OpenAI kind."""
+    return openai_url(endpoint, kind) if check_kind(kind) in OPENAI_KINDS else validate_endpoint(endpoint)
 
 
 def ask(
@@ -350,17 +426,18 @@ def ask(
     key: str,
     question: str,
     *,
-    kind: str = LEGACY_KIND,
+    kind: str = "",
     params: Mapping[str, Any] | None = None,
     timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
     session: requests.Session | None = None,
     chat_format_name: str = DEFAULT_CHAT_FORMAT,
+    guessed_from: str = "",
 ) -> str:
     """One question, one reply."""
     if not isinstance(question, str) or not question.strip():
         raise ValueError("question is empty: pass the text to send to the model")
     return chat(endpoint, key, [{"role": "user", "content": question}], kind=kind, params=params,
-                timeout=timeout, session=session, chat_format_name=chat_format_name)
+                timeout=timeout, session=session, chat_format_name=chat_format_name, guessed_from=guessed_from)
 
 
 def chat(
@@ -368,19 +445,27 @@ def chat(
     key: str,
     messages: Iterable[Mapping[str, str]],
     *,
-    kind: str = LEGACY_KIND,
+    kind: str = "",
     params: Mapping[str, Any] | None = None,
     timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
     session: requests.Session | None = None,
     chat_format_name: str = DEFAULT_CHAT_FORMAT,
+    guessed_from: str = "",
 ) -> str:
-    """A conversation (role/content messages, the last one the user's) in, the assistant's reply out."""
+    """A conversation (role/content messages, the last one the user's) in, the assistant's reply out.
+
+    An empty `kind` is told from the URL (guess_kind). `guessed_from` names the setting a caller's
+    kind was guessed for: when the endpoint refuses the guessed shape, the error says to set it."""
     msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
     if not msgs or msgs[-1]["role"] != "user":
         raise ValueError("messages must end with a user message: add the question as the last message")
+    if not kind:
+        kind, guessed_from = resolve_kind(kind, endpoint)
+    url = scoring_url(endpoint, kind)
     payload = request_body(kind, msgs, params, chat_format_name)
-    body = score(endpoint, key, payload, timeout=timeout, session=session)
-    return reply_text(kind, body, endpoint)
+    with _guessed(kind, guessed_from, url):
+        body = score(url, key, payload, timeout=timeout, session=session)
+        return reply_text(kind, body, url)
 
 
 def chat_completions_url(score_url: str) -> str:
@@ -394,6 +479,21 @@ def chat_completions_url(score_url: str) -> str:
             endpoint=score_url,
         )
     return urlunparse(parsed._replace(path=path[: -len("/score")] + "/v1/chat/completions", query="", fragment=""))
+
+
+def openai_url(endpoint: str, kind: str = "azure-serverless") -> str:
+    """Where an endpoint takes OpenAI chat completions.
+
+    The local endpoint: beside its /score. A serverless endpoint: under the URI Azure reports
+    (https://<name>.<region>.models.ai.azure.com -> .../v1/chat/completions), as Azure's own samples
+    post; a URI that already names a /v1 or /chat/completions route is kept (its query too)."""
+    if kind == "local":
+        return chat_completions_url(endpoint)
+    parsed = urlparse(validate_endpoint(endpoint))
+    path = parsed.path.rstrip("/")
+    if not path.endswith("/chat/completions"):
+        path += "/chat/completions" if path.endswith("/v1") else "/v1/chat/completions"
+    return urlunparse(parsed._replace(path=path, fragment=""))
 
 
 def openai_params(params: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -412,13 +512,15 @@ def chat_stream(
     key: str,
     messages: Iterable[Mapping[str, str]],
     *,
-    kind: str = LEGACY_KIND,
+    kind: str = "",
     params: Mapping[str, Any] | None = None,
     timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
     session: requests.Session | None = None,
     chat_format_name: str = DEFAULT_CHAT_FORMAT,
+    guessed_from: str = "",
 ) -> Iterator[str]:
-    """The assistant's reply in pieces as they are generated ("local"), or whole in one piece (Azure kinds).
+    """The assistant's reply in pieces as they are generated (local, azure-serverless), or whole in one
+    piece (azure-mlflow, azure-catalog: /score does not stream).
 
     Joined, the pieces are what `chat` returns for the same greedy request. An error before the
     first piece raises EndpointError as `chat` does; one in the middle of the stream (the endpoint's
@@ -426,16 +528,20 @@ def chat_stream(
     msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
     if not msgs or msgs[-1]["role"] != "user":
         raise ValueError("messages must end with a user message: add the question as the last message")
-    if check_kind(kind) != "local":
+    if not kind:
+        kind, guessed_from = resolve_kind(kind, endpoint)
+    if kind != "local" and kind not in OPENAI_KINDS:
         yield chat(endpoint, key, msgs, kind=kind, params=params, timeout=timeout, session=session,
-                   chat_format_name=chat_format_name)
+                   chat_format_name=chat_format_name, guessed_from=guessed_from)
         return
-    url = chat_completions_url(endpoint)
+    url = openai_url(endpoint, kind)
     body = {"messages": msgs, "stream": True, **openai_params(params)}
     own_session = session is None
     session = session or make_session()
     try:
-        yield from _read_stream(_post(url, key, body, timeout=timeout, session=session, stream=True), url)
+        with _guessed(kind, guessed_from, url):
+            response = _post(url, key, body, timeout=timeout, session=session, stream=True)
+        yield from _read_stream(response, url)
     finally:
         if own_session:
             session.close()
@@ -489,8 +595,13 @@ def messages_from_history(chat_history: Iterable[Mapping[str, Any]], question: s
 class Endpoint:
     url: str
     key: str = field(repr=False)  # never in a log line or a traceback
-    kind: str = LEGACY_KIND
+    kind: str = ""  # config.ENDPOINT_KINDS; "" = told from the URL on each call (guess_kind)
     chat_format: str = DEFAULT_CHAT_FORMAT  # the deployed model's family (chat_format.TURN_FORMATS)
+    guessed_from: str = ""  # the empty setting `kind` was guessed for (guess_kind), else ""
+
+    def options(self) -> dict[str, str]:
+        """What ask / chat / chat_stream take besides the URL and key, to answer this endpoint."""
+        return {"kind": self.kind, "chat_format_name": self.chat_format, "guessed_from": self.guessed_from}
 
 
 def endpoint_from_connection(configs: Mapping[str, Any], secrets: Mapping[str, Any]) -> Endpoint:
@@ -501,10 +612,10 @@ def endpoint_from_connection(configs: Mapping[str, Any], secrets: Mapping[str, A
         raise EndpointError(
             f"the Prompt flow connection lacks configs.endpoint or secrets.key; {NOT_DEPLOYED_HINT}"
         )
-    kind = str(configs["kind"]) if "kind" in configs else ""
+    kind, guessed_from = resolve_kind(str(configs.get("kind") or ""), url, source=CONNECTION_KIND)
     family = str(configs["chat_format"]) if "chat_format" in configs else ""
-    return Endpoint(url, key, check_kind(kind, source="the Prompt flow connection's configs.kind"),
-                    check_chat_format(family, source="the Prompt flow connection's configs.chat_format"))
+    return Endpoint(url, key, kind, check_chat_format(family, source="the Prompt flow connection's configs.chat_format"),
+                    guessed_from)
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -569,5 +680,6 @@ def endpoint_from_environment(
             f"AZURE_ML_ENDPOINT or AZURE_ML_API_KEY is not set in {where}; {NOT_DEPLOYED_HINT}, "
             "or set ENV_FILE to the .env it wrote"
         )
-    return Endpoint(values["AZURE_ML_ENDPOINT"], values["AZURE_ML_API_KEY"], check_kind(values.get(KIND_VARIABLE)),
-                    check_chat_format(values.get(CHAT_FORMAT_VARIABLE)))
+    kind, guessed_from = resolve_kind(values.get(KIND_VARIABLE), values["AZURE_ML_ENDPOINT"])
+    return Endpoint(values["AZURE_ML_ENDPOINT"], values["AZURE_ML_API_KEY"], kind,
+                    check_chat_format(values.get(CHAT_FORMAT_VARIABLE)), guessed_from)

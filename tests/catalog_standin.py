@@ -134,3 +134,85 @@ class CatalogStandIn(RecordingServer):
         else:
             status, answer = self.reply_to(body)
         return Exchange(body, auth, status, answer), json.dumps(answer).encode()
+
+
+# The request fields a serverless chat-completions route takes (Azure AI model inference's chat
+# completions: https://learn.microsoft.com/azure/ai-foundry/model-inference/reference/reference-model-inference-chat-completions).
+# Others get 422 unless the caller sends `extra-parameters: pass-through`.
+SERVERLESS_FIELDS = frozenset({
+    "messages", "model", "max_tokens", "temperature", "top_p", "stop", "stream", "stream_options", "seed",
+    "presence_penalty", "frequency_penalty", "response_format", "tools", "tool_choice",
+})  # fmt: skip
+
+
+class ServerlessStandIn(RecordingServer):
+    """A stand-in for an Azure ML serverless endpoint (kind "azure-serverless") on 127.0.0.1.
+
+    What Azure's fine-tuning-as-a-service samples use: POST {scoring URI}/v1/chat/completions (or
+    /chat/completions) with the key as `Authorization: <key>`, `Authorization: Bearer <key>` or
+    `api-key: <key>`, an OpenAI chat body; a chat.completion back, or with "stream": true
+    chat.completion.chunk events ending with `data: [DONE]`. Other routes (a serverless endpoint has
+    no /score) answer 404; unknown fields and a body without messages 422. The reply is made up from
+    the last user message. What it cannot show: the real service's error texts, content filtering,
+    rate limits (429 with Retry-After), a real model's replies and its token accounting.
+    """
+
+    ROUTES = ("/v1/chat/completions", "/chat/completions")
+
+    def __init__(self, key: str) -> None:
+        super().__init__()
+        self.key = key
+
+    @staticmethod
+    def reply_to(body: Any) -> tuple[int, Any]:
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
+            return 422, {"error": {"code": "Invalid input", "status": 422, "message": "messages: Field required"}}
+        extra = sorted(set(body) - SERVERLESS_FIELDS)
+        if extra:
+            return 422, {"error": {"code": "Invalid input", "status": 422,
+                                   "message": f"extra parameters {extra} are not allowed"}}  # fmt: skip
+        users = [m.get("content", "") for m in body["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+        text = f"Serverless reply {len(users)} to: {users[-1] if users else ''}"
+        return 200, {
+            "id": "chatcmpl-standin", "object": "chat.completion", "created": 1765090000, "model": "phi-4-mini-ft",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "tool_calls": None},
+                         "finish_reason": "stop", "logprobs": None}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": len(text.split()), "total_tokens": 9 + len(text.split())},
+        }  # fmt: skip
+
+    def _authorized(self, headers: Any) -> bool:
+        auth = headers.get("Authorization", "")
+        return auth in (self.key, f"Bearer {self.key}") or headers.get("api-key", "") == self.key
+
+    def handle_path(self, path: str, raw: bytes, headers: Any) -> tuple[Exchange, Any, str]:
+        try:
+            body: Any = json.loads(raw or b"null")
+        except ValueError:
+            body = raw.decode("utf-8", "replace")
+        auth = headers.get("Authorization", "") or headers.get("api-key", "")
+        route = path.split("?", 1)[0]
+        if route not in self.ROUTES:
+            status, answer = 404, {"error": {"code": "NotFound", "message": f"no route {route}"}}
+        elif not self._authorized(headers):
+            status, answer = 401, {"error": {"code": "Unauthorized", "message": "Access denied due to invalid key"}}
+        else:
+            status, answer = self.reply_to(body)
+        exchange = Exchange(body, auth, status, answer)
+        if status != 200 or not body.get("stream"):
+            return exchange, json.dumps(answer).encode(), "application/json"
+        return exchange, self._events(answer), "text/event-stream"
+
+    @staticmethod
+    def _events(answer: dict[str, Any]) -> Iterator[bytes]:
+        words = answer["choices"][0]["message"]["content"].split(" ")
+        pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+        base = {"id": answer["id"], "object": "chat.completion.chunk", "created": answer["created"],
+                "model": answer["model"]}  # fmt: skip
+        first = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+        yield b"data: " + json.dumps(first).encode() + b"\n\n"
+        for piece in pieces:
+            chunk = {**base, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+            yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
+        last = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        yield b"data: " + json.dumps(last).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"

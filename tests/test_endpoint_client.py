@@ -163,33 +163,33 @@ def test_a_reply_in_another_kinds_shape_names_the_kind_setting(server: ScriptedS
 
 def test_an_unknown_kind_is_refused_before_any_request_naming_the_setting_and_the_kinds(server: ScriptedServer) -> None:
     with pytest.raises(ec.EndpointError) as err:
-        ec.ask(server.url, KEY, "hi", kind="azure-serverless")
-    assert "AZURE_ML_ENDPOINT_KIND='azure-serverless'" in str(err.value)
-    assert "local, azure-mlflow, azure-catalog" in str(err.value)
+        ec.ask(server.url, KEY, "hi", kind="azure-maas")
+    assert "AZURE_ML_ENDPOINT_KIND='azure-maas'" in str(err.value)
+    assert "local, azure-mlflow, azure-catalog, azure-serverless" in str(err.value)
     with pytest.raises(ec.EndpointError, match="connection's configs.kind='openai'.*local, azure-mlflow, azure-catalog"):
         ec.endpoint_from_connection({"endpoint": server.url, "kind": "openai"}, {"key": KEY})
     assert server.seen == []
 
 
-def test_no_kind_means_our_models_shape_logged_once(server: ScriptedServer, caplog: pytest.LogCaptureFixture,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ec, "_logged_without_kind", set())
+def test_no_kind_on_this_machine_means_our_endpoints_shape_logged_once(
+    server: ScriptedServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ec, "_logged_guesses", set())
     server.default = Reply(body=["ok"])
-    old = ec.endpoint_from_connection({"endpoint": server.url}, {"key": KEY})  # a connection from an older deploy
-    assert old.kind == "local"
+    made_by_hand = ec.endpoint_from_connection({"endpoint": server.url}, {"key": KEY})
+    assert (made_by_hand.kind, made_by_hand.guessed_from) == ("local", ec.CONNECTION_KIND)
     with caplog.at_level(logging.INFO, logger=ec.__name__):
         for _ in range(3):
-            ec.endpoint_from_connection({"endpoint": server.url}, {"key": KEY})
             assert ec.ask(server.url, KEY, "hi", kind="") == "ok"
     assert server.seen[0].body["input_data"] == ["hi"]
     logged = [r.getMessage() for r in caplog.records]
     assert len(logged) == 1 and "AZURE_ML_ENDPOINT_KIND is not set" in logged[0], logged  # the connection's was logged before
-    assert KEY not in repr(old)
+    assert KEY not in repr(made_by_hand)
 
 
 def test_the_kinds_match_config() -> None:
     assert ec.KINDS == config.ENDPOINT_KINDS
-    assert config.Settings().AZURE_ML_ENDPOINT_KIND == ec.LEGACY_KIND
+    assert config.Settings().AZURE_ML_ENDPOINT_KIND == ""  # told from the URL (ec.guess_kind)
     assert tuple(ec.chat_format.TURN_FORMATS) == config.CHAT_FORMATS  # the families, named alike in both
     assert config.Settings().AZURE_ML_CHAT_FORMAT == ec.DEFAULT_CHAT_FORMAT
 
@@ -262,7 +262,7 @@ def test_env_file_reads_what_deploy_writes_as_python_dotenv_does(tmp_path: Path)
 
 
 def test_endpoint_from_environment_env_beats_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ec, "_logged_without_kind", set())
+    monkeypatch.setattr(ec, "_logged_guesses", set())
     env_file = tmp_path / "deploy.env"
     common.write_dotenv(env_file, {"AZURE_ML_ENDPOINT": "http://127.0.0.1:1/score", "AZURE_ML_API_KEY": "file-key",
                                    "AZURE_ML_ENDPOINT_KIND": "azure-catalog"})
@@ -274,7 +274,7 @@ def test_endpoint_from_environment_env_beats_env_file(tmp_path: Path, monkeypatc
     (tmp_path / "flow").mkdir()
     (tmp_path / "flow" / ".env").write_text('AZURE_ML_ENDPOINT="http://127.0.0.1:2/score"\nAZURE_ML_API_KEY="k2"\n')
     found = ec.endpoint_from_environment({}, folders=[tmp_path / "empty", tmp_path / "flow"])
-    assert (found.url, found.key, found.kind) == ("http://127.0.0.1:2/score", "k2", "local")  # no kind: older deploy
+    assert (found.url, found.key, found.kind) == ("http://127.0.0.1:2/score", "k2", "local")  # no kind: the URL's
     with pytest.raises(ec.EndpointError, match="AZURE_ML_ENDPOINT or AZURE_ML_API_KEY is not set.*deploy_model.py"):
         ec.endpoint_from_environment({}, folders=[tmp_path / "empty"])
     with pytest.raises(ec.EndpointError, match="AZURE_ML_ENDPOINT_KIND='cloud'"):
@@ -353,9 +353,9 @@ def test_connection_refused_names_the_endpoint() -> None:
 def test_unexpected_shapes_and_non_json_are_clear_errors(server: ScriptedServer) -> None:
     server.script.extend([Reply(body={"weird": 1}), Reply(body=b"<html>oops</html>")])
     with pytest.raises(ec.EndpointError, match="unexpected shape"):
-        ec.ask(server.url, KEY, "hi")
+        ec.ask(server.url, KEY, "hi", kind="local")
     with pytest.raises(ec.EndpointError, match="not JSON"):
-        ec.ask(server.url, KEY, "hi")
+        ec.ask(server.url, KEY, "hi", kind="local")
 
 
 @pytest.mark.parametrize("endpoint", ["", "   ", None])
