@@ -7,14 +7,15 @@
     python deploy_model.py --backend azure --dry-run dryrun/   # write model/endpoint/deployment YAML, no network
     python deploy_model.py --backend azure --check  # read-only preflight
     python deploy_model.py --backend azure          # register, create/update endpoint + deployment, route 100% traffic
-    python deploy_model.py --backend azure --teardown   # delete the endpoint and scale the cluster to 0
+                                                    # (after --mode serverless: a serverless endpoint, pay per token)
+    python deploy_model.py --backend azure --teardown   # delete the endpoint(s) and scale the cluster to 0
 
 Before anything is registered, the gate (finetune_phi/gate.py) compares the run's evaluation with its
 base model and with the deployed model's run, and refuses a worse model unless --force.
 Either way the scoring URI, key and deployment kind land in ENV_FILE (default `.env`;
 AZURE_ML_ENDPOINT / AZURE_ML_API_KEY / AZURE_ML_ENDPOINT_KIND, mode 0600) and in the Prompt flow
 connection named PROMPTFLOW_CONNECTION_NAME (configs.endpoint, configs.kind, secrets.key), so the
-flows work unchanged against a local, an Azure MLflow or an Azure model-catalog deployment.
+flows work unchanged against a local, an Azure MLflow, an Azure model-catalog or a serverless deployment.
 Locally, one deploy or teardown runs at a time per STATE_DIR: a second exits 1 naming the one that runs. A re-deploy starts the new endpoint beside the old one on the same
 port and stops the old one only once the new one is ready; an endpoint that died is restarted.
 """
@@ -110,8 +111,10 @@ def run_azure(settings: config.Settings, args: argparse.Namespace) -> int:
     info = workflow.deploy(settings, job_name=args.job_name, force=args.force)
     from finetune_phi.training import job_module
 
-    # The registered model is in the workspace, not here: its family follows from the base model's id.
-    chat_format = job_module("chat_format").turn_format_of_model_id(settings.BASE_MODEL)
+    # The registered model is in the workspace, not here: its family follows from the id of the model
+    # it was fine-tuned from (a catalog model for the catalog modes, BASE_MODEL for a command job).
+    base = common.read_state(settings).get("training", {}).get("catalog_model") or settings.BASE_MODEL
+    chat_format = job_module("chat_format").turn_format_of_model_id(str(base))
     publish(settings, info.scoring_uri, info.key, info.kind, chat_format, connection=not args.no_connection)
     return 0
 

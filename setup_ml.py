@@ -5,11 +5,15 @@
     python setup_ml.py --backend azure --dry-run dryrun/   # write compute/environment/job YAML, no network
     python setup_ml.py --backend azure --check      # read-only preflight: config, credential, workspace, quota
     python setup_ml.py --backend azure              # get-or-create the cluster, submit the job, stream its logs
-    python setup_ml.py --backend azure --mode catalog   # Azure ML model-catalog fine-tuning of Phi-3-mini
+    python setup_ml.py --backend azure --mode serverless  # Azure fine-tunes a catalog model as a service (per token)
+    python setup_ml.py --backend azure --mode catalog   # Azure's catalog fine-tuning on your cluster
 
 Both backends run `finetuning_dir/fine_tune.py` with the same command line
 (finetune_phi.training.fine_tune_command) and record the run in the local state file,
-so `deploy_model.py` finds the model without anything pasted.
+so `deploy_model.py` finds the model without anything pasted. The catalog modes fine-tune
+AZURE_CATALOG_MODEL (Phi-4-mini-instruct) with Azure's own recipe instead, after reading its
+retirement dates and deploy regions from the registry: a retired model stops the run before
+anything is created or billed.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = common.base_parser(__doc__)
     parser.add_argument("--model", help="local backend: base model to fine-tune (default: LOCAL_BASE_MODEL)")
     azure = parser.add_argument_group("azure backend")
-    azure.add_argument("--mode", choices=("command", "catalog"), default="command",
-                       help="command: our fine_tune.py as a command job; catalog: model-catalog fine-tuning")
+    azure.add_argument("--mode", choices=("command", "serverless", "catalog"), default="command",
+                       help="command: our fine_tune.py as a command job on your cluster; serverless: Azure fine-tunes "
+                       "AZURE_CATALOG_MODEL as a service (no cluster, billed per token); catalog: Azure's catalog "
+                       "fine-tuning of AZURE_CATALOG_MODEL on your cluster")
     azure.add_argument("--dry-run", metavar="DIR", type=Path,
                        help="write the Azure entities as YAML into DIR and stop (no network)")
     azure.add_argument("--check", action="store_true", help="read-only preflight of config, credential and workspace")
@@ -57,7 +63,7 @@ def run_azure(settings: config.Settings, args: argparse.Namespace) -> int:
             log.info("wrote %s", path)
         return 0
     if args.check:
-        return workflow.report_check(settings)
+        return workflow.report_check(settings, args.mode)
     job_name = workflow.submit_training(settings, mode=args.mode, stream=not args.no_stream)
     log.info("job %s recorded in %s; next: python deploy_model.py --backend azure", job_name, common.state_path(settings))
     return 0

@@ -12,6 +12,11 @@ cloud_metadata={"resource_manager": <this server>, ...})` points every ARM call 
   for deletes) pointing at `.../mfeOperationsStatus/<id>`, polled with an integer `Retry-After: 1`
   (`"0"` would make azure-core fall back to 30 s; a fraction fails to deserialize);
 - the workspace discovery document and run history, so that `jobs.stream` streams a log and ends;
+- a model registry (`azureml`): its discovery document and model versions with their lifecycle tags
+  (`registry_models`), Phi-4-mini-instruct current and Phi-3-mini-4k-instruct retired as Azure has them;
+- data assets, fine-tuning jobs with and without compute (serverless: fine-tuning as a service),
+  which register their model in the workspace when they complete, and refuse a retired base model;
+- serverless endpoints (+`listKeys`), whose inference URI is `serverless_uri` (default: Azure's host name);
 - blob uploads: code snapshots go to the SAS URI `startPendingUpload` returns (here), data inputs
   go to `https://<account>.blob.<storage_endpoint>`, a host name: a CONNECT-only proxy (HTTPS_PROXY,
   with NO_PROXY for 127.0.0.1) sends it here, and the certificate names that host;
@@ -54,6 +59,7 @@ STORAGE_SUFFIX = "core.standin.test"  # the cloud's storage_endpoint: blobs live
 BLOB_HOST = f"{STORAGE_ACCOUNT}.blob.{STORAGE_SUFFIX}"
 CONTAINER = "azureml-blobstore-00000000-0000-0000-0000-000000000000"
 PRIMARY_KEY = "p" * 44
+SERVERLESS_KEY = "k" * 32
 ML = "/providers/Microsoft.MachineLearningServices"
 _cloud_counter = itertools.count()
 
@@ -180,6 +186,25 @@ class AzureStandin:
              "premiumIO": True, "supportedComputeTypes": ["ComputeInstance", "AmlCompute"]},
         ]
         self.usages = {"standardNCADSA100v4Family": (0, 96), "standardESv3Family": (8, 100)}
+        # The model catalog, (registry, name) -> versions oldest first. Phi-3-mini-4k-instruct's tags are
+        # its spec's (Azure/azureml-assets assets/models/system/phi-3-mini-4k-instruct/spec.yaml, version 15);
+        # Phi-4-mini-instruct's spec is not public: its deploy regions are the list Azure's fine-tuning
+        # samples show, and how the registry writes a list-valued tag as a string is not checked against
+        # a recording (the project reads a comma list, a JSON list and a Python list alike).
+        self.registry_models: dict[tuple[str, str], list[dict[str, Any]]] = {
+            ("azureml", "Phi-4-mini-instruct"): [_registry_model("azureml", "Phi-4-mini-instruct", "1", {
+                "task": "chat-completion", "author": "Microsoft", "license": "MIT",
+                "maas-finetuning-deploy-regions": "eastus2,eastus,northcentralus,westus3,westus,southcentralus",
+            })],
+            ("azureml", "Phi-3-mini-4k-instruct"): [_registry_model("azureml", "Phi-3-mini-4k-instruct", "15", {
+                "InferenceLegacyDate": "2025-06-09", "InferenceDeprecationDate": "2025-06-30",
+                "InferenceRetirementDate": "2025-08-30", "FinetuneDeprecationDate": "2025-06-30",
+                "FinetuneRetirementDate": "2025-08-30", "maas-inference": "true", "task": "chat-completion",
+                "author": "Microsoft", "license": "MIT",
+            })],
+        }  # fmt: skip
+        # Where a serverless endpoint answers once created; None: Azure's host name for it.
+        self.serverless_uri: str | None = None
         self.lock = threading.RLock()
         self._ops = itertools.count(1)
         self._ca = trustme.CA()
@@ -367,6 +392,10 @@ class AzureStandin:
         sub = f"/subscriptions/{re.escape(self.sub)}"
         return [
             (r"/discovery", self._discovery),
+            (r"/registrymanagement/v1\.0/registries/([^/]+)/discovery", self._registry_discovery),
+            (r"/mferp/managementfrontend/subscriptions/[^/]+/resourceGroups/[^/]+/providers/"
+             r"Microsoft\.MachineLearningServices/registries/([^/]+)/models/([^/]+)/versions(?:/([^/]+))?",
+             self._registry_model_versions),
             (f"{sub}{ML}/locations/([^/]+)/(?:mfe|compute)Operations(Status|Results)/([^/]+)", self._operation),
             (f"{sub}{ML}/locations/([^/]+)/(vmSizes|usages)", self._sizes_or_usages),
             (f"{sub}/resourceGroups/[^/]+/providers/Microsoft\\.ManagedIdentity/userAssignedIdentities/([^/]+)",
@@ -378,6 +407,7 @@ class AzureStandin:
             (f"{ws}/codes/([^/]+)/versions/([^/]+)/startPendingUpload", self._start_pending_upload),
             (f"{ws}/datastores/([^/]+)/listSecrets", self._datastore_secrets),
             (f"{ws}/onlineEndpoints/([^/]+)/listKeys", self._list_keys),
+            (f"{ws}/serverlessEndpoints/([^/]+)/listKeys", self._list_serverless_keys),
             (f"({ws}(?:/[^/]+/[^/]+)*)", self._arm),
             (f"({ws}(?:/[^/]+/[^/]+)*/[^/]+)", self._arm_list),
         ]
@@ -409,6 +439,39 @@ class AzureStandin:
         run = self.runs.setdefault(job["name"], {"polls": 0})
         run["polls"] += 1
         job["properties"]["status"] = "Running" if run["polls"] <= self.finetuning_running_gets else self.job_outcome
+        if job["properties"]["status"] == "Completed" and not run.get("registered"):
+            run["registered"] = True
+            self._register_fine_tuned_model(job)
+
+    def _register_fine_tuned_model(self, job: dict[str, Any]) -> None:
+        """What Azure does when a fine-tuning job completes: a new version of the output's model in the
+        workspace, made by the job (the REST ModelVersion; not checked against a recording)."""
+        output = (job["properties"].get("outputs") or {}).get("registered_model") or {}
+        name = output.get("assetName") or job["name"]
+        container = self.get_resource(f"{self.ws_id}/models/{name}")
+        version = (container or {}).get("properties", {}).get("nextVersion") or "1"
+        arm_id = f"{self.ws_id}/models/{name}/versions/{version}"
+        resource = {"id": arm_id, "name": version, "type": _arm_type(arm_id), "systemData": _system_data(),
+                    "properties": {"description": None, "tags": {}, "properties": {}, "modelType": "mlflow_model",
+                                   "modelUri": f"azureml://jobs/{job['name']}/outputs/registered_model",
+                                   "jobName": job["name"], "provisioningState": "Succeeded"}}  # fmt: skip
+        self._fill_versions(resource, None, arm_id)
+        self.put_resource(arm_id, resource)
+
+    def _retired_base_model(self, props: dict[str, Any]) -> Response | None:
+        """Azure refuses a fine-tuning job of a model retired for fine-tuning (the error's code and text are
+        not checked against a recording: the project's own check stops such a job before it is sent)."""
+        uri = str(((props.get("fineTuningDetails") or {}).get("model") or {}).get("uri") or "")
+        match = re.match(r"azureml://registries/([^/]+)/models/([^/]+)/", uri)
+        versions = self.registry_models.get((match.group(1), match.group(2))) if match else None
+        if not versions:
+            return None
+        retired = versions[-1]["properties"]["tags"].get("FinetuneRetirementDate")
+        if retired and retired <= time.strftime("%Y-%m-%d"):
+            return Response(400, azure_error(
+                "UserError", f"Model {match.group(2)} was retired for fine-tuning on {retired} and cannot be fine-tuned.",
+            ))  # fmt: skip
+        return None
 
     def _arm_list(self, req: Request, collection: str) -> Response:
         if req.method != "GET":
@@ -436,7 +499,11 @@ class AzureStandin:
         filler = getattr(self, f"_fill_{kind}", None)
         if filler is not None:
             filler(resource, stored, arm_id)
-        long_running = kind in ("computes", "onlineEndpoints", "deployments")
+        if kind == "jobs" and (body.get("properties") or {}).get("jobType") == "FineTuning":
+            refusal = self._retired_base_model(body["properties"])
+            if refusal is not None:
+                return refusal
+        long_running = kind in ("computes", "onlineEndpoints", "deployments", "serverlessEndpoints")
         if not long_running:
             resource["properties"].setdefault("provisioningState", "Succeeded")
             self.put_resource(arm_id, resource)
@@ -518,6 +585,11 @@ class AzureStandin:
         stored = self.get_resource(op["arm_id"])
         if stored is not None:
             stored["properties"]["provisioningState"] = op["final_state"]
+            if _kind(op["arm_id"]) == "serverlessEndpoints" and op["final_state"] == "Succeeded":
+                name = stored["name"]
+                stored["properties"]["endpointState"] = "Online"
+                stored["properties"]["inferenceEndpoint"] = {
+                    "uri": self.serverless_uri or f"https://{name}.{LOCATION}.models.ai.azure.com", "headers": {}}
             if _kind(op["arm_id"]) == "onlineEndpoints" and op["final_state"] == "Succeeded":
                 name = stored["name"]
                 stored["properties"]["scoringUri"] = f"https://{name}.{LOCATION}.inference.ml.azure.com/score"
@@ -593,8 +665,10 @@ class AzureStandin:
             details = props.get("fineTuningDetails") or {}
             task = details.get("taskType") or ""
             details["taskType"] = task[:1].upper() + task[1:]
+            # MaaP: on the workspace's compute; MaaS: fine-tuning as a service, no computeId
             props["properties"].update({"PipelineType": "FineTuning", "azureml.PipelineType": "FineTuning",
-                                        "_fineTuningJobType": "MaaP", "StartTimeUtc": "2024-11-25 07:35:39"})  # fmt: skip
+                                        "_fineTuningJobType": "MaaP" if props.get("computeId") else "MaaS",
+                                        "StartTimeUtc": "2024-11-25 07:35:39"})  # fmt: skip
             for out in (props.get("outputs") or {}).values():
                 out.update({"description": None, "uri": None, "mode": "ReadWriteMount"})
             return
@@ -627,6 +701,19 @@ class AzureStandin:
                 if isinstance(uai, dict):
                     uai.setdefault("principalId", "pppppppp-0000-0000-0000-000000000000")
         res["identity"] = identity
+
+    def _fill_serverlessEndpoints(self, res: dict[str, Any], stored: Any, arm_id: str) -> None:  # noqa: N802
+        # azure-rest-api-specs machinelearningservices stable/2025-12-01 examples/Workspace/ServerlessEndpoint/
+        # createOrUpdate.json and get.json (the 201/200 bodies): properties.modelSettings, authMode,
+        # inferenceEndpoint {uri, headers}, provisioningState, endpointState, contentSafety; sku Consumption
+        res.setdefault("location", LOCATION)
+        res["kind"] = "ServerlessEndpoint"
+        props = res["properties"]
+        props.setdefault("authMode", "Key")
+        props.setdefault("contentSafety", {"contentSafetyStatus": "Enabled"})
+        props["endpointState"] = "Creating"
+        props["inferenceEndpoint"] = (stored or {}).get("properties", {}).get("inferenceEndpoint") or {"uri": None,
+                                                                                                       "headers": {}}
 
     def _fill_deployments(self, res: dict[str, Any], stored: Any, arm_id: str) -> None:
         # The REST ManagedOnlineDeployment as the service returns it: "sku", properties.scaleSettings,
@@ -696,6 +783,43 @@ class AzureStandin:
         # the REST EndpointAuthKeys: POST listKeys -> {"primaryKey", "secondaryKey"} (not checked against a recording)
         return Response(200, {"primaryKey": PRIMARY_KEY, "secondaryKey": "s" * 44})
 
+    def _list_serverless_keys(self, req: Request, name: str) -> Response:
+        if self.get_resource(f"{self.ws_id}/serverlessEndpoints/{name}") is None:
+            return Response(404, azure_error("UserError", f"serverless endpoint {name} not found"))
+        # examples/Workspace/ServerlessEndpoint/listKeys.json: {"primaryKey", "secondaryKey"}
+        return Response(200, {"primaryKey": SERVERLESS_KEY, "secondaryKey": "t" * 32})
+
+    def _registry_discovery(self, req: Request, registry: str) -> Response:
+        # recordings/model/e2etests/test_model.pyTestModeltest_create_get_download_model_registry.json
+        # (GET .../registrymanagement/v1.0/registries/<r>/discovery; the registry's own subscription and group)
+        if not any(r == registry for r, _ in self.registry_models):
+            return Response(404, azure_error("NotFound", f"registry {registry} not found"))
+        return Response(200, {
+            "registryId": "3b513a6b-f110-4e7f-9ce3-472b5aa28170", "registryName": registry,
+            "tenantId": "72f988bf-86f1-41af-91ab-2d7cd011db47", "primaryRegion": LOCATION, "regions": [LOCATION],
+            "subscriptionId": "00000000-aaaa-bbbb-cccc-000000000000", "resourceGroup": "registry-builtin-prod-eastus-01",
+            "workspaceName": None, "primaryRegionResourceProviderUri": self.base_url + "/",
+            "registryFqdns": {LOCATION: {"uri": self.base_url}}, "intellectualPropertyPublisher": None,
+        })  # fmt: skip
+
+    def _registry_model_versions(self, req: Request, registry: str, name: str, version: str | None) -> Response:
+        # The registry data plane (api-version 2021-10-01-dataplanepreview), as the SDK's models.get(name,
+        # label="latest") calls it: the versions list with $orderBy=createdtime desc&$top=1, then the version
+        # (recordings/dataset/e2etests/test_data.pyTestDatatest_data_get_latest_label_in_registry.json shows
+        # the same calls and envelope for a data asset)
+        versions = self.registry_models.get((registry, name))
+        if versions is None:
+            if version is None:
+                return Response(200, {"value": []})
+            return Response(404, azure_error("UserError", f"Model container with name: {name} not found."))
+        if version is None:
+            listed = list(reversed(versions))[: int(req.query.get("$top", len(versions)))]
+            return Response(200, {"value": listed})
+        for item in versions:
+            if item["name"] == version:
+                return Response(200, item)
+        return Response(404, azure_error("UserError", f"Model {name}:{version} not found."))
+
     def _run_details(self, req: Request, run_id: str) -> Response:
         run = self.runs.get(run_id)
         job = self.get_resource(f"{self.ws_id}/jobs/{run_id}")
@@ -761,6 +885,18 @@ def _arm_type(arm_id: str) -> str:
     parts = arm_id.strip("/").split("/")
     i = [p.lower() for p in parts].index("workspaces")
     return "Microsoft.MachineLearningServices/" + "/".join(parts[i::2])
+
+
+def _registry_model(registry: str, name: str, version: str, tags: dict[str, str]) -> dict[str, Any]:
+    # A registry model version: the envelope of the recorded registry data GET (id an azureml:// URI, name the
+    # version) with the REST ModelVersion's properties; "flavors" must be a dict (the SDK iterates it)
+    return {
+        "id": f"azureml://registries/{registry}/models/{name}/versions/{version}", "name": version, "type": "models",
+        "properties": {"description": None, "tags": dict(tags), "properties": {}, "flavors": {},
+                       "modelType": "mlflow_model", "isArchived": False, "isAnonymous": False,
+                       "modelUri": f"azureml://registries/{registry}/models/{name}/versions/{version}"},
+        "systemData": _system_data(),
+    }  # fmt: skip
 
 
 def _system_data() -> dict[str, str]:

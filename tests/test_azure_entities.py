@@ -111,10 +111,11 @@ def test_job_command_is_a_valid_fine_tune_argv(tmp_path: Path, monkeypatch: pyte
     assert args.model == s.BASE_MODEL and args.epochs == 2.0 and args.learning_rate == 1e-4
 
 
-def test_catalog_job_fine_tunes_phi3_mini_with_config_hyperparameters(tmp_path: Path) -> None:
+def test_catalog_job_fine_tunes_the_catalog_model_with_config_hyperparameters(tmp_path: Path) -> None:
     s = azure_settings(tmp_path, NUM_TRAIN_EPOCHS=3.0, LEARNING_RATE=2e-5, PER_DEVICE_TRAIN_BATCH_SIZE=2)
     job = entities.catalog_job(s)
-    assert job.model.path.startswith("azureml://registries/azureml/models/Phi-3-mini-4k-instruct")
+    # Phi-3-mini is retired from the catalog: the default is its replacement.
+    assert job.model.path == "azureml://registries/azureml/models/Phi-4-mini-instruct/labels/latest"
     assert job.task.lower() == "chatcompletion"
     assert job.hyperparameters["num_train_epochs"] == "3"  # an integer string, as Azure's samples send it
     assert entities.catalog_hyperparameters(azure_settings(tmp_path, NUM_TRAIN_EPOCHS=1.5))["num_train_epochs"] == "1.5"
@@ -149,13 +150,14 @@ def _leaves(value: object) -> list[object]:
 
 
 def _load_all(out: Path) -> dict[str, object]:
-    from azure.ai.ml import load_compute, load_environment, load_job, load_model, load_online_deployment
-    from azure.ai.ml import load_online_endpoint
+    from azure.ai.ml import load_compute, load_data, load_environment, load_job, load_model, load_online_deployment
+    from azure.ai.ml import load_online_endpoint, load_serverless_endpoint
 
     loaders = {
         "compute.yml": load_compute, "environment.yml": load_environment, "job.yml": load_job,
         "finetuning_job.yml": load_job, "model.yml": load_model, "endpoint.yml": load_online_endpoint,
-        "deployment.yml": load_online_deployment,
+        "deployment.yml": load_online_deployment, "data_train.yml": load_data, "data_validation.yml": load_data,
+        "serverless_endpoint.yml": load_serverless_endpoint,
     }  # fmt: skip
     return {p.name: loaders[p.name](p) for p in sorted(out.iterdir()) if p.suffix == ".yml"}
 
@@ -205,7 +207,36 @@ def test_catalog_dry_run_loads_as_a_finetuning_job(tmp_path: Path) -> None:
     job = _load_all(tmp_path / "out")["finetuning_job.yml"]
     assert job.hyperparameters == entities.catalog_hyperparameters(s)
     assert Path(job.training_data.path) == s.train_data_path
-    assert job.model.path == entities.CATALOG_MODEL
+    assert job.model.path == "azureml://registries/azureml/models/Phi-4-mini-instruct/labels/latest"
+    assert job.compute == s.AZURE_COMPUTE_NAME
+
+
+def test_serverless_dry_run_loads_as_data_assets_and_a_job_without_compute(tmp_path: Path) -> None:
+    s = azure_settings(tmp_path, AZURE_CATALOG_MODEL="Phi-4-mini-instruct")
+    written = workflow.dry_run_training(s, tmp_path / "out", mode="serverless")
+    assert [p.name for p in written] == ["data_train.yml", "data_validation.yml", "finetuning_job.yml"]
+    loaded = _load_all(tmp_path / "out")
+    train, validation, job = loaded["data_train.yml"], loaded["data_validation.yml"], loaded["finetuning_job.yml"]
+    assert Path(train.path) == s.train_data_path and train.type == "uri_file"
+    assert job.compute is None  # fine-tuning as a service: Azure's compute, billed per token
+    assert job.training_data.path.removeprefix("azureml:") == f"{train.name}:{train.version}"
+    assert job.validation_data.path.removeprefix("azureml:") == f"{validation.name}:{validation.version}"
+    assert job.hyperparameters == entities.catalog_hyperparameters(s)
+    assert job.outputs["registered_model"].name == s.AZURE_MODEL_NAME
+    # The version follows the content: the same file, the same version (nothing new registered).
+    assert entities.data_asset(s, "train").version == train.version
+    s.train_data_path.write_text(s.train_data_path.read_text() + "\n")
+    assert entities.data_asset(s, "train").version != train.version
+
+
+def test_serverless_deployment_dry_run_is_a_serverless_endpoint(tmp_path: Path) -> None:
+    s = azure_settings(tmp_path)
+    common.update_state(s, "training", {"backend": "azure", "job_name": "job-7", "mode": "serverless",
+                                        "output": entities.CATALOG_OUTPUT})  # fmt: skip
+    (path,) = workflow.dry_run_deployment(s, tmp_path / "out")
+    endpoint = _load_all(tmp_path / "out")["serverless_endpoint.yml"]
+    assert endpoint.name == s.AZURE_ENDPOINT_NAME
+    assert endpoint.model_id.startswith(f"azureml://locations/{entities.PLACEHOLDER_REGION}/workspaces/")
 
 
 def test_writing_an_endpoint_leaves_it_usable(tmp_path: Path) -> None:

@@ -112,6 +112,23 @@ def connect(
         )
 
 
+def connect_registry(
+    settings: config.Settings,
+    *,
+    registry_client: "MLClient | None" = None,
+    credential: "TokenCredential | None" = None,
+) -> "MLClient":
+    """An MLClient for AZURE_CATALOG_REGISTRY (the model catalog), reading only."""
+    if registry_client is not None:
+        return registry_client
+    credential = credential or make_credential(settings)
+    from azure.ai.ml import MLClient
+
+    # Construction asks the registry discovery service where the registry lives: a network call.
+    with azure_errors(f"registry {settings.AZURE_CATALOG_REGISTRY}"):
+        return MLClient(credential, registry_name=settings.AZURE_CATALOG_REGISTRY, cloud=settings.AZURE_CLOUD)
+
+
 def is_quota_error(exc: BaseException) -> bool:
     code = str(getattr(getattr(exc, "error", None), "code", "") or "")
     text = f"{code} {exc}".lower()

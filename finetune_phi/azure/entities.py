@@ -32,12 +32,10 @@ GPU_BASE_IMAGE = "mcr.microsoft.com/azureml/openmpi5.0-cuda12.4-ubuntu22.04:late
 CPU_BASE_IMAGE = "mcr.microsoft.com/azureml/openmpi5.0-ubuntu24.04:latest"
 CONDA_FILE = config.ROOT / "conda.yml"
 
-# Model-catalog fine-tuning (`--mode catalog`) starts from the registry's current Phi-3-mini.
-CATALOG_MODEL = "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/labels/latest"
-
 # Named job outputs the deploy step registers the model from.
 COMMAND_OUTPUT = "model_output"  # our fine_tune.py writes the MLflow model here
-CATALOG_OUTPUT = "registered_model"  # what azure.ai.ml.finetuning names its output
+CATALOG_OUTPUT = "registered_model"  # what azure.ai.ml.finetuning names its output (both catalog modes)
+DATA_USES = ("train", "validation")  # the data assets of a catalog fine-tune
 
 # Used by the deploy dry-run when no training job has been recorded yet.
 PLACEHOLDER_JOB_NAME = "your-training-job-name"
@@ -167,18 +165,53 @@ def catalog_hyperparameters(settings: config.Settings) -> dict[str, str]:
     }
 
 
-def catalog_job(settings: config.Settings) -> Any:
-    """Model-catalog fine-tuning of Phi-3-mini (chat completion) on our data, on our cluster."""
+def catalog_model_id(settings: config.Settings, version: str | None = None) -> str:
+    """AZURE_CATALOG_MODEL in AZURE_CATALOG_REGISTRY: a version's id, or its latest label."""
+    base = f"azureml://registries/{settings.AZURE_CATALOG_REGISTRY}/models/{settings.AZURE_CATALOG_MODEL}"
+    return f"{base}/versions/{version}" if version else f"{base}/labels/latest"
+
+
+def data_path(settings: config.Settings, use: str) -> Path:
+    return settings.train_data_path if use == "train" else settings.test_data_path
+
+
+def data_asset(settings: config.Settings, use: str) -> Any:
+    """A data file as a `uri_file` asset, as Azure's serverless fine-tuning takes it.
+
+    Its version is derived from the content: a second run with the same file registers nothing new."""
+    from azure.ai.ml.constants import AssetTypes
+    from azure.ai.ml.entities import Data
+
+    path = data_path(settings, use)
+    return Data(
+        name=f"{settings.AZURE_EXPERIMENT_NAME}-{use}",
+        version=hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.is_file() else "1",
+        path=str(path),
+        type=AssetTypes.URI_FILE,
+        description=f"finetune-phi {use} split ({path.name})",
+    )
+
+
+def catalog_job(
+    settings: config.Settings, model_id: str | None = None, *, serverless: bool = False,
+    training_data: str | None = None, validation_data: str | None = None,
+) -> Any:
+    """Azure's own fine-tuning of a catalog model (chat completion) on our data.
+
+    `serverless`: fine-tuning as a service, billed per token, with no compute; else on our cluster
+    (the catalog's managed-compute fine-tuning). `model_id` is the registry version the lifecycle
+    check read (default: the latest label, for a dry run); the data are asset ids, or local files.
+    """
     from azure.ai.ml.finetuning import FineTuningTaskType, create_finetuning_job
 
     return create_finetuning_job(
-        model=CATALOG_MODEL,
+        model=model_id or catalog_model_id(settings),
         task=FineTuningTaskType.CHAT_COMPLETION,
-        training_data=str(settings.train_data_path),
-        validation_data=str(settings.test_data_path),
+        training_data=training_data or str(settings.train_data_path),
+        validation_data=validation_data or str(settings.test_data_path),
         hyperparameters=catalog_hyperparameters(settings),
         output_model_name_prefix=settings.AZURE_MODEL_NAME,
-        compute=settings.AZURE_COMPUTE_NAME,
+        compute=None if serverless else settings.AZURE_COMPUTE_NAME,
         experiment_name=settings.AZURE_EXPERIMENT_NAME,
         display_name=settings.AZURE_JOB_DISPLAY_NAME,
     )
@@ -201,6 +234,30 @@ def model(settings: config.Settings, job_name: str, output: str = COMMAND_OUTPUT
         type=AssetTypes.MLFLOW_MODEL,
         description=f"Phi-3 fine-tuned by job {job_name}",
         tags={"job_name": job_name},
+    )
+
+
+def workspace_model_id(region: str, workspace_id: str, name: str, version: str) -> str:
+    """A workspace model as a serverless endpoint names it (Azure's fine-tuning samples)."""
+    return f"azureml://locations/{region}/workspaces/{workspace_id}/models/{name}/versions/{version}"
+
+
+PLACEHOLDER_REGION = "<workspace-region>"
+PLACEHOLDER_WORKSPACE_ID = "<workspace-id>"
+
+
+def serverless_endpoint(settings: config.Settings, model_id: str, location: str | None = None) -> Any:
+    """The serverless endpoint of a model fine-tuned as a service: pay per token, no VM, key auth.
+
+    `location`: the workspace's region (without it the SDK reads the workspace once more)."""
+    from azure.ai.ml.entities import ServerlessEndpoint
+
+    return ServerlessEndpoint(
+        name=settings.AZURE_ENDPOINT_NAME,
+        model_id=model_id,
+        location=location,
+        description=f"finetune-phi: {settings.AZURE_CATALOG_MODEL} fine-tuned as a service",
+        auth_mode="key",
     )
 
 
@@ -299,6 +356,9 @@ def to_yaml_dict(entity: Any, yaml_dir: Path) -> dict[str, Any]:
     # Serializing an endpoint with an identity rewrites the identity in place: work on a copy.
     if hasattr(entity, "_to_job"):  # a command() builder: its own YAML does not load back, its job's does
         entity = entity._to_job()  # (and it cannot be deep-copied; the job it builds is a new object)
+    if not hasattr(entity, "_to_dict"):  # a ServerlessEndpoint: its as_dict() needs a service's system_data
+        keys = ("name", "model_id", "description", "auth_mode", "location", "tags")
+        return _clean({k: getattr(entity, k, None) for k in keys}, Path(yaml_dir))
     raw = copy.deepcopy(entity)._to_dict()
     return _clean(raw, Path(yaml_dir))
 

@@ -3,8 +3,9 @@
     python setup_ml.py --backend azure --check
     python deploy_model.py --backend azure --check
 
-Order: configuration (offline), then the credential, the workspace, the managed identity and its
-role assignments, and the VM-family quota. A step that cannot run (no credential, say) skips the
+Order: configuration (offline: placeholders, retired VM sizes, the deployment VM against the model),
+then the credential, the workspace, the managed identity and its role assignments, the VM-family
+quota and, for the catalog modes, the catalog model's retirement dates and deploy regions. A step that cannot run (no credential, say) skips the
 steps that depend on it rather than adding noise.
 """
 
@@ -17,7 +18,7 @@ import re
 from typing import TYPE_CHECKING, Any, Callable
 
 import config
-from finetune_phi.azure import client, entities
+from finetune_phi.azure import client, entities, lifecycle
 
 if TYPE_CHECKING:
     from azure.ai.ml import MLClient
@@ -52,9 +53,13 @@ def check(
     ml_client: "MLClient | None" = None,
     credential: "TokenCredential | None" = None,
     arm_get: ArmGet | None = None,
+    mode: str = "command",
+    registry_client: "MLClient | None" = None,
 ) -> list[str]:
-    """Every problem found, as lines that say what to do; an empty list means ready to go."""
-    problems = config_problems(settings)
+    """Every problem found for a run in `mode` (command, catalog, serverless), as lines that say what to
+    do; an empty list means ready to go. Warnings (a retirement within 90 days) are logged."""
+    serverless = mode == "serverless"
+    problems = config_problems(settings, serverless=serverless)
     if config.missing(settings, config.AZURE_WORKSPACE_FIELDS):
         return problems  # nothing online can be checked without the workspace coordinates
     if ml_client is None:
@@ -69,15 +74,45 @@ def check(
     workspace, problem = _workspace(settings, ml_client)
     if problem:
         return problems + [problem]
-    if arm_get is not None and not config.missing(settings, config.AZURE_IDENTITY_FIELDS):
-        problems += identity_problems(settings, workspace, arm_get)
-    problems += quota_problems(settings, ml_client)
+    if not serverless:  # a serverless endpoint runs as no identity of ours, on no VM of ours
+        if arm_get is not None and not config.missing(settings, config.AZURE_IDENTITY_FIELDS):
+            problems += identity_problems(settings, workspace, arm_get)
+        problems += quota_problems(settings, ml_client)
+    if mode in ("catalog", "serverless"):
+        problems += catalog_problems(settings, workspace, mode, registry_client=registry_client, credential=credential)
     return problems
 
 
-def config_problems(settings: config.Settings) -> list[str]:
-    """Offline checks of the values the Azure steps use."""
+def catalog_problems(
+    settings: config.Settings, workspace: Any, mode: str, *,
+    registry_client: "MLClient | None" = None, credential: "TokenCredential | None" = None,
+) -> list[str]:
+    """The catalog model exists, is not retired for fine-tuning or inference, and (serverless) its
+    fine-tuned copies can be deployed in the workspace's region."""
+    try:
+        registry_client = client.connect_registry(settings, registry_client=registry_client, credential=credential)
+        model = lifecycle.fetch_catalog_model(settings, registry_client)
+    except RuntimeError as exc:
+        return [f"catalog model: {exc}"]
+    region = str(getattr(workspace, "location", "") or "").lower() if mode == "serverless" else None
+    problems, warnings = lifecycle.lifecycle_problems(model, ("fine-tuning", "inference"), region=region or None)
+    for warning in warnings:
+        log.warning("%s", warning)
+    return problems
+
+
+def config_problems(settings: config.Settings, *, serverless: bool = False) -> list[str]:
+    """Offline checks of the values the Azure steps use (`serverless`: no cluster, no managed endpoint)."""
+    if serverless:
+        problems = config.missing(settings, config.AZURE_WORKSPACE_FIELDS)
+        if not entities.ENDPOINT_NAME_RE.match(settings.AZURE_ENDPOINT_NAME):
+            problems.append(
+                f"AZURE_ENDPOINT_NAME={settings.AZURE_ENDPOINT_NAME!r}: use 3-32 letters, digits and hyphens, "
+                "starting with a letter (and unique in the Azure region)"
+            )
+        return problems + _data_problems(settings)
     problems = config.missing(settings, config.AZURE_WORKSPACE_FIELDS + config.AZURE_IDENTITY_FIELDS)
+    problems += lifecycle.retired_size_problems(settings, ("AZURE_COMPUTE_SIZE", "AZURE_DEPLOYMENT_INSTANCE_TYPE"))
     resource_id = settings.AZURE_MANAGED_IDENTITY_RESOURCE_ID
     match = _IDENTITY_ID.match(resource_id)
     if config.PLACEHOLDER_PREFIX not in resource_id and resource_id.strip():
@@ -111,10 +146,15 @@ def config_problems(settings: config.Settings) -> list[str]:
             f"AZURE_JOB_INSTANCE_COUNT={settings.AZURE_JOB_INSTANCE_COUNT} nodes exceeds AZURE_COMPUTE_MAX_INSTANCES="
             f"{settings.AZURE_COMPUTE_MAX_INSTANCES}: raise the cluster's maximum or use fewer nodes"
         )
-    for path, name in ((settings.train_data_path, "TRAIN_DATA_PATH"), (settings.test_data_path, "TEST_DATA_PATH")):
-        if not path.is_file():
-            problems.append(f"{name}: {path} does not exist; run `python download_dataset.py` first")
-    return problems + fit_problems(settings)
+    return problems + _data_problems(settings) + fit_problems(settings)
+
+
+def _data_problems(settings: config.Settings) -> list[str]:
+    return [
+        f"{name}: {path} does not exist; run `python download_dataset.py` first"
+        for path, name in ((settings.train_data_path, "TRAIN_DATA_PATH"), (settings.test_data_path, "TEST_DATA_PATH"))
+        if not path.is_file()
+    ]
 
 
 # --- does the model fit the deployment's VM? -----------------------------------------------------------

@@ -2,7 +2,9 @@
 
     python setup_ml.py --backend azure --dry-run dryrun/       # compute/environment/job YAML, no network
     python setup_ml.py --backend azure                         # get-or-create cluster, submit, stream
+    python setup_ml.py --backend azure --mode serverless       # fine-tuning as a service of a catalog model
     python deploy_model.py --backend azure                     # register, endpoint, deployment, 100% traffic
+                                                               # (serverless: a serverless endpoint)
     python deploy_model.py --backend azure --teardown          # delete the endpoint, scale the cluster to 0
 
 Every entity comes from `entities.py`. Operations are get-or-create / update-in-place: nothing here
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import config
 from finetune_phi import common, gate
-from finetune_phi.azure import client, entities, preflight
+from finetune_phi.azure import client, entities, lifecycle, preflight
 
 if TYPE_CHECKING:
     from azure.ai.ml import MLClient
@@ -30,7 +32,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MODES = ("command", "catalog")
+# command: our fine_tune.py on our cluster; catalog: Azure's fine-tuning of a catalog model on our
+# cluster (managed compute); serverless: Azure's fine-tuning of a catalog model as a service.
+MODES = ("command", "catalog", "serverless")
+CATALOG_MODES = ("catalog", "serverless")
 SUCCEEDED = "Succeeded"
 JOB_COMPLETED = "Completed"
 JOB_RUNNING = ("NotStarted", "Queued", "Preparing", "Provisioning", "Starting", "Running", "Finalizing",
@@ -40,7 +45,8 @@ JOB_POLL_S = 30.0  # between status checks of a catalog job (it has no log strea
 # What a deployment serves, and so the request shape it answers (config.ENDPOINT_KINDS):
 # a command job's MLflow model, served by Azure's no-code MLflow scoring ({"input_data": [...], "params"}),
 # or a model-catalog fine-tuned model ({"input_data": {"input_string": [messages], "parameters": {...}}}).
-KIND_BY_OUTPUT = {entities.COMMAND_OUTPUT: "azure-mlflow", entities.CATALOG_OUTPUT: "azure-catalog"}
+# A serverless fine-tune is served by a serverless endpoint: OpenAI chat completions.
+KIND_BY_MODE = {"command": "azure-mlflow", "catalog": "azure-catalog", "serverless": "azure-serverless"}
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,7 @@ class AzureDeployInfo:
     model_id: str
     job_name: str
     key: str = field(repr=False)  # never in a log line or a traceback
-    kind: str = "azure-mlflow"  # "azure-mlflow" (command job) or "azure-catalog" (catalog job)
+    kind: str = "azure-mlflow"  # KIND_BY_MODE of the job's mode
 
 
 # --- preflight -------------------------------------------------------------------------------------
@@ -63,9 +69,12 @@ def check(
     ml_client: "MLClient | None" = None,
     credential: "TokenCredential | None" = None,
     arm_get: preflight.ArmGet | None = None,
+    mode: str = "command",
+    registry_client: "MLClient | None" = None,
 ) -> list[str]:
-    """Read-only: every configuration, credential, workspace, identity and quota problem at once."""
-    return preflight.check(settings, ml_client=ml_client, credential=credential, arm_get=arm_get)
+    """Read-only: every configuration, credential, workspace, identity, quota and lifecycle problem at once."""
+    return preflight.check(settings, ml_client=ml_client, credential=credential, arm_get=arm_get, mode=mode,
+                           registry_client=registry_client)  # fmt: skip
 
 
 # --- training --------------------------------------------------------------------------------------
@@ -81,9 +90,13 @@ def _warn_placeholders(settings: config.Settings, names: tuple[str, ...]) -> Non
         log.warning("dry-run YAML keeps a placeholder: %s", problem)
 
 
-def report_check(settings: config.Settings) -> int:
-    """`--check` of both scripts: log every preflight problem, then a summary; the exit status."""
-    problems = check(settings)
+def report_check(settings: config.Settings, mode: str | None = None) -> int:
+    """`--check` of both scripts: log every preflight problem, then a summary; the exit status.
+
+    `mode`: the training mode to check for (setup_ml.py's --mode; deploy_model.py: the recorded job's)."""
+    mode = mode or recorded_mode(settings)
+    _check_mode(mode)
+    problems = check(settings, mode=mode)
     for problem in problems:
         log.error("%s", problem)
     log.info("preflight: %s", "OK" if not problems else f"{len(problems)} problem(s)")
@@ -94,6 +107,16 @@ def dry_run_training(settings: config.Settings, out_dir: Path, mode: str = "comm
     """Write the training entities as YAML into `out_dir` (loadable by azure.ai.ml.load_*); no network."""
     _check_mode(mode)
     out_dir = Path(out_dir)
+    if mode == "serverless":  # no compute: Azure runs it as a service
+        paths = [entities.write_yaml(entities.data_asset(settings, use), out_dir / f"data_{use}.yml")
+                 for use in entities.DATA_USES]  # fmt: skip
+        refs = [f"azureml:{entities.data_asset(settings, use).name}:{entities.data_asset(settings, use).version}"
+                for use in entities.DATA_USES]  # fmt: skip
+        job = entities.catalog_job(settings, serverless=True, training_data=refs[0], validation_data=refs[1])
+        paths.append(entities.write_yaml(job, out_dir / "finetuning_job.yml"))
+        log.info("to submit by hand: az ml data create -f %s; az ml data create -f %s; az ml job create -f %s "
+                 "(add -g <rg> -w <workspace>)", *paths)  # fmt: skip
+        return paths
     paths = [entities.write_yaml(entities.compute(settings), out_dir / "compute.yml")]
     if mode == "command":
         paths.append(entities.write_yaml(entities.environment(settings), out_dir / "environment.yml"))
@@ -145,6 +168,51 @@ def _require_data(settings: config.Settings) -> None:
             raise FileNotFoundError(f"{name}: {path} does not exist; run `python download_dataset.py` first")
 
 
+def workspace_region(ml_client: "MLClient", settings: config.Settings) -> tuple[str, str]:
+    """(region, workspace id): where the workspace lives, and the id serverless model ids name it by."""
+    with client.azure_errors(f"reading workspace {settings.AZURE_ML_WORKSPACE_NAME}"):
+        workspace = ml_client.workspaces.get(settings.AZURE_ML_WORKSPACE_NAME)
+    return str(workspace.location or "").lower(), str(getattr(workspace, "_workspace_id", "") or "")
+
+
+def usable_catalog_model(
+    settings: config.Settings, ml_client: "MLClient", uses: tuple[str, ...], *, region_check: bool,
+    registry_client: "MLClient | None" = None, credential: "TokenCredential | None" = None,
+) -> lifecycle.CatalogModel:
+    """AZURE_CATALOG_MODEL's latest version, refused (ConfigError) when retired for `uses` or, with
+    `region_check`, when its fine-tuned copies cannot be deployed in the workspace's region."""
+    registry_client = client.connect_registry(settings, registry_client=registry_client, credential=credential)
+    model = lifecycle.fetch_catalog_model(settings, registry_client)
+    region = workspace_region(ml_client, settings)[0] if region_check else None
+    lifecycle.require_usable(model, uses, region=region)
+    return model
+
+
+def _retired_sizes(settings: config.Settings, names: tuple[str, ...]) -> None:
+    problems = lifecycle.retired_size_problems(settings, names)
+    if problems:
+        raise config.ConfigError(problems)
+
+
+def upload_data(ml_client: "MLClient", settings: config.Settings) -> list[str]:
+    """The train and validation files as data assets (get-or-create by content); their ids, in order."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    ids = []
+    for use in entities.DATA_USES:
+        asset = entities.data_asset(settings, use)
+        with client.azure_errors(f"data asset {asset.name}"):
+            try:
+                found = ml_client.data.get(asset.name, version=asset.version)
+                log.info("reusing data asset %s:%s (same content)", asset.name, asset.version)
+            except ResourceNotFoundError:
+                log.info("uploading %s as data asset %s:%s", entities.data_path(settings, use), asset.name,
+                         asset.version)  # fmt: skip
+                found = ml_client.data.create_or_update(asset)
+        ids.append(str(found.id))
+    return ids
+
+
 def submit_training(
     settings: config.Settings,
     mode: str = "command",
@@ -152,12 +220,26 @@ def submit_training(
     *,
     ml_client: "MLClient | None" = None,
     credential: "TokenCredential | None" = None,
+    registry_client: "MLClient | None" = None,
 ) -> str:
-    """Get-or-create the cluster, register the environment, submit the job, record it, stream its logs."""
+    """Submit the fine-tune in `mode`, record it, follow it to its end.
+
+    command: get-or-create the cluster, register the environment, our fine_tune.py as a command job,
+    its logs streamed. catalog / serverless: the catalog model's lifecycle (and, serverless, the
+    workspace's region) checked first, then Azure's fine-tuning job, its status polled."""
     _check_mode(mode)
     _require_data(settings)
+    if mode != "serverless":  # offline, before the first request
+        _retired_sizes(settings, ("AZURE_COMPUTE_SIZE",))
     ml_client = client.connect(settings, ml_client=ml_client, credential=credential)
-    ensure_compute(ml_client, settings)
+    catalog_model = None
+    if mode in CATALOG_MODES:
+        # Before anything is created: a retired model or a region it cannot be deployed in stops here.
+        catalog_model = usable_catalog_model(settings, ml_client, ("fine-tuning", "inference"),
+                                             region_check=mode == "serverless", registry_client=registry_client,
+                                             credential=credential)  # fmt: skip
+    if mode != "serverless":
+        ensure_compute(ml_client, settings)
     if mode == "command":
         env = entities.environment(settings)
         with client.azure_errors(f"environment {env.name}"):
@@ -166,7 +248,13 @@ def submit_training(
         job = entities.training_job(settings)
         output = entities.COMMAND_OUTPUT
     else:
-        job = entities.catalog_job(settings)
+        assert catalog_model is not None
+        if mode == "serverless":
+            train_id, validation_id = upload_data(ml_client, settings)
+            job = entities.catalog_job(settings, catalog_model.id, serverless=True, training_data=train_id,
+                                       validation_data=validation_id)  # fmt: skip
+        else:
+            job = entities.catalog_job(settings, catalog_model.id)
         output = entities.CATALOG_OUTPUT
     with client.azure_errors("submitting the training job", _compute_quota_hint(settings)):
         submitted = ml_client.jobs.create_or_update(job)
@@ -182,12 +270,13 @@ def submit_training(
             "job_name": job_name,
             "mode": mode,
             "output": output,
+            "catalog_model": catalog_model.id if catalog_model else None,
             "studio_url": studio_url,
             "experiment_name": settings.AZURE_EXPERIMENT_NAME,
             "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )
-    if stream and mode == "catalog":
+    if stream and mode in CATALOG_MODES:
         # jobs.stream reads the job's services, which a fine-tuning job does not have: it would
         # crash with AttributeError ('NoneType' object has no attribute 'get').
         _poll_until_done(ml_client, job_name, studio_url)
@@ -250,10 +339,29 @@ def recorded_job(settings: config.Settings, job_name: str | None, *, dry_run: bo
     )
 
 
+def recorded_mode(settings: config.Settings, job_name: str | None = None) -> str:
+    """The mode setup_ml.py recorded for its job (for `job_name`, when that is the recorded job)."""
+    training = common.read_state(settings).get("training", {})
+    if training.get("backend") != "azure" or (job_name and job_name != training.get("job_name")):
+        return "command"
+    mode = str(training.get("mode") or "command")
+    return mode if mode in MODES else "command"
+
+
 def dry_run_deployment(settings: config.Settings, out_dir: Path, job_name: str | None = None) -> list[Path]:
     """Write model/endpoint/deployment YAML into `out_dir` (loadable by azure.ai.ml.load_*); no network."""
     out_dir = Path(out_dir)
     job_name, output = recorded_job(settings, job_name, dry_run=True)
+    if recorded_mode(settings, job_name) == "serverless":
+        # The model's name and the workspace's region and id are known once the job ran and a client
+        # reads them: placeholders here.
+        model_id = entities.workspace_model_id(entities.PLACEHOLDER_REGION, entities.PLACEHOLDER_WORKSPACE_ID,
+                                               f"<model registered by job {job_name}>", "1")  # fmt: skip
+        path = entities.write_yaml(entities.serverless_endpoint(settings, model_id),
+                                   out_dir / "serverless_endpoint.yml")  # fmt: skip
+        log.info("to deploy by hand: fill in model_id, then az ml serverless-endpoint create -f %s "
+                 "(add -g <rg> -w <workspace>)", path)  # fmt: skip
+        return [path]
     _warn_placeholders(settings, config.AZURE_IDENTITY_FIELDS)
     paths = [
         entities.write_yaml(entities.model(settings, job_name, output), out_dir / "model.yml"),
@@ -364,20 +472,30 @@ def deploy(
     ml_client: "MLClient | None" = None,
     credential: "TokenCredential | None" = None,
     metrics: "Any" = None,
+    registry_client: "MLClient | None" = None,
 ) -> AzureDeployInfo:
-    """Register the job's MLflow model, create/update endpoint and deployment, route 100% traffic to it.
+    """Register the job's MLflow model, create/update endpoint and deployment, route 100% traffic to it;
+    a serverless fine-tune goes to a serverless endpoint instead (deploy_serverless).
 
     First the gate: a model scoring worse than its base model or the deployed job's raises
     gate.GateRefused (a RuntimeError) unless `force`; the verdict is tagged on the registered model."""
-    config.validate(settings, config.AZURE_WORKSPACE_FIELDS + config.AZURE_IDENTITY_FIELDS)
     job_name, output = recorded_job(settings, job_name)
-    kind = KIND_BY_OUTPUT.get(output, "azure-mlflow")
-    # Offline, before anything is created or billed: a VM too small for the model fails only after
-    # 10-30 min of provisioning, with the container killed for memory.
-    too_small = preflight.fit_problems(settings)
+    mode = recorded_mode(settings, job_name)
+    if mode == "serverless":
+        return deploy_serverless(settings, job_name, force=force, ml_client=ml_client, credential=credential,
+                                 registry_client=registry_client, metrics=metrics)  # fmt: skip
+    config.validate(settings, config.AZURE_WORKSPACE_FIELDS + config.AZURE_IDENTITY_FIELDS)
+    kind = KIND_BY_MODE[mode]
+    # Offline, before anything is created or billed: a retired size is refused by Azure, and a VM too
+    # small for the model fails only after 10-30 min of provisioning, with the container killed for memory.
+    too_small = lifecycle.retired_size_problems(settings, ("AZURE_DEPLOYMENT_INSTANCE_TYPE",))
+    too_small += preflight.fit_problems(settings)
     if too_small:
         raise config.ConfigError(too_small)
     ml_client = client.connect(settings, ml_client=ml_client, credential=credential)
+    if mode == "catalog":  # a catalog model retired for inference cannot be served
+        usable_catalog_model(recorded_catalog_settings(settings), ml_client, ("inference",), region_check=False,
+                             registry_client=registry_client, credential=credential)  # fmt: skip
     endpoint_name, deployment_name = settings.AZURE_ENDPOINT_NAME, settings.AZURE_DEPLOYMENT_NAME
 
     decision = check_gate(ml_client, settings, job_name, kind, force, metrics)
@@ -449,13 +567,117 @@ def deploy(
     return info
 
 
+def recorded_catalog_settings(settings: config.Settings) -> config.Settings:
+    """The settings with AZURE_CATALOG_MODEL / _REGISTRY of the catalog model the recorded job fine-tuned."""
+    recorded = str(common.read_state(settings).get("training", {}).get("catalog_model") or "")
+    parts = recorded.split("/")  # azureml://registries/<registry>/models/<name>/versions/<version>
+    if recorded.startswith("azureml://registries/") and len(parts) >= 7:
+        return settings.with_overrides(AZURE_CATALOG_REGISTRY=parts[3], AZURE_CATALOG_MODEL=parts[5])
+    return settings
+
+
+def fine_tuned_model(ml_client: "MLClient", settings: config.Settings, job_name: str) -> tuple[str, str]:
+    """(name, version) of the model a completed catalog fine-tuning job registered in the workspace."""
+    with client.azure_errors(f"reading job {job_name}"):
+        job = ml_client.jobs.get(job_name)
+    status = _value(job.status)
+    if status != JOB_COMPLETED:
+        raise RuntimeError(
+            f"job {job_name} is {status or 'in an unknown state'}, not {JOB_COMPLETED}: nothing to deploy yet "
+            f"(follow it at {getattr(job, 'studio_url', '') or 'ml.azure.com → Jobs'})"
+        )
+    output = (getattr(job, "outputs", None) or {}).get(entities.CATALOG_OUTPUT)
+    name = str(getattr(output, "name", None) or settings.AZURE_MODEL_NAME)
+    version = getattr(output, "version", None)
+    if not version:  # Azure names the output's model; its version is the latest registered under that name
+        with client.azure_errors(f"reading model {name} registered by job {job_name}"):
+            version = ml_client.models.get(name, label="latest").version
+    return name, str(version)
+
+
+def ensure_serverless_endpoint(ml_client: "MLClient", settings: config.Settings, model_id: str, region: str) -> Any:
+    """Create the serverless endpoint, or reuse it when it serves `model_id`; never delete it.
+
+    Azure does not change a serverless endpoint's model in place: one serving another model is a
+    stop, naming the two ways on."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    name = settings.AZURE_ENDPOINT_NAME
+    show = f"see it in ml.azure.com → Endpoints → Serverless, or `az ml serverless-endpoint show -n {name}`"
+    with client.azure_errors(f"serverless endpoint {name}", failed_hint=show):
+        try:
+            existing = ml_client.serverless_endpoints.get(name)
+        except ResourceNotFoundError:
+            existing = None
+        if existing is None:
+            log.info("creating serverless endpoint %s for %s (billed per token, no VM)", name, model_id)
+            ml_client.serverless_endpoints.begin_create_or_update(
+                entities.serverless_endpoint(settings, model_id, location=region)
+            ).result()
+        elif str(existing.model_id or "").lower() != model_id.lower():
+            raise RuntimeError(
+                f"serverless endpoint {name} serves {existing.model_id}, not {model_id}, and Azure does not change "
+                "a serverless endpoint's model: set AZURE_ENDPOINT_NAME to a new name, or remove it first with "
+                "`python deploy_model.py --backend azure --teardown`"
+            )
+        else:
+            log.info("reusing serverless endpoint %s: it already serves %s", name, model_id)
+        current = ml_client.serverless_endpoints.get(name)
+    state = _value(getattr(current, "provisioning_state", None))
+    if state.lower() != SUCCEEDED.lower():
+        raise RuntimeError(f"serverless endpoint {name} is in state {state or 'unknown'}, not {SUCCEEDED}: {show}")
+    return current
+
+
+def deploy_serverless(
+    settings: config.Settings,
+    job_name: str,
+    *,
+    force: bool = False,
+    ml_client: "MLClient | None" = None,
+    credential: "TokenCredential | None" = None,
+    registry_client: "MLClient | None" = None,
+    metrics: "Any" = None,
+) -> AzureDeployInfo:
+    """The model a serverless fine-tune registered, behind a serverless endpoint (pay per token), its key.
+
+    Before anything is created: the catalog model must still be offered for inference, and its
+    fine-tuned copies deployable in the workspace's region."""
+    config.validate(settings, config.AZURE_WORKSPACE_FIELDS)
+    ml_client = client.connect(settings, ml_client=ml_client, credential=credential)
+    usable_catalog_model(recorded_catalog_settings(settings), ml_client, ("inference",), region_check=True,
+                         registry_client=registry_client, credential=credential)  # fmt: skip
+    kind = KIND_BY_MODE["serverless"]
+    decision = check_gate(ml_client, settings, job_name, kind, force, metrics)
+    name, version = fine_tuned_model(ml_client, settings, job_name)
+    region, workspace_id = workspace_region(ml_client, settings)
+    model_id = entities.workspace_model_id(region, workspace_id, name, version)
+    endpoint_name = settings.AZURE_ENDPOINT_NAME
+    current = ensure_serverless_endpoint(ml_client, settings, model_id, region)
+    with client.azure_errors(f"reading the keys of serverless endpoint {endpoint_name}"):
+        key = ml_client.serverless_endpoints.get_keys(endpoint_name).primary_key
+    scoring_uri = str(getattr(current, "scoring_uri", "") or "")
+    if not scoring_uri or not key:
+        raise RuntimeError(f"serverless endpoint {endpoint_name} returned no URI or key; is its auth mode Key?")
+    common.update_state(settings, "deployment", {
+        "backend": "azure", "kind": kind, "endpoint_name": endpoint_name, "deployment_name": None,
+        "scoring_uri": scoring_uri, "model": model_id, "job_name": job_name, "gate": decision.verdict,
+        "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })  # fmt: skip
+    log.info("serverless endpoint %s serves %s at %s (key %s); requests: %s/v1/chat/completions",
+             endpoint_name, model_id, scoring_uri, common.redact(key), scoring_uri.rstrip("/"))  # fmt: skip
+    return AzureDeployInfo(endpoint_name=endpoint_name, deployment_name="", scoring_uri=scoring_uri,
+                           model_id=model_id, job_name=job_name, key=key, kind=kind)  # fmt: skip
+
+
 def teardown(
     settings: config.Settings,
     *,
     ml_client: "MLClient | None" = None,
     credential: "TokenCredential | None" = None,
 ) -> list[str]:
-    """Delete the endpoint (its deployments go with it) and let the cluster scale to 0; one line per action."""
+    """Delete the online endpoint (its deployments go with it) and the serverless endpoint of that name, and
+    let the cluster scale to 0; one line per action."""
     from azure.core.exceptions import ResourceNotFoundError
 
     ml_client = client.connect(settings, ml_client=ml_client, credential=credential)
@@ -469,6 +691,15 @@ def teardown(
         else:
             ml_client.online_endpoints.begin_delete(name=endpoint_name).result()
             lines.append(f"endpoint {endpoint_name}: deleted, with its deployments (billing for them stops)")
+    with client.azure_errors(f"deleting serverless endpoint {endpoint_name}"):
+        try:
+            ml_client.serverless_endpoints.get(endpoint_name)
+        except ResourceNotFoundError:
+            lines.append(f"serverless endpoint {endpoint_name}: not found, nothing to delete")
+        else:
+            ml_client.serverless_endpoints.begin_delete(endpoint_name).result()
+            lines.append(f"serverless endpoint {endpoint_name}: deleted (its per-token billing ends; the fine-tuned "
+                         "model stays registered in the workspace)")
     compute_name = settings.AZURE_COMPUTE_NAME
     with client.azure_errors(f"scaling compute cluster {compute_name}"):
         try:
