@@ -20,6 +20,7 @@ import config
 import deploy_model
 import setup_ml
 from azure_standin import BLOB_HOST, CONTAINER_CRASH, FORBIDDEN_ERROR, OUT_OF_QUOTA, PRIMARY_KEY, QUOTA_ERROR
+from azure_standin import SERVERLESS_KEY
 from azure_standin import AzureStandin, FakeCredential, azure_error
 from fake_mlclient import FILLED_IN, IDENTITY_CLIENT_ID, IDENTITY_RESOURCE_ID, RESOURCE_GROUP, SUBSCRIPTION, WORKSPACE
 from fake_mlclient import azure_settings
@@ -457,3 +458,170 @@ def test_an_sdk_exception_becomes_a_message_not_a_traceback() -> None:
         with pytest.raises(RuntimeError, match=r"^registering failed: (Model path is invalid|Model type unsupported)$"):
             with client.azure_errors("registering"):
                 raise exc
+
+
+# --- the Studio path as Azure offers it today: fine-tuning as a service, a serverless endpoint ---------------
+
+
+@pytest.fixture
+def chat_route(azure):
+    """The serverless endpoint's chat route (tests/catalog_standin.py), where Azure says the endpoint answers."""
+    from catalog_standin import ServerlessStandIn
+
+    route = ServerlessStandIn(SERVERLESS_KEY).start()
+    azure.standin.serverless_uri = route.url.removesuffix("/score")
+    yield route
+    route.stop()
+
+
+def _billable(standin: AzureStandin, since: int = 0) -> list:
+    """Requests that create, change or delete something (anything but reads and key/secret listings)."""
+    return [r for r in standin.requests[since:] if r.method in ("PUT", "DELETE", "PATCH")
+            or (r.method == "POST" and not r.path.endswith(("/listKeys", "/listSecrets")))]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_serverless_fine_tunes_phi4_mini_as_a_service_and_deploys_a_serverless_endpoint_the_flows_answer(
+    azure, chat_route, caplog: pytest.LogCaptureFixture
+) -> None:
+    from chat_flow import endpoint_client as ec
+
+    s, standin = azure.settings, azure.standin
+    assert setup_ml.main(["--backend", "azure", "--mode", "serverless"]) == 0, _errors(caplog)
+    # The catalog entry was read first: its lifecycle and regions before anything was created.
+    discovery = standin.sent("GET", "/registrymanagement/v1.0/registries/azureml/discovery")
+    assert discovery and standin.requests.index(discovery[0]) < standin.requests.index(_billable(standin)[0])
+    assert not standin.sent(None, "/computes")  # no cluster: Azure's compute, billed per token
+    data_puts = standin.sent("PUT", "/data/")
+    assert sorted(r.path.split("/data/")[1].split("/")[0] for r in data_puts) == [
+        f"{s.AZURE_EXPERIMENT_NAME}-train", f"{s.AZURE_EXPERIMENT_NAME}-validation"]
+    assert {Path(k).name for k in standin.uploaded_files()} >= {s.train_data_path.name, s.test_data_path.name}
+    (job_put,) = standin.sent("PUT", "/jobs/")
+    job = job_put.json["properties"]
+    assert job["jobType"] == "FineTuning" and "computeId" not in job
+    details = job["fineTuningDetails"]
+    assert details["model"]["uri"] == "azureml://registries/azureml/models/Phi-4-mini-instruct/versions/1"
+    assert details["trainingData"]["uri"] == data_puts[0].path and details["validationData"]["uri"] == data_puts[1].path
+    assert details["hyperParameters"] == entities.catalog_hyperparameters(s)
+    assert all(isinstance(v, str) for v in details["hyperParameters"].values())
+    assert job["outputs"]["registered_model"]["assetName"] == s.AZURE_MODEL_NAME
+    training = common.read_state(s)["training"]
+    assert training["mode"] == "serverless" and training["catalog_model"] == details["model"]["uri"]
+
+    before = len(standin.requests)
+    assert deploy_model.main(["--backend", "azure"]) == 0, _errors(caplog)
+    (endpoint_put,) = standin.sent("PUT", "/serverlessEndpoints/")
+    assert endpoint_put.path == f"{standin.ws_id}/serverlessEndpoints/{s.AZURE_ENDPOINT_NAME}"
+    workspace_id = standin.get_resource(standin.ws_id)["properties"]["workspaceId"]
+    assert endpoint_put.json["properties"]["modelSettings"]["modelId"] == (
+        f"azureml://locations/eastus2/workspaces/{workspace_id}/models/{s.AZURE_MODEL_NAME}/versions/1")
+    assert endpoint_put.json["sku"] == {"name": "Consumption"}
+    assert standin.sent("POST", f"/serverlessEndpoints/{s.AZURE_ENDPOINT_NAME}/listKeys$")
+    # Azure registered the model; nothing of ours is registered, no managed endpoint, no VM.
+    assert not standin.sent("PUT", "/models/") and not standin.sent(None, "/onlineEndpoints")
+    assert [r for r in _billable(standin, before)] == [endpoint_put]
+
+    dotenv = config.read_dotenv(azure.env_file)
+    assert dotenv["AZURE_ML_ENDPOINT_KIND"] == "azure-serverless" and dotenv["AZURE_ML_API_KEY"] == SERVERLESS_KEY
+    assert dotenv["AZURE_ML_ENDPOINT"] == standin.serverless_uri and dotenv["AZURE_ML_CHAT_FORMAT"] == "phi4-mini"
+    from finetune_phi import pf_connection
+
+    stored = pf_connection.read_connection(s, with_secret=True)
+    assert stored["configs"]["kind"] == "azure-serverless" and stored["secrets"]["key"] == SERVERLESS_KEY
+    # What the flows do with that .env: OpenAI chat completions at {URI}/v1/chat/completions, streamed too.
+    endpoint = ec.endpoint_from_environment({"ENV_FILE": str(azure.env_file)}, folders=[])
+    assert ec.ask(endpoint.url, endpoint.key, "Hi", **endpoint.options()) == "Serverless reply 1 to: Hi"
+    pieces = list(ec.chat_stream(endpoint.url, endpoint.key, [{"role": "user", "content": "Hi"}], **endpoint.options()))
+    assert len(pieces) > 1 and "".join(pieces) == "Serverless reply 1 to: Hi"
+    assert [e.request.get("stream", False) for e in chat_route.exchanges] == [False, True]
+
+    # Deploying again reuses the endpoint: no second create, and never a DELETE.
+    assert deploy_model.main(["--backend", "azure", "--no-connection"]) == 0, _errors(caplog)
+    assert len(standin.sent("PUT", "/serverlessEndpoints/")) == 1 and not standin.sent("DELETE")
+
+    # --teardown removes it.
+    assert deploy_model.main(["--backend", "azure", "--teardown"]) == 0
+    (delete,) = standin.sent("DELETE", "/serverlessEndpoints/")
+    assert delete.path == endpoint_put.path
+    assert standin.get_resource(endpoint_put.path) is None
+
+
+@pytest.mark.parametrize("mode", ["catalog", "serverless"])
+def test_a_retired_catalog_model_stops_before_anything_is_created_naming_date_and_replacement(
+    azure, mode: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("AZURE_CATALOG_MODEL", "Phi-3-mini-4k-instruct")
+    assert setup_ml.main(["--backend", "azure", "--mode", mode]) == 1
+    (error,) = _errors(caplog)
+    assert "AZURE_CATALOG_MODEL=Phi-3-mini-4k-instruct: Azure retired it for fine-tuning on 2025-08-30" in error
+    assert "set AZURE_CATALOG_MODEL=Phi-4-mini-instruct" in error
+    assert azure.standin.sent("GET", "/models/Phi-3-mini-4k-instruct/versions")  # read from the registry
+    assert _billable(azure.standin) == []
+    # The stand-in refuses such a job as Azure would: the check above is what kept it from being sent.
+    job = {"properties": {"jobType": "FineTuning", "fineTuningDetails": {"model": {
+        "uri": "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/15"}}}}  # fmt: skip
+    assert azure.standin._retired_base_model(job["properties"]).status == 400
+
+
+def test_a_retirement_within_90_days_is_a_warning_and_the_run_goes_on(
+    azure, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import datetime as dt
+
+    soon = (dt.date.today() + dt.timedelta(days=30)).isoformat()
+    (phi4,) = azure.standin.registry_models[("azureml", "Phi-4-mini-instruct")]
+    phi4["properties"]["tags"]["InferenceRetirementDate"] = soon
+    assert setup_ml.main(["--backend", "azure", "--mode", "serverless", "--no-stream"]) == 0, _errors(caplog)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("finetune")]
+    assert any(f"retires it for inference on {soon} (in 30 days)" in w for w in warnings), warnings
+
+
+def test_a_workspace_outside_the_models_deploy_regions_stops_serverless_before_anything_is_created(
+    azure, caplog: pytest.LogCaptureFixture
+) -> None:
+    workspace = azure.standin.get_resource(azure.standin.ws_id)
+    workspace["location"] = "westeurope"
+    assert setup_ml.main(["--backend", "azure", "--mode", "serverless"]) == 1
+    (error,) = _errors(caplog)
+    assert "can be deployed only in eastus2, eastus, northcentralus, westus3, westus, southcentralus" in error
+    assert "'westeurope'" in error and _billable(azure.standin) == []
+    caplog.clear()
+    assert setup_ml.main(["--backend", "azure", "--mode", "serverless", "--check"]) == 1
+    assert any("westeurope" in e for e in _errors(caplog))
+
+
+@pytest.mark.parametrize(("name", "size", "script"), [
+    ("AZURE_COMPUTE_SIZE", "Standard_NC6s_v3", "setup_ml"),
+    ("AZURE_DEPLOYMENT_INSTANCE_TYPE", "Standard_NC6s_v3", "deploy_model"),
+])  # fmt: skip
+def test_a_retired_vm_size_stops_before_any_request_naming_the_size_to_use(
+    azure, name: str, size: str, script: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv(name, size)
+    _record_job(azure.settings)
+    main = setup_ml.main if script == "setup_ml" else deploy_model.main
+    assert main(["--backend", "azure"]) == 1
+    (error,) = _errors(caplog)
+    assert f"{name}={size}: Azure retired the NCv3 sizes on 2025-09-30; use Standard_NC" in error
+    assert azure.standin.requests == []  # offline: not even a read
+    caplog.clear()
+    assert main(["--backend", "azure", "--check"]) == 1
+    assert any(f"{name}={size}: Azure retired" in e for e in _errors(caplog))
+
+
+def test_a_serverless_endpoint_serving_another_model_is_never_replaced(
+    azure, chat_route, caplog: pytest.LogCaptureFixture
+) -> None:
+    s, standin = azure.settings, azure.standin
+    assert setup_ml.main(["--backend", "azure", "--mode", "serverless"]) == 0, _errors(caplog)
+    other = f"{standin.ws_id}/serverlessEndpoints/{s.AZURE_ENDPOINT_NAME}"
+    standin.put_resource(other, {"id": other, "name": s.AZURE_ENDPOINT_NAME, "location": "eastus2",
+                                 "properties": {"modelSettings": {"modelId": "azureml://locations/eastus2/workspaces/"
+                                                                  "x/models/someone-elses/versions/3"},
+                                                "provisioningState": "Succeeded", "authMode": "Key",
+                                                "inferenceEndpoint": {"uri": "https://x.models.ai.azure.com"}}})  # fmt: skip
+    assert deploy_model.main(["--backend", "azure"]) == 1
+    (error,) = _errors(caplog)
+    assert "serves azureml://locations/eastus2/workspaces/x/models/someone-elses/versions/3" in error
+    assert "AZURE_ENDPOINT_NAME" in error and "--teardown" in error
+    assert not standin.sent("PUT", "/serverlessEndpoints/") and not standin.sent("DELETE")

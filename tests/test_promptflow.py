@@ -37,7 +37,7 @@ import requests
 import yaml
 
 import config
-from catalog_standin import CatalogStandIn, Exchange, RecordingServer
+from catalog_standin import CatalogStandIn, Exchange, RecordingServer, ServerlessStandIn
 from chat_flow.endpoint_client import encode_prompt
 from finetune_phi import pf_connection, pf_env
 
@@ -810,6 +810,8 @@ class Target:
     recorder: Any  # RecordingProxy or CatalogStandIn: .exchanges, .since(n)
 
     def reply(self, exchange: Any) -> str:
+        if self.kind == "azure-serverless":
+            return exchange.response["choices"][0]["message"]["content"]
         return exchange.response["output"] if self.kind == "azure-catalog" else exchange.response[0]
 
 
@@ -829,11 +831,29 @@ def catalog(rig: FlowRig) -> Iterator[Target]:
         standin.stop()
 
 
-@pytest.fixture(params=["local", "azure-catalog"])
+@pytest.fixture(scope="module")
+def serverless(rig: FlowRig) -> Iterator[Target]:
+    """A serverless endpoint's chat route (fine-tuning as a service), at the URI Azure reports: no /score."""
+    standin = ServerlessStandIn(KEY).start()
+    uri = standin.url.removesuffix("/score")
+    settings = config.load(env={}, dotenv_path=rig.tmp / "no.env", STATE_DIR=str(rig.tmp / "serverless-state"))
+    env = {**rig.env, **pf_env.promptflow_env(settings),
+           "AZURE_ML_ENDPOINT": uri, "AZURE_ML_ENDPOINT_KIND": "azure-serverless"}
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("HOME", env["HOME"])
+            pf_connection.upsert_connection(settings, endpoint=uri, key=KEY, kind="azure-serverless")
+        yield Target("azure-serverless", uri, env, standin)
+    finally:
+        subprocess.run([PF, "service", "stop"], env=env, capture_output=True, timeout=60)
+        standin.stop()
+
+
+@pytest.fixture(params=["local", "azure-catalog", "azure-serverless"])
 def target(request: pytest.FixtureRequest, flow: FlowRig) -> Target:
     if request.param == "local":
         return Target("local", flow.proxy.url, flow.env, flow.proxy)
-    return request.getfixturevalue("catalog")
+    return request.getfixturevalue("catalog" if request.param == "azure-catalog" else "serverless")
 
 
 @pytest.fixture(scope="module")
@@ -941,6 +961,9 @@ def test_standard_flow_snapshot_answers_through_each_kind(target: Target, snapsh
     if target.kind == "azure-catalog":
         assert first.request["input_data"]["input_string"] == [{"role": "user", "content": "What is Phi-3?"}]
         assert second.request["input_data"]["input_string"] == [{"role": "user", "content": "Who makes Phi-3?"}]
+    elif target.kind == "azure-serverless":  # OpenAI chat completions under the endpoint's URI
+        assert first.request["messages"] == [{"role": "user", "content": "What is Phi-3?"}]
+        assert second.request["messages"] == [{"role": "user", "content": "Who makes Phi-3?"}]
     else:
         assert first.request["input_data"] == ["What is Phi-3?"]
         assert second.request["input_data"] == ["Who makes Phi-3?"]
@@ -968,7 +991,7 @@ def test_chat_flow_snapshot_keeps_the_history_through_each_kind(target: Target, 
     if target.kind == "azure-catalog":
         assert first.request["input_data"]["input_string"] == history[:1]
         assert second.request["input_data"]["input_string"] == history
-    elif target.kind == "local":  # streamed from /v1/chat/completions beside /score
+    elif target.kind in ("local", "azure-serverless"):  # streamed from /v1/chat/completions
         assert first.request["messages"] == history[:1] and first.request["stream"] is True
         assert second.request["messages"] == history
     else:
@@ -986,3 +1009,30 @@ def pf_in(folder: Path, env: dict[str, str], *args: str, stdin: str | None = Non
                           env=snapshot_env(env), timeout=180)
     assert proc.returncode == 0, f"pf {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
+
+
+@pytest.mark.slow
+def test_a_connection_made_the_studio_tutorials_way_chats_with_the_local_endpoint(
+    flow: FlowRig, snapshots: dict[str, Path], tmp_path: Path
+) -> None:
+    """A Custom connection with only `endpoint` and secret `key`, created with pf as the Studio tutorial
+    makes it: the chat flow tells the local endpoint from its URL and streams from its OpenAI route."""
+    settings = config.load(env={}, dotenv_path=tmp_path / "no.env", STATE_DIR=str(tmp_path / "studio-state"))
+    env = {k: v for k, v in {**flow.env, **pf_env.promptflow_env(settings)}.items() if not k.startswith("AZURE_ML_")}
+    spec = tmp_path / "connection.yaml"
+    spec.write_text(yaml.safe_dump({
+        "$schema": "https://azuremlschemas.azureedge.net/promptflow/latest/CustomConnection.schema.json",
+        "name": settings.PROMPTFLOW_CONNECTION_NAME, "type": "custom",
+        "configs": {"endpoint": flow.proxy.url}, "secrets": {"key": KEY},
+    }))  # fmt: skip
+    try:
+        pf(flow, "connection", "create", "--file", str(spec), env=env)
+        copy = snapshots["chat"]
+        n = len(flow.proxy.exchanges)
+        proc = pf_in(copy, env, "flow", "test", "--flow", str(copy), "--interactive", stdin="Who founded Microsoft?\n")
+    finally:
+        subprocess.run([PF, "service", "stop"], env=env, capture_output=True, timeout=60)
+    (sent,) = flow.proxy.since(n)
+    assert sent.status == 200 and sent.request["stream"] is True
+    assert sent.request["messages"] == [{"role": "user", "content": "Who founded Microsoft?"}]
+    assert proc.stdout.count("Bot:") == 1
