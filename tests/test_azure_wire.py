@@ -487,6 +487,9 @@ def test_serverless_fine_tunes_phi4_mini_as_a_service_and_deploys_a_serverless_e
     from chat_flow import endpoint_client as ec
 
     s, standin = azure.settings, azure.standin
+    assert setup_ml.main(["--backend", "azure", "--mode", "serverless", "--check"]) == 0, _errors(caplog)
+    assert standin.sent("GET", "/models/Phi-4-mini-instruct/versions") and _billable(standin) == []
+    standin.requests.clear()
     assert setup_ml.main(["--backend", "azure", "--mode", "serverless"]) == 0, _errors(caplog)
     # The catalog entry was read first: its lifecycle and regions before anything was created.
     discovery = standin.sent("GET", "/registrymanagement/v1.0/registries/azureml/discovery")
@@ -520,6 +523,9 @@ def test_serverless_fine_tunes_phi4_mini_as_a_service_and_deploys_a_serverless_e
     # Azure registered the model; nothing of ours is registered, no managed endpoint, no VM.
     assert not standin.sent("PUT", "/models/") and not standin.sent(None, "/onlineEndpoints")
     assert [r for r in _billable(standin, before)] == [endpoint_put]
+    # Azure's recipe logs none of our evaluation: the gate records that it could not check.
+    assert common.read_state(s)["gate"]["verdict"] == "unchecked"
+    assert common.read_state(s)["deployment"]["kind"] == "azure-serverless"
 
     dotenv = config.read_dotenv(azure.env_file)
     assert dotenv["AZURE_ML_ENDPOINT_KIND"] == "azure-serverless" and dotenv["AZURE_ML_API_KEY"] == SERVERLESS_KEY
