@@ -43,7 +43,22 @@ ENDPOINT_DTYPES = ("auto", "float32", "bfloat16", "float16")  # finetune_phi.end
 EVAL_GATE_METRICS = ("f1", "rougeL", "exact_match", "contains")
 
 
-@dataclass(frozen=True)
+# Never shown whole: not by repr/str of the settings, not in a log line or an error message.
+SECRET_FIELDS = ("AZURE_ML_API_KEY", "EVAL_JUDGE_API_KEY")
+
+IDENTITY_RESOURCE_ID_FORMAT = (
+    "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
+)
+
+
+def redact(secret: str) -> str:
+    """Enough of a secret to tell two apart in a log, never enough to use it."""
+    if not secret:
+        return "<empty>"
+    return f"{secret[:4]}…({len(secret)} chars)" if len(secret) >= 16 else "<redacted>"
+
+
+@dataclass(frozen=True, repr=False)
 class Settings:
     # --- which backend runs the pipeline -------------------------------------------------
     # "local": everything on this machine, offline (MLflow sqlite store, local endpoint).
@@ -58,10 +73,9 @@ class Settings:
     # Storage Blob Data Reader on the workspace's registry and storage).
     AZURE_MANAGED_IDENTITY_CLIENT_ID: str = "<your-managed-identity-client-id>"
     AZURE_MANAGED_IDENTITY_NAME: str = "<your-managed-identity-name>"
-    AZURE_MANAGED_IDENTITY_RESOURCE_ID: str = (
-        "/subscriptions/<your-subscription-id>/resourceGroups/<your-resource-group>"
-        "/providers/Microsoft.ManagedIdentity/userAssignedIdentities/<your-managed-identity-name>"
-    )
+    # Empty: built from the three values above, as the tutorial builds it. Set it only for an identity
+    # in another subscription or resource group than the workspace's.
+    AZURE_MANAGED_IDENTITY_RESOURCE_ID: str = ""
     # "default" = DefaultAzureCredential; "cli" = AzureCliCredential (after `az login`).
     AZURE_CREDENTIAL: str = "default"
     # The Azure cloud the workspace lives in, as azure-ai-ml names it: AzureCloud (public),
@@ -188,6 +202,18 @@ class Settings:
     # (a .env cannot name itself); tests point it at a temp file so a user's .env is never touched.
     ENV_FILE: str = ".env"
 
+    def __post_init__(self) -> None:
+        if not self.AZURE_MANAGED_IDENTITY_RESOURCE_ID.strip():
+            derived = IDENTITY_RESOURCE_ID_FORMAT.format(
+                sub=self.AZURE_SUBSCRIPTION_ID, rg=self.AZURE_RESOURCE_GROUP_NAME, name=self.AZURE_MANAGED_IDENTITY_NAME
+            )
+            object.__setattr__(self, "AZURE_MANAGED_IDENTITY_RESOURCE_ID", derived)
+
+    def __repr__(self) -> str:
+        shown = (f"{f.name}={redact(v) if f.name in SECRET_FIELDS and v else v!r}"
+                 for f in fields(self) for v in [getattr(self, f.name)])  # fmt: skip
+        return f"Settings({', '.join(shown)})"
+
     # -- derived values ----------------------------------------------------------------------------
     @property
     def env_file(self) -> Path:
@@ -216,7 +242,14 @@ class Settings:
         return _resolve(self.TEST_DATA_PATH)
 
     def with_overrides(self, **values: object) -> "Settings":
+        if "AZURE_MANAGED_IDENTITY_RESOURCE_ID" not in values and self._identity_derived():
+            values["AZURE_MANAGED_IDENTITY_RESOURCE_ID"] = ""  # still derived from the (new) parts
         return dataclasses.replace(self, **values)
+
+    def _identity_derived(self) -> bool:
+        return self.AZURE_MANAGED_IDENTITY_RESOURCE_ID == IDENTITY_RESOURCE_ID_FORMAT.format(
+            sub=self.AZURE_SUBSCRIPTION_ID, rg=self.AZURE_RESOURCE_GROUP_NAME, name=self.AZURE_MANAGED_IDENTITY_NAME
+        )
 
 
 class ConfigError(ValueError):

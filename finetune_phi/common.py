@@ -116,11 +116,7 @@ def write_dotenv(path: Path, values: dict[str, str]) -> None:
     atomic_write_text(path, "\n".join(kept) + "\n", mode=0o600)
 
 
-def redact(secret: str) -> str:
-    """Enough of a secret to tell two apart in a log, never enough to use it."""
-    if not secret:
-        return "<empty>"
-    return f"{secret[:4]}…({len(secret)} chars)" if len(secret) >= 16 else "<redacted>"
+redact = config.redact  # one home: config.py, which shows settings without their secrets
 
 
 # --- command-line flags every script shares --------------------------------------------------------

@@ -199,3 +199,45 @@ def test_a_setting_assigned_at_module_level_is_refused_naming_the_fix(tmp_path: 
         _load(tmp_path)
     assert "AZURE_SUBSCRIPTION_ID is assigned at module level in config.py" in str(exc.value)
     assert "Settings dataclass" in str(exc.value)
+
+
+# --- the tutorial's config, filled in the tutorial's way -------------------------------------------------
+
+
+def test_the_identity_resource_id_is_built_from_its_parts_unless_set(tmp_path: Path) -> None:
+    env = _clean_env(tmp_path, AZURE_SUBSCRIPTION_ID="sub-1", AZURE_RESOURCE_GROUP_NAME="rg-1",
+                     AZURE_MANAGED_IDENTITY_NAME="uai-1", AZURE_MANAGED_IDENTITY_CLIENT_ID="cid",
+                     AZURE_ML_WORKSPACE_NAME="ws")  # fmt: skip
+    s = config.load(env=env)
+    built = "/subscriptions/sub-1/resourceGroups/rg-1/providers/Microsoft.ManagedIdentity/userAssignedIdentities/uai-1"
+    assert s.AZURE_MANAGED_IDENTITY_RESOURCE_ID == built
+    config.validate(s, config.AZURE_WORKSPACE_FIELDS + config.AZURE_IDENTITY_FIELDS)  # nothing left to fill in
+    assert s.with_overrides(AZURE_MANAGED_IDENTITY_NAME="uai-2").AZURE_MANAGED_IDENTITY_RESOURCE_ID.endswith("/uai-2")
+    # Set explicitly (an identity in another group), it is kept as given, through overrides too.
+    elsewhere = built.replace("rg-1", "rg-shared")
+    explicit = config.load(env={**env, "AZURE_MANAGED_IDENTITY_RESOURCE_ID": elsewhere})
+    assert explicit.AZURE_MANAGED_IDENTITY_RESOURCE_ID == elsewhere
+    assert explicit.with_overrides(SEED=1).AZURE_MANAGED_IDENTITY_RESOURCE_ID == elsewhere
+    # Nothing filled in: the placeholders of its parts, reported as missing by name.
+    problems = config.missing(config.load(env=_clean_env(tmp_path)), ["AZURE_MANAGED_IDENTITY_RESOURCE_ID"])
+    assert len(problems) == 1 and "AZURE_MANAGED_IDENTITY_RESOURCE_ID still holds the placeholder" in problems[0]
+
+
+def test_settings_with_keys_set_never_show_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    keys = {"AZURE_ML_API_KEY": "sk-endpoint-0123456789abcdefXYZ", "EVAL_JUDGE_API_KEY": "judge-0123456789abcdefQRS"}
+    (tmp_path / ".env").write_text("".join(f"{k}={v}\n" for k, v in keys.items()))
+    s = config.load(env=_clean_env(tmp_path))
+    assert s.AZURE_ML_API_KEY == keys["AZURE_ML_API_KEY"]  # the value itself is there to use
+    # The README's own command, in a fresh interpreter, and repr/str/format/logging in this one.
+    proc = subprocess.run([sys.executable, "-c", "import config; print(config.load())"], cwd=config.ROOT,
+                          env=_clean_env(tmp_path), capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    shown = [proc.stdout, repr(s), str(s), f"{s}", "%s" % (s,)]
+    for name, key in keys.items():  # enough to tell two keys apart, not to use one
+        assert f"{name}={config.redact(key)!r}" in proc.stdout and config.redact(key).startswith(key[:4])
+    with pytest.raises(config.ConfigError) as err:
+        config.load(env={**_clean_env(tmp_path), "SEED": "not-a-number"})
+    shown.append(str(err.value))
+    for text in shown:
+        for key in keys.values():
+            assert key not in text
