@@ -330,12 +330,9 @@ def test_sampled_replies_have_the_same_shape_on_both(azure: AzureServer, local: 
 # Evidence, seen with azmlinfsrv 1.5.1 + the pinned script: Azure answers these with a 500 ("An unexpected
 # error occurred in scoring script"); the local endpoint answers 4xx naming the field at fault.
 AZURE_500 = {
-    "Studio shape, messages": (
-        {"input_data": {"input_string": [{"role": "user", "content": DEMO_QUESTION}], "parameters": {"max_new_tokens": 20}}},
-        "input_data", "model-catalog",
-    ),
     "Studio shape, string prompts": (  # inference-schema refuses the dict before the hfv2 branch could unwrap it
-        {"input_data": {"input_string": [DEMO_QUESTION], "parameters": {"max_new_tokens": 20}}}, "input_data", "model-catalog",
+        {"input_data": {"input_string": [DEMO_QUESTION], "parameters": {"max_new_tokens": 20}}},
+        "input_data.input_string.0", "valid dictionary",
     ),
     "a list of message lists": ({"input_data": [[{"role": "user", "content": DEMO_QUESTION}]]}, "input_data.0", "a list of messages, not a string"),
     "one string, not a list": ({"input_data": DEMO_QUESTION}, "input_data", "list"),
@@ -358,11 +355,55 @@ def test_where_azure_answers_500_the_local_endpoint_names_the_field(azure: Azure
         assert error["message"].startswith(field) and words in error["message"], f"{name}: {error}"
 
 
-# Azure answers these with a 200, ignoring or mangling part of the request; the local endpoint refuses
-# them (never silently ignore): the item or param is named.
+# The tutorials' own requests, verbatim. The SDK tutorial's integrate_with_promptflow.py (Microsoft Phi-3
+# Cookbook, E2E_Phi-3-FineTuning_PromptFlow_Integration.md) samples, and sends return_full_text, which is
+# not in the model's params schema: Azure's scoring drops it.
+SDK_TUTORIAL = {"input_data": [DEMO_QUESTION],
+                "params": {"temperature": 0.7, "max_new_tokens": 128, "do_sample": True, "return_full_text": True}}
+# The Studio tutorial's request shape: a catalog deployment's, as the Phi-3-mini-4k-instruct model card
+# documents it ("Inference sample inputs and outputs").
+STUDIO_TUTORIAL = {"input_data": {"input_string": [{"role": "user", "content": DEMO_QUESTION}],
+                                  "parameters": {"temperature": 0.6, "top_p": 0.9, "do_sample": False, "max_new_tokens": 64}}}
+
+# Azure answers these with a 200, ignoring part of the request: the local endpoint ignores it the same
+# way, gives the same answer, and names what it ignored in a header.
 AZURE_IGNORES = {
-    "seed (not in the params schema)": ({"input_data": [DEMO_QUESTION], "params": {"seed": 3}}, "params.seed", "params schema"),
-    "return_full_text": ({"input_data": [DEMO_QUESTION], "params": {"return_full_text": True}}, "params.return_full_text", "params schema"),
+    "the SDK tutorial's request, greedy": (
+        {**SDK_TUTORIAL, "params": {**SDK_TUTORIAL["params"], "do_sample": False}}, "params.return_full_text"),
+    "seed (not in the params schema)": ({"input_data": [DEMO_QUESTION], "params": {"seed": 3}}, "params.seed"),
+    "max_length (Azure's chat samples)": ({"input_data": [DEMO_QUESTION], "params": {"max_length": 20}}, "params.max_length"),
+    "several": ({"input_data": [DEMO_QUESTION], "params": {"return_full_text": False, "seed": 1}},
+                "params.return_full_text, params.seed"),
+}
+
+
+@pytest.mark.slow
+def test_the_tutorials_requests_verbatim_are_answered_as_azure_answers_them(azure: AzureServer, local: ThreadServer) -> None:
+    from catalog_standin import CatalogStandIn
+
+    # The SDK tutorial's (sampled): a list of one string from both, the ignored field named locally.
+    theirs, ours = post(azure.base, SDK_TUTORIAL), post(local.base, SDK_TUTORIAL, AUTH)
+    assert theirs.status_code == ours.status_code == 200, (theirs.text, ours.text)
+    for replies in (theirs.json(), ours.json()):
+        assert isinstance(replies, list) and len(replies) == 1 and isinstance(replies[0], str)
+    assert ours.headers["X-Ignored-Fields"] == "params.return_full_text"
+    for name, (body, named) in AZURE_IGNORES.items():
+        theirs, ours = post(azure.base, body), post(local.base, body, AUTH)
+        assert theirs.status_code == 200, f"{name}: Azure answered {theirs.status_code} {theirs.text}"
+        assert ours.status_code == 200, f"{name}: {ours.status_code} {ours.text}"
+        assert ours.json() == theirs.json(), name
+        assert ours.headers["X-Ignored-Fields"] == named, name
+    assert post(local.base, AZURE_IGNORES["the SDK tutorial's request, greedy"][0], AUTH).json() == [DEMO_ANSWER]
+    # The Studio tutorial's: what a catalog deployment takes (the stand-in of its documented contract
+    # accepts it) and answers, {"output": ...}; here the model's greedy answer to the conversation.
+    assert CatalogStandIn.reply_to(STUDIO_TUTORIAL)[0] == 200
+    studio = post(local.base, STUDIO_TUTORIAL, AUTH)
+    assert studio.status_code == 200 and studio.json() == {"output": DEMO_ANSWER}, studio.text
+
+
+# Azure answers these with a 200 but mangles the request (an item that is not a prompt string is
+# turned into some other text); the local endpoint refuses them naming the item.
+AZURE_MANGLES = {
     "a flat list of messages (answered as some other text)": (
         {"input_data": [{"role": "user", "content": DEMO_QUESTION}]}, "input_data.0", "a message object, not a string",
     ),
@@ -372,8 +413,8 @@ AZURE_IGNORES = {
 
 
 @pytest.mark.slow
-def test_what_azure_ignores_silently_the_local_endpoint_refuses(azure: AzureServer, local: ThreadServer) -> None:
-    for name, (body, field, words) in AZURE_IGNORES.items():
+def test_what_azure_mangles_the_local_endpoint_refuses(azure: AzureServer, local: ThreadServer) -> None:
+    for name, (body, field, words) in AZURE_MANGLES.items():
         theirs, ours = post(azure.base, body), post(local.base, body, AUTH)
         assert theirs.status_code == 200, f"{name}: Azure answered {theirs.status_code} {theirs.text}"
         assert ours.status_code == 422, f"{name}: {ours.status_code} {ours.text}"

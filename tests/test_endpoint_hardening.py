@@ -110,11 +110,12 @@ BAD_REQUESTS: list[tuple[str, str, Any, dict[str, str], int, str]] = [
     ("temperature-text", "/score", raw({"input_data": ["hi"], "params": {"temperature": "hot"}}), JSON, 422, "params.temperature"),
     ("temperature-nan", "/score", b'{"input_data": ["hi"], "params": {"temperature": NaN}}', JSON, 422, "params.temperature"),
     ("top-p-zero", "/score", raw({"input_data": ["hi"], "params": {"top_p": 0}}), JSON, 422, "params.top_p"),
-    ("param-unknown", "/score", raw({"input_data": ["hi"], "params": {"max_tokenz": 5}}), JSON, 422, "params.max_tokenz"),
-    # The model-catalog (Studio) shape is not this model's: Azure answers it with a 500, we name it.
-    ("studio-empty-conversation", "/score", raw({"input_data": {"input_string": []}}), JSON, 422, "input_data"),
-    ("studio-blank-question", "/score", raw({"input_data": {"input_string": [{"role": "user", "content": ""}]}}), JSON, 422, "input_data"),
-    ("param-seed", "/score", raw({"input_data": ["hi"], "params": {"seed": 3}}), JSON, 422, "params.seed"),
+    ("param-unknown-but-typed-wrong", "/score", raw({"input_data": ["hi"], "params": {"max_tokenz": 5, "top_k": "5"}}), JSON, 422, "params.top_k"),
+    # The model-catalog (Studio) shape, broken.
+    ("studio-empty-conversation", "/score", raw({"input_data": {"input_string": []}}), JSON, 422, "input_data.input_string"),
+    ("studio-blank-question", "/score", raw({"input_data": {"input_string": [{"role": "user", "content": ""}]}}), JSON, 422, "input_data.input_string.0.content"),
+    ("studio-role-tool", "/score", raw({"input_data": {"input_string": [{"role": "tool", "content": "x"}]}}), JSON, 422, "input_data.input_string.0.role"),
+    ("studio-bad-parameter", "/score", raw({"input_data": {"input_string": [{"role": "user", "content": "x"}], "parameters": {"max_new_tokens": 0}}}), JSON, 422, "input_data.parameters.max_new_tokens"),
     ("sampling-at-temperature-0", "/score", raw({"input_data": ["hi"], "params": {"do_sample": True, "temperature": 0}}), JSON, 422, "params.temperature"),
     # -- /v1/chat/completions fields: 400 for every invalid request, as OpenAI and vLLM answer
     ("chat-malformed-json", "/v1/chat/completions", b'{"messages": [}', JSON, 400, "body"),

@@ -59,20 +59,26 @@ Prompt = Text
 
 # The params a /score request may set: the model's MLflow params schema (fine_tune.py), no more.
 SCORE_PARAMS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
-STUDIO_SHAPE = (
-    "{input_string, parameters} is the request shape of a model-catalog chat deployment, not of this "
-    "model (an MLflow text-generation model, which Azure's scoring script answers with a 500 for it): "
-    'send {"input_data": ["prompt", ...], "params": {...}}, a conversation encoded as ONE prompt string'
+# The response header that names what a /score request carried and the endpoint did not use.
+IGNORED_HEADER = "X-Ignored-Fields"
+NOT_PROMPT_LIST = (
+    "is an object: a prompt list is [\"prompt\", ...]; an object is the model-catalog (Studio) shape "
+    '{"input_string": [{"role": ..., "content": ...}, ...], "parameters": {...}}'
 )
 
 
 class GenerationParams(BaseModel):
     """The `params` of a /score request: the model's params schema, with its names and types.
 
-    A param the request leaves out gets the schema's default (as MLflow fills it in). Unknown names
-    are refused (UNKNOWN_PARAM): Azure's scoring of the model ignores them silently (`seed`, `return_full_text`...)."""
+    A param the request leaves out gets the schema's default (as MLflow fills it in). A name outside
+    the schema is ignored, as Azure's scoring of the model ignores it (MLflow drops params its schema
+    does not know: the SDK tutorial's `return_full_text`, `seed`, `max_length`...); the endpoint names
+    it in the IGNORED_HEADER response header and its log. A known name with a wrong type is refused."""
 
-    model_config = STRICT_FORBID
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    def ignored(self) -> list[str]:
+        return sorted(self.model_extra or {})
 
     max_new_tokens: TokenCount | None = None
     temperature: float | None = Field(default=None, ge=0, le=5, description="used when do_sample is true; then > 0")
@@ -83,21 +89,9 @@ class GenerationParams(BaseModel):
     repetition_penalty: float | None = Field(default=None, ge=0.1, le=10)
 
 
-# Azure's chat samples send max_length; in transformers it counts the prompt too, and it is not in
-# the model's params schema, so Azure's scoring of the model drops it silently.
-MAX_LENGTH_PARAM = (
-    "not in the model's params schema (Azure's scoring of the model ignores it silently, and in "
-    "transformers it would count the prompt too): use max_new_tokens, the number of tokens to generate"
-)
-UNKNOWN_PARAM = (
-    "not in the model's params schema, so it would have no effect (Azure's scoring of the model "
-    f"ignores it silently): use {', '.join(SCORE_PARAMS)}"
-)
-
-
-def _not_studio(value: object) -> object:
+def _prompt_list(value: object) -> object:
     if isinstance(value, dict):
-        raise ValueError(STUDIO_SHAPE)
+        raise ValueError(NOT_PROMPT_LIST)
     return value
 
 
@@ -132,9 +126,47 @@ class ScoreRequest(BaseModel):
     )
 
     input_data: Annotated[
-        list[ScorePrompt], Field(min_length=1, max_length=MAX_INPUTS_PER_REQUEST), BeforeValidator(_not_studio)
+        list[ScorePrompt], Field(min_length=1, max_length=MAX_INPUTS_PER_REQUEST), BeforeValidator(_prompt_list)
     ] = Field(description="prompt strings, each answered on its own; a conversation is encoded as one string")
     params: GenerationParams | None = None
+
+
+class CatalogMessage(BaseModel):
+    model_config = STRICT_IGNORE
+
+    role: Literal["system", "user", "assistant"]
+    content: Text
+
+    def as_message(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+class CatalogInput(BaseModel):
+    model_config = STRICT_FORBID
+
+    input_string: list[CatalogMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    parameters: GenerationParams | None = None
+
+
+class CatalogScoreRequest(BaseModel):
+    """`POST /score` in the model-catalog (Studio) shape: what a catalog chat deployment of a Phi model
+    takes (the Phi-3-mini-4k-instruct model card's "Inference sample inputs and outputs"): one
+    conversation as role messages, rendered by the model's own chat template, and HF generation
+    `parameters`; answered `{"output": "<reply>"}`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"examples": [{"input_data": {
+            "input_string": [{"role": "user", "content": "I am going to Paris, what should I see?"}],
+            "parameters": {"temperature": 0.6, "top_p": 0.9, "do_sample": False, "max_new_tokens": 64}}}]},
+    )  # fmt: skip
+
+    input_data: CatalogInput
+
+
+class CatalogReply(BaseModel):
+    output: str
 
 
 # --- OpenAI chat completions ------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Routes (JSON, except a streamed chat completion):
     GET  /, /health/live      liveness (no key)
     GET  /health/ready        200 once the model is loaded, 503 before (no key)
-    POST /score               Azure ML managed online endpoint contract (Bearer key), never streamed
+    POST /score               Azure ML managed online endpoint contract (Bearer key), never streamed: our
+                              MLflow model's prompt list, or a catalog deployment's {input_string} shape
     POST /v1/chat/completions OpenAI chat completions (Bearer key); `stream: true` answers server-sent
                               chat.completion.chunk events; GET /v1/models, GET /v1/models/{id}
     GET  /openapi.json        this API, described from the typed bodies in schemas.py
@@ -39,8 +40,9 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
+from urllib.parse import quote
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -61,6 +63,8 @@ from finetune_phi.endpoint.limits import (
 )
 
 log = logging.getLogger(__name__)
+
+MAX_NAMED_IGNORED = 20  # ignored /score params named in the response header and log line
 
 
 class ApiError(Exception):
@@ -253,10 +257,7 @@ def create_app(
         loc = field_path(first)
         param = ".".join(loc) or "body"
         message = f"{param}: {str(first.get('msg')).removeprefix('Value error, ')}"
-        if first.get("type") == "extra_forbidden" and loc[:1] == ["params"] and len(loc) == 2:
-            known = schemas.MAX_LENGTH_PARAM if loc[1] == "max_length" else schemas.UNKNOWN_PARAM
-            message = f"{param}: {known}"
-        elif not loc and first.get("type") in ("model_attributes_type", "model_type", "dict_type"):
+        if not loc and first.get("type") in ("model_attributes_type", "model_type", "dict_type"):
             message = "body: must be a JSON object as described in /openapi.json"
         # Keep FastAPI's `detail` list (what /openapi.json documents for 422) beside OpenAI's `error`,
         # without the optional `input`: echoing it would send back up to max_body_bytes per error,
@@ -294,23 +295,35 @@ def create_app(
 
     @app.post(
         "/score",
-        response_model=list[str],
+        response_model=list[str] | schemas.CatalogReply,
         responses=ERROR_RESPONSES,
         dependencies=[Depends(require_key)],
         tags=["azure ml"],
     )
-    async def score(request: schemas.ScoreRequest) -> list[str]:
-        """What Azure's scoring script answers for the same model and payload, byte for byte.
+    async def score(request: schemas.ScoreRequest | schemas.CatalogScoreRequest, response: Response) -> Any:
+        """What Azure answers for the same payload: our MLflow model's scoring (a prompt list), or a
+        model-catalog deployment's (one conversation as messages, answered {"output": ...}).
 
-        Each prompt string is wrapped in the model's prompt template; params left out get the
-        model's params-schema defaults, as MLflow fills them in."""
+        Each prompt string is wrapped in the model's prompt template; a conversation is rendered by
+        the model's chat template; params left out get the model's params-schema defaults, as MLflow
+        fills them in. Params outside the schema are ignored, as Azure ignores them, and named in the
+        X-Ignored-Fields header and the log."""
         engine = runtime.ready_engine()
+        if isinstance(request, schemas.CatalogScoreRequest):
+            conversation = [m.as_message() for m in request.input_data.input_string]
+            _require_text(conversation, "input_data.input_string")
+            parameters = request.input_data.parameters
+            _name_ignored(response, "input_data.parameters", parameters)
+            sampling = _score_sampling(parameters, engine, "input_data.parameters")
+            [done] = await runtime.generate([conversation], sampling, param="input_data.input_string")
+            return schemas.CatalogReply(output=done.text)
         prompts = list(request.input_data)
         for i, prompt in enumerate(prompts):
             if not prompt.strip():
                 raise ApiError(
                     422, f"input_data.{i}: the prompt is empty: put the question in it", "invalid_request_error", f"input_data.{i}"
                 )
+        _name_ignored(response, "params", request.params)
         completions = await runtime.generate(prompts, _score_sampling(request.params, engine))
         return [c.text for c in completions]
 
@@ -436,19 +449,35 @@ def _require_text(conversation: Sequence[Message], param: str, status: int = 422
     )
 
 
-def _score_sampling(options: schemas.GenerationParams | None, engine: Engine) -> SamplingParams:
+def _name_ignored(response: Response, where: str, options: schemas.GenerationParams | None) -> None:
+    """Name the params a /score request carried outside the model's schema: Azure's scoring ignores
+    them silently; here they are ignored the same way, but said so."""
+    ignored = [f"{where}.{name}" for name in (options.ignored() if options else [])]
+    if ignored:
+        # A header holds visible ASCII only: names are percent-encoded (a plain name reads as it is), and
+        # a request with very many stays within a header's size.
+        shown = [quote(name, safe="._-~") for name in ignored[:MAX_NAMED_IGNORED]]
+        more = len(ignored) - len(shown)
+        response.headers[schemas.IGNORED_HEADER] = ", ".join(shown) + (f", and {more} more" if more else "")
+        log.info("/score: ignored %s (not in the model's params schema: %s), as Azure's scoring ignores them",
+                 ", ".join(map(repr, ignored[:MAX_NAMED_IGNORED])) + (f" and {more} more" if more else ""),
+                 ", ".join(schemas.SCORE_PARAMS))  # fmt: skip
+
+
+def _score_sampling(options: schemas.GenerationParams | None, engine: Engine, where: str = "params") -> SamplingParams:
     """/score params over the model's params-schema defaults, with MLflow's meaning: greedy unless
     do_sample is true (a temperature alone does not sample), top_k 50 when sampling.
 
     Where Azure's scoring script would answer 500 (HF refuses the combination), a 422 names the field."""
-    given = options.model_dump(exclude_none=True) if options else {}
+    given = {k: v for k, v in (options.model_dump(exclude_none=True) if options else {}).items()
+             if k in schemas.SCORE_PARAMS}  # fmt: skip
     values = {**dataclasses.asdict(engine.score_defaults), **given}
     if values["do_sample"] and values["temperature"] <= 0:
         raise ApiError(
             422,
-            "params.temperature: must be above 0 when do_sample is true (for greedy decoding set do_sample false)",
+            f"{where}.temperature: must be above 0 when do_sample is true (for greedy decoding set do_sample false)",
             "invalid_request_error",
-            "params.temperature",
+            f"{where}.temperature",
         )
     sample = bool(values["do_sample"]) and values["temperature"] >= MIN_TEMPERATURE  # that close to 0 it is greedy
     return SamplingParams(
