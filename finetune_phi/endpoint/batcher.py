@@ -135,9 +135,10 @@ def batch_key(params: SamplingParams) -> Hashable:
     """
     if params.seed is not None:
         return ("seeded", next(_solo))
+    penalties = (params.repetition_penalty, params.presence_penalty, params.frequency_penalty)
     if not params.do_sample:
-        return ("greedy", params.repetition_penalty)
-    return ("sample", params.temperature, params.top_p, params.top_k, params.repetition_penalty)
+        return ("greedy", *penalties)
+    return ("sample", params.temperature, params.top_p, params.top_k, *penalties)
 
 
 class Batcher:

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from finetune_phi.endpoint.engine import Engine, SamplingParams
+from finetune_phi.endpoint.engine import Engine, SamplingParams, apply_openai_penalties
 
 
 # Prepacked oneDNN weights for the decoder layers' linears. Measured on the 2-core AMD EPYC (MKL
@@ -385,7 +385,7 @@ class Stepper:
 
 
 def _penalised(params: SamplingParams) -> bool:
-    return params.repetition_penalty is not None and params.repetition_penalty != 1.0
+    return (params.repetition_penalty is not None and params.repetition_penalty != 1.0) or params.openai_penalised
 
 
 def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -407,19 +407,23 @@ def _half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _sample_one(row: Row, scores: torch.Tensor) -> int:
-    """generate()'s processing for one row: repetition penalty, then temperature, top-k, top-p, draw.
+    """generate()'s processing for one row: repetition penalty, OpenAI's penalties, then temperature,
+    top-k, top-p, draw.
 
-    The same operations, in the same order, as transformers' RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper, so a seeded row alone draws
-    what `generate()` draws for it.
+    The same operations, in the same order, as transformers' RepetitionPenaltyLogitsProcessor, the
+    engine's OpenAIPenalties, TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper, so a
+    seeded row alone draws what `generate()` draws for it.
     """
     params = row.params
-    if _penalised(params):
+    if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
         seen = torch.tensor([row.prompt + row.generated], dtype=torch.long, device=scores.device)
         score = torch.gather(scores, 1, seen)
-        penalty = float(params.repetition_penalty)  # type: ignore[arg-type]
+        penalty = float(params.repetition_penalty)
         score = torch.where(score < 0, score * penalty, score / penalty)
         scores = scores.scatter(1, seen, score)
+    if params.openai_penalised:
+        generated = torch.tensor([row.generated], dtype=torch.long, device=scores.device)
+        scores = apply_openai_penalties(scores, generated, params.presence_penalty, params.frequency_penalty)
     if not params.do_sample:
         return int(scores.argmax(dim=-1).item())
     if params.temperature != 1.0:

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from finetune_phi.training import job_module
 
 if TYPE_CHECKING:
+    import torch
+
     from finetune_phi.endpoint.loading import LoadPolicy
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,13 @@ class SamplingParams:
     top_k: int | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
+    # OpenAI's penalties, as vLLM applies them (apply_openai_penalties): on the tokens generated so far.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def openai_penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
     @classmethod
     def resolve(
@@ -82,6 +91,8 @@ class SamplingParams:
         top_k: int | None = None,
         repetition_penalty: float | None = None,
         seed: int | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
     ) -> "SamplingParams":
         """Map request fields onto generate(): temperature 0 (below MIN_TEMPERATURE) or do_sample false means greedy.
 
@@ -99,7 +110,39 @@ class SamplingParams:
             top_k=top_k,
             repetition_penalty=repetition_penalty,
             seed=seed,
+            presence_penalty=float(presence_penalty or 0.0),
+            frequency_penalty=float(frequency_penalty or 0.0),
         )
+
+
+def apply_openai_penalties(
+    scores: "torch.Tensor", generated: "torch.Tensor", presence: float, frequency: float
+) -> "torch.Tensor":
+    """OpenAI's presence and frequency penalties, as vLLM applies them (its `apply_penalties`): from each
+    token's logit subtract `frequency` × how often the reply so far holds it and `presence` once if it
+    holds it at all. Only generated tokens count, not the prompt. `scores` [rows, vocab];
+    `generated` [rows, n] token ids (n may be 0); after the repetition penalty, before temperature."""
+    if not presence and not frequency:
+        return scores
+    import torch  # the engine module itself loads without torch
+
+    counts = torch.zeros_like(scores)
+    if generated.numel():
+        counts.scatter_add_(1, generated.to(scores.device), torch.ones_like(generated, dtype=scores.dtype, device=scores.device))
+    return scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
+
+
+class OpenAIPenalties:
+    """apply_openai_penalties as a generate() logits processor; the prompt is the first `width` ids.
+
+    generate() runs custom processors after its repetition penalty and before temperature, top-k and
+    top-p: vLLM's order."""
+
+    def __init__(self, width: int, presence: float, frequency: float) -> None:
+        self.width, self.presence, self.frequency = width, presence, frequency
+
+    def __call__(self, input_ids: "torch.Tensor", scores: "torch.Tensor") -> "torch.Tensor":
+        return apply_openai_penalties(scores, input_ids[:, self.width :], self.presence, self.frequency)
 
 
 @dataclass(frozen=True)
@@ -297,6 +340,12 @@ class Engine:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if params.repetition_penalty is not None:
             kwargs["repetition_penalty"] = params.repetition_penalty
+        if params.openai_penalised:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [OpenAIPenalties(width, params.presence_penalty, params.frequency_penalty)]
+            )
         if on_step is not None:
             kwargs["streamer"] = _StepStreamer(on_step)
         with self._lock, torch.inference_mode():

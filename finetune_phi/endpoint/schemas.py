@@ -192,8 +192,9 @@ class OpenAIMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
-# OpenAI allows any 64-bit seed, signed or not; the server maps it onto torch's 64-bit generator seed.
-Seed64 = Annotated[int, Field(ge=-(2**63), le=2**64 - 1), BeforeValidator(_integer)]
+# A signed 64-bit integer, as OpenAI's API documents it and vLLM checks it (outside: 400 naming seed);
+# the server maps it onto torch's 64-bit generator seed.
+Seed64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1), BeforeValidator(_integer)]
 TopLogprobs = Annotated[int, Field(ge=0, le=20), BeforeValidator(_integer)]
 Bool = Annotated[bool, BeforeValidator(_boolean)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
@@ -238,9 +239,11 @@ class ChatCompletionRequest(BaseModel):
     seed: Seed64 | None = None
     logprobs: Bool | None = Field(default=None, description="log-probabilities of the reply's tokens (raw logits, as vLLM)")
     top_logprobs: TopLogprobs | None = Field(default=None, description="alternatives per token; needs logprobs: true")
+    presence_penalty: Penalty | None = Field(
+        default=None, description="subtracted once from the logit of each token the reply holds so far, as vLLM does")
+    frequency_penalty: Penalty | None = Field(
+        default=None, description="subtracted from each token's logit once per time the reply holds it so far, as vLLM does")
     # Honoured only at their no-op values; anything else is refused by name (server.unsupported_fields).
-    presence_penalty: Penalty | None = Field(default=None, description=f"0 only; else {REFUSED}")
-    frequency_penalty: Penalty | None = Field(default=None, description=f"0 only; else {REFUSED}")
     logit_bias: dict[str, float] | None = Field(default=None, description=f"empty only; else {REFUSED}")
     response_format: dict[str, object] | None = Field(default=None, description=f'{{"type": "text"}} only; else {REFUSED}')
     tools: list[object] | None = Field(default=None, description=f"empty only; else {REFUSED}")
@@ -253,6 +256,7 @@ class ChatCompletionRequest(BaseModel):
     web_search_options: object | None = Field(default=None, description=REFUSED)
     reasoning_effort: object | None = Field(default=None, description=f"{REFUSED} (not a reasoning model)")
     verbosity: object | None = Field(default=None, description=REFUSED)
+    moderation: object | None = Field(default=None, description=f"{REFUSED}: this server runs no moderation model")
     # Accepted with no effect on the reply (bookkeeping on OpenAI's side).
     parallel_tool_calls: Bool | None = None
     user: str | None = None
@@ -261,6 +265,8 @@ class ChatCompletionRequest(BaseModel):
     service_tier: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
+    prompt_cache_options: dict[str, object] | None = Field(default=None, description="accepted; no prompt cache is kept")
+    prompt_cache_retention: str | None = Field(default=None, description="accepted; no prompt cache is kept")
     # vLLM's sampling extras that this engine has.
     top_k: Annotated[int, Field(ge=-1, le=1000), BeforeValidator(_integer)] | None = Field(
         default=None, description="vLLM extra: -1 or 0 for no limit"

@@ -357,6 +357,8 @@ def create_app(
             top_k=request.top_k if request.top_k and request.top_k > 0 else None,
             repetition_penalty=None if request.repetition_penalty in (None, 1.0) else request.repetition_penalty,
             seed=torch_seed(request.seed),
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
         )
         conversation = [m.as_message() for m in request.messages]
         _require_text(conversation, "messages", status=400)
@@ -519,9 +521,6 @@ def unsupported_fields(request: schemas.ChatCompletionRequest) -> list[tuple[str
         refused.append(("top_logprobs", "needs logprobs: true"))
     if request.logprobs and request.stream:
         refused.append(("logprobs", "is not offered with stream: true here: ask without streaming"))
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(request, name) not in (None, 0):
-            refused.append((name, "is not applied by this server: leave it 0 (repetition_penalty is honoured)"))
     if request.logit_bias:
         refused.append(("logit_bias", "is not applied by this server: leave it empty"))
     if request.response_format is not None and request.response_format != {"type": "text"}:
@@ -533,15 +532,15 @@ def unsupported_fields(request: schemas.ChatCompletionRequest) -> list[tuple[str
             refused.append((name, 'only "none": tool calling is not served'))
     if request.modalities is not None and request.modalities != ["text"]:
         refused.append(("modalities", 'only ["text"]: the model reads and writes text'))
-    for name in ("audio", "prediction", "web_search_options", "reasoning_effort", "verbosity"):
+    for name in ("audio", "prediction", "web_search_options", "reasoning_effort", "verbosity", "moderation"):
         if getattr(request, name) is not None:
             refused.append((name, "is not supported by this server or model: leave it out"))
     return refused
 
 
 def torch_seed(seed: int | None) -> int | None:
-    """OpenAI's seed (any signed or unsigned 64-bit integer) as torch's generator seed, one to one:
-    a negative seed wraps to its two's-complement value, as a C int64 -> uint64 cast does."""
+    """OpenAI's seed (a signed 64-bit integer) as torch's generator seed, one to one: a negative seed
+    wraps to its two's-complement value, as a C int64 -> uint64 cast does."""
     return None if seed is None else seed % 2**64
 
 
