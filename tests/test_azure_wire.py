@@ -255,8 +255,8 @@ def test_deploy_sends_identity_probes_and_request_settings_and_routes_traffic_on
     assert dep_put.json["sku"]["capacity"] == 1
     for probe in (dep["livenessProbe"], dep["readinessProbe"]):
         assert probe["initialDelay"] == "PT10M" and probe["failureThreshold"] == 30
-    assert dep["requestSettings"] == {"requestTimeout": "PT3M", "maxConcurrentRequestsPerInstance": 1,
-                                      "maxQueueWait": "PT1M"}  # fmt: skip
+    # No maxQueueWait: deprecated for managed online endpoints.
+    assert dep["requestSettings"] == {"requestTimeout": "PT3M", "maxConcurrentRequestsPerInstance": 1}
     assert dep["environmentVariables"]["AZURE_CLIENT_ID"] == IDENTITY_CLIENT_ID
 
     # Traffic moves only once the deployment's operation reported Succeeded; keys come after.

@@ -311,7 +311,8 @@ def deployment(settings: config.Settings, model_ref: str) -> "ManagedOnlineDeplo
         request_settings=OnlineRequestSettings(
             request_timeout_ms=REQUEST_TIMEOUT_MS,
             max_concurrent_requests_per_instance=MAX_CONCURRENT_REQUESTS_PER_INSTANCE,
-            max_queue_wait_ms=60_000,
+            # No max_queue_wait_ms (the tutorial sends 120 s): Azure deprecated it for managed online
+            # endpoints; a queued request's wait now counts against request_timeout_ms.
         ),
         liveness_probe=probe(),
         readiness_probe=probe(),
