@@ -142,6 +142,9 @@ class Settings:
     NUM_TRAIN_EPOCHS: float = 1.0
     MAX_STEPS: int = -1  # > 0 overrides epochs
     LEARNING_RATE: float = 5e-5
+    WARMUP_RATIO: float = 0.03  # of the training steps, then a cosine decay
+    # Learn only from the assistant's turns (and their <|end|>), not from the user's text.
+    ASSISTANT_ONLY_LOSS: bool = True
     PER_DEVICE_TRAIN_BATCH_SIZE: int = 4
     GRADIENT_ACCUMULATION_STEPS: int = 1
     MAX_SEQ_LENGTH: int = 1024
@@ -356,6 +359,8 @@ def _check_values(s: Settings) -> list[str]:
         problems.append(f"EVAL_PRIMARY_METRIC={s.EVAL_PRIMARY_METRIC!r}: use one of {', '.join(EVAL_GATE_METRICS)}")
     if not 0 <= s.EVAL_GATE_MARGIN <= 1:
         problems.append(f"EVAL_GATE_MARGIN={s.EVAL_GATE_MARGIN}: use a score difference in [0, 1], e.g. 0.02")
+    if not 0 <= s.WARMUP_RATIO < 1:
+        problems.append(f"WARMUP_RATIO={s.WARMUP_RATIO}: use a fraction of the training steps in [0, 1), e.g. 0.03")
     if s.PEFT not in ("auto", "lora", "full"):
         problems.append(f"PEFT={s.PEFT!r}: use auto, lora or full")
     if s.AZURE_ML_ENDPOINT_KIND and s.AZURE_ML_ENDPOINT_KIND not in ENDPOINT_KINDS:
@@ -382,6 +387,34 @@ def _check_values(s: Settings) -> list[str]:
         if not 0 < getattr(s, name) < 65536:
             problems.append(f"{name}={getattr(s, name)}: use a TCP port between 1 and 65535")
     return problems
+
+
+# Published recipes `setup_ml.py --recipe NAME` trains instead of the settings above (they win over
+# config.py, .env and the environment for the fields they name). "tutorial": the SDK tutorial's
+# fine_tune.py (Microsoft Phi-3 Cookbook, "Fine-tune and Integrate custom Phi-3 models with Prompt
+# flow"): full fine-tuning, lr 5e-6, 3 epochs, 2,048 tokens, 20% warmup, loss on every token,
+# training seed 0, Phi-3.5-mini-instruct. README, "Differences from the tutorial", has the rest.
+RECIPES: dict[str, dict[str, object]] = {
+    "tutorial": {
+        "BASE_MODEL": "microsoft/Phi-3.5-mini-instruct",
+        "PEFT": "full",
+        "LEARNING_RATE": 5e-6,
+        "NUM_TRAIN_EPOCHS": 3.0,
+        "PER_DEVICE_TRAIN_BATCH_SIZE": 4,
+        "GRADIENT_ACCUMULATION_STEPS": 1,
+        "MAX_SEQ_LENGTH": 2048,
+        "WARMUP_RATIO": 0.2,
+        "ASSISTANT_ONLY_LOSS": False,
+        "SEED": 0,
+    },
+}
+
+
+def with_recipe(settings: Settings, name: str) -> Settings:
+    """`settings` with recipe `name`'s values; an unknown name is a ConfigError listing the known ones."""
+    if name not in RECIPES:
+        raise ConfigError([f"recipe {name!r}: use one of {', '.join(RECIPES)}"])
+    return settings.with_overrides(**RECIPES[name])
 
 
 # The Azure values each Azure step needs; the local backend needs none of them.

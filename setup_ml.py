@@ -2,6 +2,7 @@
 
     python setup_ml.py                              # local: fine-tune the tiny model into the local MLflow store
     python setup_ml.py --model microsoft/Phi-3-mini-4k-instruct   # local, real weights (GPU advised)
+    python setup_ml.py --recipe tutorial            # the tutorial's own recipe (README: Differences from the tutorial)
     python setup_ml.py --backend azure --dry-run dryrun/   # write compute/environment/job YAML, no network
     python setup_ml.py --backend azure --check      # read-only preflight: config, credential, workspace, quota
     python setup_ml.py --backend azure              # get-or-create the cluster, submit the job, stream its logs
@@ -32,6 +33,12 @@ log = logging.getLogger("setup_ml")
 def build_parser() -> argparse.ArgumentParser:
     parser = common.base_parser(__doc__)
     parser.add_argument("--model", help="local backend: base model to fine-tune (default: LOCAL_BASE_MODEL)")
+    parser.add_argument(
+        "--recipe", choices=sorted(config.RECIPES),
+        help="train a published recipe instead of config.py's training settings: tutorial = the SDK tutorial's "
+        "fine_tune.py (full fine-tuning, lr 5e-6, 3 epochs, 2,048 tokens, warmup 0.2, loss on every token, seed 0, "
+        "Phi-3.5-mini-instruct as the Azure job's base)",
+    )  # fmt: skip
     azure = parser.add_argument_group("azure backend")
     azure.add_argument("--mode", choices=("command", "serverless", "catalog"), default="command",
                        help="command: our fine_tune.py as a command job on your cluster; serverless: Azure fine-tunes "
@@ -74,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     common.setup_logging(args.verbose)
     try:
         settings = common.settings_from_args(args)
+        if args.recipe:
+            settings = config.with_recipe(settings, args.recipe)
+            log.info("recipe %s: %s", args.recipe,
+                     ", ".join(f"{k}={v}" for k, v in config.RECIPES[args.recipe].items()))  # fmt: skip
         if settings.BACKEND == "azure":
             return run_azure(settings, args)
         return run_local(settings, args.model)

@@ -70,6 +70,8 @@ def fine_tune_args(
         "--lora-alpha", str(settings.LORA_ALPHA),
         "--lora-dropout", repr(settings.LORA_DROPOUT),
         "--seed", str(settings.SEED),
+        "--warmup-ratio", repr(settings.WARMUP_RATIO),
+        "--assistant-only-loss" if settings.ASSISTANT_ONLY_LOSS else "--no-assistant-only-loss",
         "--save-steps", str(settings.SAVE_STEPS),
         "--eval-max-rows", str(settings.EVAL_MAX_ROWS),
         "--eval-max-new-tokens", str(settings.EVAL_MAX_NEW_TOKENS),

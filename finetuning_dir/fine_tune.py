@@ -113,6 +113,8 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--grad-accum", type=int, default=1)
     train.add_argument("--max-seq-length", type=int, default=1024, help="longer conversations are truncated")
     train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--warmup-ratio", type=float, default=0.03,
+                       help="warm the learning rate up over this fraction of the steps, then decay it (cosine)")
     train.add_argument(
         "--save-steps", type=int, default=0,
         help="checkpoint every N optimizer steps (resumable after a crash); 0 = no checkpoints",
@@ -163,6 +165,8 @@ def validate_args(args: argparse.Namespace) -> None:
         problems.append(f"--epochs must be > 0 when --max-steps is not set (got {args.epochs})")
     if not 0 <= args.lora_dropout < 1:
         problems.append(f"--lora-dropout must be in [0, 1) (got {args.lora_dropout})")
+    if not 0 <= args.warmup_ratio < 1:
+        problems.append(f"--warmup-ratio must be in [0, 1), a fraction of the steps (got {args.warmup_ratio})")
     if args.save_steps < 0:
         problems.append(f"--save-steps must be >= 0 (got {args.save_steps})")
     if args.eval_max_rows < 0:
@@ -449,7 +453,7 @@ def sft_config(
         max_steps=args.max_steps,
         learning_rate=args.learning_rate,
         lr_scheduler_type="cosine",
-        warmup_steps=0.03,  # a float < 1 is a fraction of the training steps
+        warmup_steps=args.warmup_ratio,  # a float < 1 is a fraction of the training steps
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
@@ -535,6 +539,7 @@ def run_params(args: argparse.Namespace, peft: str, device: Device, model: PreTr
         "grad_accum": args.grad_accum,
         "max_seq_length": args.max_seq_length,
         "seed": args.seed,
+        "warmup_ratio": args.warmup_ratio,
         "assistant_only_loss": args.assistant_only_loss,
         "train_rows": n_train,
         "eval_rows": n_eval,
@@ -891,7 +896,7 @@ def in_dtype(model: PreTrainedModel, dtype: str) -> PreTrainedModel:
 def checkpoint_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The arguments that change what a run learns (not where it writes, nor how often it saves)."""
     keys = ("model", "dtype", "epochs", "max_steps", "learning_rate", "batch_size", "grad_accum", "max_seq_length", "seed",
-            "lora_r", "lora_alpha", "lora_dropout", "assistant_only_loss", "packing")  # fmt: skip
+            "warmup_ratio", "lora_r", "lora_alpha", "lora_dropout", "assistant_only_loss", "packing")  # fmt: skip
     return {"peft": resolve_peft(args.peft, args.model), **{key: getattr(args, key) for key in keys}}
 
 
