@@ -113,6 +113,10 @@ class Settings:
     # cannot hold it. `deploy_model.py --backend azure --check` checks any size against the model.
     AZURE_DEPLOYMENT_INSTANCE_TYPE: str = "Standard_E8s_v3"
     AZURE_DEPLOYMENT_INSTANCE_COUNT: int = 1
+    # Requests Azure lets into one instance at once (the tutorial: 3). Azure's MLflow scoring runs one
+    # worker with one model copy (WORKER_COUNT=1), which generates for one request at a time: the
+    # others wait inside the container, on the same 180 s request timeout, instead of being told 429.
+    AZURE_DEPLOYMENT_MAX_CONCURRENT_REQUESTS: int = 1
     # Written by deploy_model.py into ENV_FILE; the flows read them from there.
     AZURE_ML_ENDPOINT: str = ""
     AZURE_ML_API_KEY: str = ""

@@ -196,7 +196,7 @@ def test_dry_run_yaml_round_trips_through_the_sdk_schema(tmp_path: Path, monkeyp
     dep = loaded["deployment.yml"]
     assert dep.instance_type == "Standard_NC6s_v3" and dep.endpoint_name == s.AZURE_ENDPOINT_NAME
     assert dep.readiness_probe.initial_delay == entities.PROBE_INITIAL_DELAY_S
-    assert dep.request_settings.max_concurrent_requests_per_instance == entities.MAX_CONCURRENT_REQUESTS_PER_INSTANCE
+    assert dep.request_settings.max_concurrent_requests_per_instance == s.AZURE_DEPLOYMENT_MAX_CONCURRENT_REQUESTS == 1
     assert dep.environment_variables == entities.deployment_env_vars(s)
 
 

@@ -45,7 +45,6 @@ PLACEHOLDER_JOB_NAME = "your-training-job-name"
 PROBE_INITIAL_DELAY_S = 600
 # The tutorial's 180 s, the managed endpoint's maximum per request: generation on CPU is slow.
 REQUEST_TIMEOUT_MS = 180_000
-MAX_CONCURRENT_REQUESTS_PER_INSTANCE = 1  # one worker holds one model copy; more requests just queue
 
 ENDPOINT_NAME_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9-]{1,30}[a-zA-Z0-9]$")
 
@@ -310,7 +309,7 @@ def deployment(settings: config.Settings, model_ref: str) -> "ManagedOnlineDeplo
         environment_variables=deployment_env_vars(settings),
         request_settings=OnlineRequestSettings(
             request_timeout_ms=REQUEST_TIMEOUT_MS,
-            max_concurrent_requests_per_instance=MAX_CONCURRENT_REQUESTS_PER_INSTANCE,
+            max_concurrent_requests_per_instance=settings.AZURE_DEPLOYMENT_MAX_CONCURRENT_REQUESTS,
             # No max_queue_wait_ms (the tutorial sends 120 s): Azure deprecated it for managed online
             # endpoints; a queued request's wait now counts against request_timeout_ms.
         ),

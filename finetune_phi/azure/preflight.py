@@ -136,7 +136,7 @@ def config_problems(settings: config.Settings, *, serverless: bool = False) -> l
             "starting with a letter (and unique in the Azure region)"
         )
     for name in ("AZURE_COMPUTE_MAX_INSTANCES", "AZURE_JOB_INSTANCE_COUNT", "AZURE_JOB_PROCESSES_PER_NODE",
-                 "AZURE_DEPLOYMENT_INSTANCE_COUNT"):  # fmt: skip
+                 "AZURE_DEPLOYMENT_INSTANCE_COUNT", "AZURE_DEPLOYMENT_MAX_CONCURRENT_REQUESTS"):  # fmt: skip
         if getattr(settings, name) < 1:
             problems.append(f"{name}={getattr(settings, name)}: use 1 or more")
     if settings.AZURE_COMPUTE_MIN_INSTANCES < 0:
