@@ -629,6 +629,16 @@ class AzureStandin:
             # a recording)
             props.setdefault("flavors", {"python_function": {"data": {"loader_module": "mlflow.transformers"}}})
             props.setdefault("jobName", None)
+        if kind == "data":
+            # recordings/dataset/e2etests/test_data.pyTestDatatest_create_uri_file.json (PUT data/<name>/versions/<v>
+            # -> 201): the service writes dataUri in its long form, under the workspace's own path
+            uri = str(props.get("dataUri") or "")
+            if uri.startswith("azureml://datastores/"):
+                props["dataUri"] = (f"azureml://subscriptions/{self.sub}/resourcegroups/{self.rg}/workspaces/{self.ws}/"
+                                    + uri.removeprefix("azureml://"))  # fmt: skip
+            props.setdefault("autoDeleteSetting", None)
+            props.setdefault("stage", None)
+            props.setdefault("intellectualProperty", None)
         if kind == "environments":
             # the REST EnvironmentVersion: "environmentType": "UserCreated", "osType": "Linux", "autoRebuild"
             # (not checked against a recording)

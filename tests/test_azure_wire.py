@@ -499,6 +499,9 @@ def test_serverless_fine_tunes_phi4_mini_as_a_service_and_deploys_a_serverless_e
     assert sorted(r.path.split("/data/")[1].split("/")[0] for r in data_puts) == [
         f"{s.AZURE_EXPERIMENT_NAME}-train", f"{s.AZURE_EXPERIMENT_NAME}-validation"]
     assert {Path(k).name for k in standin.uploaded_files()} >= {s.train_data_path.name, s.test_data_path.name}
+    for put in data_puts:  # a uri_file asset of the uploaded file, versioned by its content
+        assert put.json["properties"]["dataType"] == "uri_file"
+        assert put.json["properties"]["dataUri"].startswith("azureml://datastores/workspaceblobstore/paths/")
     (job_put,) = standin.sent("PUT", "/jobs/")
     job = job_put.json["properties"]
     assert job["jobType"] == "FineTuning" and "computeId" not in job
