@@ -10,12 +10,15 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo chat test test-fast bench fixtures teardown clean constraints azureml-serving
+.PHONY: install demo chat test test-fast bench fixtures teardown clean constraints azureml-serving agent-framework chat-maf
 
 # Azure ML's own scoring stack (azureml-inference-server-http + the model's requirements), a test peer
 # for /score: a venv of its own (it pins opentelemetry 1.33), resolved in ONE pip command.
 AZ_VENV  ?= .venv-azureml
 AZ_STAMP := $(AZ_VENV)/.installed
+# Microsoft Agent Framework's venv: its opentelemetry pins exclude promptflow's (maf_flows/requirements.txt).
+MAF_VENV  ?= .venv-maf
+MAF_STAMP := $(MAF_VENV)/.installed
 
 # Which torch build the venvs get (both install torch==$(TORCH_VERSION), the pin in constraints.txt):
 #   pypi (default): whatever pip resolves for that pin. From PyPI on Linux that is the CUDA 13 build: a
@@ -94,6 +97,15 @@ $(AZ_STAMP): tests/azureml-serving-requirements.txt tests/azureml-serving-constr
 
 azureml-serving: $(AZ_STAMP)
 
+$(MAF_STAMP): maf_flows/requirements.txt maf_flows/constraints.txt
+	rm -rf $(MAF_VENV)
+	@python=$$($(FIND_PYTHON)) && echo "creating $(MAF_VENV) with $$python" && "$$python" -m venv $(MAF_VENV)
+	$(MAF_VENV)/bin/python -m pip install -q --disable-pip-version-check \
+		-r maf_flows/requirements.txt -c maf_flows/constraints.txt
+	touch $(MAF_STAMP)
+
+agent-framework: $(MAF_STAMP)
+
 demo: $(STAMP)
 	$(PY) -m finetune_phi.demo
 
@@ -101,13 +113,16 @@ demo: $(STAMP)
 chat: $(STAMP)
 	$(PY) -m finetune_phi.pf_env $(VENV)/bin/pf flow test --flow chat_flow --interactive
 
+chat-maf: $(MAF_STAMP)
+	$(MAF_VENV)/bin/python -m maf_flows chat
+
 # Two pytest-xdist workers, one test file each (492 tests: 6 min on two cores, 2026-12-04; one process,
 # TEST_WORKERS=0: 10 min 23 s). The one test that depended on the other worker's load (9 of 10 requests
 # in one decoding step: a request still being tokenized joined a step later) now waits for tokenized
 # requests. FINETUNE_PHI_ALLOWED_SKIPS=none|fixtures makes skips fail the run (tests/conftest.py; .ci/run).
 TEST_WORKERS ?= 2
 
-test: $(STAMP) $(AZ_STAMP)
+test: $(STAMP) $(AZ_STAMP) $(MAF_STAMP)
 	bash scripts/ensure-chromium.sh
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
@@ -131,4 +146,4 @@ constraints:
 	$(PY) -m pip freeze --exclude-editable | sed -E 's/\+cpu$$//' > constraints.txt
 
 clean:
-	rm -rf $(VENV) $(AZ_VENV) .finetune_phi data .pytest_cache
+	rm -rf $(VENV) $(AZ_VENV) $(MAF_VENV) .finetune_phi data .pytest_cache

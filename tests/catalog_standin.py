@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
 
+import requests
+
 
 @dataclass
 class Exchange:
@@ -138,7 +140,8 @@ class CatalogStandIn(RecordingServer):
 
 # The request fields a serverless chat-completions route takes (Azure AI model inference's chat
 # completions: https://learn.microsoft.com/azure/ai-foundry/model-inference/reference/reference-model-inference-chat-completions).
-# Others get 422 unless the caller sends `extra-parameters: pass-through`.
+# Others get 422 unless the caller sends `extra-parameters: pass-through` (or `drop`), the API's header
+# for parameters it does not define (azure-rest-api-specs, ai/data-plane/ModelInference openapi 2025-04-01).
 SERVERLESS_FIELDS = frozenset({
     "messages", "model", "max_tokens", "temperature", "top_p", "stop", "stream", "stream_options", "seed",
     "presence_penalty", "frequency_penalty", "response_format", "tools", "tool_choice",
@@ -164,11 +167,11 @@ class ServerlessStandIn(RecordingServer):
         self.key = key
 
     @staticmethod
-    def reply_to(body: Any) -> tuple[int, Any]:
+    def reply_to(body: Any, extra_parameters: str = "error") -> tuple[int, Any]:
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
             return 422, {"error": {"code": "Invalid input", "status": 422, "message": "messages: Field required"}}
         extra = sorted(set(body) - SERVERLESS_FIELDS)
-        if extra:
+        if extra and extra_parameters == "error":
             return 422, {"error": {"code": "Invalid input", "status": 422,
                                    "message": f"extra parameters {extra} are not allowed"}}  # fmt: skip
         users = [m.get("content", "") for m in body["messages"] if isinstance(m, dict) and m.get("role") == "user"]
@@ -196,7 +199,7 @@ class ServerlessStandIn(RecordingServer):
         elif not self._authorized(headers):
             status, answer = 401, {"error": {"code": "Unauthorized", "message": "Access denied due to invalid key"}}
         else:
-            status, answer = self.reply_to(body)
+            status, answer = self.reply_to(body, headers.get("extra-parameters", "error"))
         exchange = Exchange(body, auth, status, answer)
         if status != 200 or not body.get("stream"):
             return exchange, json.dumps(answer).encode(), "application/json"
@@ -216,3 +219,64 @@ class ServerlessStandIn(RecordingServer):
         last = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
         yield b"data: " + json.dumps(last).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
+
+
+# --- a recording pass-through proxy in front of the real endpoint --------------------------------------
+
+
+class RecordingProxy(RecordingServer):
+    """Forwards each POST to the same path on the endpoint (/score, or /v1/chat/completions for the
+    chat flow's stream) and records it. An event stream is passed on event by event; its recorded
+    response is the joined reply as a one-item list, the shape /score answers, so `response[0]` is
+    the reply either way. `hold_stream_after(n)` holds the next stream after n content events until
+    `resume` is set: what the client shows meanwhile is what arrived before the end."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__()
+        self.upstream = upstream
+        self.base = upstream.removesuffix("/score")
+        self.hold_after: int | None = None
+        self.held = threading.Event()
+        self.resume = threading.Event()
+        self.pieces_before_hold: list[str] = []
+        self.streams_done = 0
+
+    def hold_stream_after(self, events: int) -> None:
+        self.hold_after, self.pieces_before_hold = events, []
+        self.held.clear()
+        self.resume.clear()
+
+    def handle_path(self, path: str, raw: bytes, headers: Any) -> tuple[Exchange, Any, str]:
+        forwarded = {k: v for k, v in headers.items() if k.lower() in ("authorization", "content-type", "accept")}
+        upstream = requests.post(self.base + path, data=raw, headers=forwarded, timeout=120, stream=True)
+        content_type = upstream.headers.get("content-type", "application/json")
+        if not content_type.startswith("text/event-stream"):
+            try:
+                decoded = upstream.json()
+            except ValueError:
+                decoded = upstream.text
+            exchange = Exchange(json.loads(raw), headers.get("Authorization", ""), upstream.status_code, decoded)
+            return exchange, upstream.content, content_type
+        exchange = Exchange(json.loads(raw), headers.get("Authorization", ""), upstream.status_code, [""])
+        hold_after, self.hold_after = self.hold_after, None
+
+        def relay() -> Iterator[bytes]:
+            pieces = 0
+            with upstream:
+                for line in upstream.iter_lines(chunk_size=None):  # each event as it comes
+                    yield line + b"\n"
+                    if not line.startswith(b"data: {"):
+                        continue
+                    for choice in json.loads(line[len(b"data: ") :]).get("choices") or []:
+                        piece = (choice.get("delta") or {}).get("content")
+                        if piece:
+                            exchange.response[0] += piece
+                            pieces += 1
+                            if hold_after is not None and pieces == hold_after:
+                                self.pieces_before_hold = [exchange.response[0]]
+                                yield b"\n"
+                                self.held.set()
+                                self.resume.wait(30)
+            self.streams_done += 1  # not when the client left mid-stream (the write raised)
+
+        return exchange, relay(), content_type

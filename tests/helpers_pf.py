@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Mapping, Sequence
+
+import requests
 
 from conftest import free_port
 
@@ -65,3 +70,32 @@ def flow_answers(pf: str, env: Mapping[str, str], tests: Mapping[str, Sequence[s
     for name, proc in done.items():
         assert proc.returncode == 0, f"{name}: {proc.stdout[-3000:]}{proc.stderr[-3000:]}"
     return {name: parse_flow_answer(proc.stdout) for name, proc in done.items()}
+
+
+def wait_http(url: str, deadline_s: float, proc: subprocess.Popen | None = None) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{proc.args!r} exited with {proc.returncode} before {url} answered")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer 200 within {deadline_s} s")
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a process started with start_new_session=True, children included (pf forks its serve app)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # a forked child that outlived its parent
+    except ProcessLookupError:
+        pass

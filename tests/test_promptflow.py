@@ -32,12 +32,12 @@ from typing import Any, Iterator
 
 import pytest
 from conftest import free_port
-from helpers_pf import start_own_pf_service
+from helpers_pf import start_own_pf_service, stop_group, wait_http
 import requests
 import yaml
 
 import config
-from catalog_standin import CatalogStandIn, Exchange, RecordingServer, ServerlessStandIn
+from catalog_standin import CatalogStandIn, Exchange, RecordingProxy, RecordingServer, ServerlessStandIn
 from chat_flow.endpoint_client import encode_prompt
 from finetune_phi import pf_connection, pf_env
 
@@ -98,96 +98,6 @@ if os.environ.get("PF_TEST_SNAPSHOT_ONLY"):
 
     sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
 '''
-
-
-def wait_http(url: str, deadline_s: float, proc: subprocess.Popen | None = None) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{proc.args!r} exited with {proc.returncode} before {url} answered")
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} did not answer 200 within {deadline_s} s")
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """Stop a process started with start_new_session=True, children included (pf forks its serve app)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # a forked child that outlived its parent
-    except ProcessLookupError:
-        pass
-
-
-# --- a recording pass-through proxy in front of the real endpoint --------------------------------------
-
-
-class RecordingProxy(RecordingServer):
-    """Forwards each POST to the same path on the endpoint (/score, or /v1/chat/completions for the
-    chat flow's stream) and records it. An event stream is passed on event by event; its recorded
-    response is the joined reply as a one-item list, the shape /score answers, so `response[0]` is
-    the reply either way. `hold_stream_after(n)` holds the next stream after n content events until
-    `resume` is set: what the client shows meanwhile is what arrived before the end."""
-
-    def __init__(self, upstream: str) -> None:
-        super().__init__()
-        self.upstream = upstream
-        self.base = upstream.removesuffix("/score")
-        self.hold_after: int | None = None
-        self.held = threading.Event()
-        self.resume = threading.Event()
-        self.pieces_before_hold: list[str] = []
-        self.streams_done = 0
-
-    def hold_stream_after(self, events: int) -> None:
-        self.hold_after, self.pieces_before_hold = events, []
-        self.held.clear()
-        self.resume.clear()
-
-    def handle_path(self, path: str, raw: bytes, headers: Any) -> tuple[Exchange, Any, str]:
-        forwarded = {k: v for k, v in headers.items() if k.lower() in ("authorization", "content-type", "accept")}
-        upstream = requests.post(self.base + path, data=raw, headers=forwarded, timeout=120, stream=True)
-        content_type = upstream.headers.get("content-type", "application/json")
-        if not content_type.startswith("text/event-stream"):
-            try:
-                decoded = upstream.json()
-            except ValueError:
-                decoded = upstream.text
-            exchange = Exchange(json.loads(raw), headers.get("Authorization", ""), upstream.status_code, decoded)
-            return exchange, upstream.content, content_type
-        exchange = Exchange(json.loads(raw), headers.get("Authorization", ""), upstream.status_code, [""])
-        hold_after, self.hold_after = self.hold_after, None
-
-        def relay() -> Iterator[bytes]:
-            pieces = 0
-            with upstream:
-                for line in upstream.iter_lines(chunk_size=None):  # each event as it comes
-                    yield line + b"\n"
-                    if not line.startswith(b"data: {"):
-                        continue
-                    for choice in json.loads(line[len(b"data: ") :]).get("choices") or []:
-                        piece = (choice.get("delta") or {}).get("content")
-                        if piece:
-                            exchange.response[0] += piece
-                            pieces += 1
-                            if hold_after is not None and pieces == hold_after:
-                                self.pieces_before_hold = [exchange.response[0]]
-                                yield b"\n"
-                                self.held.set()
-                                self.resume.wait(30)
-            self.streams_done += 1  # not when the client left mid-stream (the write raised)
-
-        return exchange, relay(), content_type
 
 
 # --- fixtures -----------------------------------------------------------------------------------------
