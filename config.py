@@ -186,7 +186,8 @@ class Settings:
     LOCAL_ENDPOINT_PORT: int = 5001
     PROMPTFLOW_CONNECTION_NAME: str = "phi3_endpoint"
     # The local endpoint's limits. Azure's max_concurrent_requests_per_instance defaults to 1; ours
-    # is 16 so that a full micro-batch can be in flight. Beyond it: 429 with Retry-After.
+    # is 16 so that a full batch of running rows (the batcher's 16) can be in flight. Beyond it: 429
+    # with Retry-After.
     ENDPOINT_MAX_CONCURRENT_REQUESTS: int = 16
     ENDPOINT_REQUEST_TIMEOUT_S: float = 90.0  # past it: 408 and the request's generation is abandoned
     ENDPOINT_MAX_BODY_BYTES: int = 1_048_576  # larger bodies: 413

@@ -27,7 +27,7 @@ level. Cases: "short" (32 new tokens) and "long" (128 new tokens; random weights
 so the 100M model always generates all of them). Streaming: time to the first content chunk
 (`stream: true`) at --ttft-clients. Every reply's completion_tokens is recorded (chat routes) so the
 comparison shows both servers generated the same amount. Prints ONE JSON line: `results` (per model,
-peer, case and clients: req/s, p50/p99 and their ratios ours/peer), `ttft`, `goals` (issue #10's
+peer, case and clients: req/s, p50/p99 and their ratios ours/peer), `ttft`, `goals` (the serving
 targets, each with its value and whether it is met) and `setup`. Servers are stopped at the end,
 whatever happens.
 
@@ -382,7 +382,7 @@ def thread_env(threads: int) -> dict[str, str]:
 
 def server_env(model: Model, extra: dict[str, str]) -> dict[str, str]:
     env = {**os.environ, "MLFLOW_TRACKING_URI": model.tracking_uri, **extra}
-    # `mlflow models serve` runs `uvicorn` from PATH (known-traps.md): the venv's bin must be on it.
+    # `mlflow models serve` runs `uvicorn` from PATH, not from its own venv: the venv's bin must be on it.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
                 "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"})  # fmt: skip

@@ -393,7 +393,7 @@ def run_peer(args: argparse.Namespace, train_file: Path, eval_file: Path, workdi
     packing_strategy = "bfd" if args.recipe == "peer_bfd" else "wrapped"
     cuda = torch.cuda.is_available()
     # The tutorial loads bf16 weights and trains with bf16=True. On CPU the peer keeps fp32: bf16
-    # there is slower (known-traps.md), and pure-bf16 weights would round lr-5e-6 updates to zero.
+    # there is slower without native bf16 units, and pure-bf16 weights would round lr-5e-6 updates to zero.
     model, tokenizer = build_model(args.model, train_file, args.tokenizer, args.seed, "bfloat16" if cuda else "float32")
     model.set_attn_implementation("eager")
     model.config.use_cache = False

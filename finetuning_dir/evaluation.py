@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("fine_tune.evaluation")
 
 TEXT_METRICS = ("f1", "rougeL", "exact_match", "contains")
-METRICS = (*TEXT_METRICS, "stop_rate", "answer_tokens")
 TABLE_FILE = "eval/answers.json"
 SUMMARY_TAG = "eval_summary"
 SCORES_TAG = "eval_scores"

@@ -602,7 +602,7 @@ def generation_params_schema() -> Any:
 def model_signature() -> Any:
     """A string in, a string out, plus the params schema: what Azure's no-code scoring script serves.
 
-    (It crashes at import on the llm/v1/chat signature: known-traps.md.)
+    (Not the llm/v1/chat signature: Azure's scoring script crashes at import on it.)
     """
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema

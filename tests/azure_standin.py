@@ -625,8 +625,8 @@ class AzureStandin:
         props.setdefault("isAnonymous", False)
         if kind == "models":
             # the REST ModelVersion ("flavors", "modelType", "modelUri", "jobName"): the SDK dereferences
-            # "flavors", which the service fills in from the MLmodel file (known-traps; not checked against
-            # a recording)
+            # "flavors" (a null one crashes Model._from_rest_object), which the service fills in from the
+            # MLmodel file (not checked against a recording)
             props.setdefault("flavors", {"python_function": {"data": {"loader_module": "mlflow.transformers"}}})
             props.setdefault("jobName", None)
         if kind == "data":
@@ -727,8 +727,8 @@ class AzureStandin:
 
     def _fill_deployments(self, res: dict[str, Any], stored: Any, arm_id: str) -> None:
         # The REST ManagedOnlineDeployment as the service returns it: "sku", properties.scaleSettings,
-        # endpointComputeType. The SDK dereferences scaleSettings and sku (known-traps); the rest echoes the
-        # request (not checked against a recording).
+        # endpointComputeType. The SDK dereferences scaleSettings and sku when it reads a deployment back (a
+        # missing one is an AttributeError); the rest echoes the request (not checked against a recording).
         res.setdefault("location", LOCATION)
         res["kind"] = "Managed"
         props = res["properties"]

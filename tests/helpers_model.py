@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 # Special tokens of the real Phi-3-mini vocabulary that its chat format never emits.
 PHI3_PLACEHOLDERS = tuple(f"<|placeholder{i}|>" for i in range(1, 7))
 
-# Logging a transformers model without explicit requirements makes MLflow probe for torchvision
-# (known-traps.md); the server loads the model in this same environment, so names are enough.
+# Logging a transformers model without explicit requirements makes MLflow infer them, probing for
+# torchvision (slow, and absent here); the server loads the model in this same environment, so names are enough.
 PIP_REQUIREMENTS = ["torch", "transformers", "mlflow"]
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import requests
 
@@ -99,3 +102,34 @@ def stop_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # a forked child that outlived its parent
     except ProcessLookupError:
         pass
+
+
+@contextmanager
+def local_endpoint(model: Any, workdir: Path, key: str) -> Iterator[int]:
+    """The real local endpoint (python -m finetune_phi.endpoint) serving `model` (helpers_model's registered
+    tiny model) with `key` on a free port of 127.0.0.1, ready; its port. Its log is workdir/endpoint.log."""
+    port = free_port()
+    with (workdir / "endpoint.log").open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "finetune_phi.endpoint", "--model-uri", model.registry_uri,
+             "--host", "127.0.0.1", "--port", str(port)],
+            env={**os.environ, "MLFLOW_TRACKING_URI": model.tracking_uri, "FINETUNE_PHI_ENDPOINT_KEY": key},
+            cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            wait_http(f"http://127.0.0.1:{port}/health/ready", 120, proc)
+            yield port
+        finally:
+            stop_group(proc)
+
+
+def built_venv(repo: Path, target: str, venv: Path) -> Path:
+    """The python of a venv of its own that `make <target>` builds (make test does so before pytest)."""
+    import pytest
+
+    if shutil.which("make") is None and not (venv / ".installed").is_file():
+        pytest.skip(f"needs `make {target}` (no make here): see the Makefile's recipe")
+    if shutil.which("make") is not None:
+        proc = subprocess.run(["make", "-s", target], cwd=repo, capture_output=True, text=True, timeout=1800)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return venv / "bin" / "python"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ import config
 from catalog_standin import CatalogStandIn, RecordingProxy, ServerlessStandIn
 from conftest import REPO, free_port
 from finetune_phi import pf_connection, pf_env
-from helpers_pf import start_own_pf_service, stop_group, wait_http
+from helpers_pf import built_venv, local_endpoint, start_own_pf_service
 
 KEY = "maf-test-key-0123456789abcdefghijkl"
 MAF_VENV = REPO / ".venv-maf"
@@ -38,13 +37,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def maf_python() -> Path:
-    """The Agent Framework venv; `make agent-framework` builds it (make test does so before pytest)."""
-    if shutil.which("make") is None and not (MAF_VENV / ".installed").is_file():
-        pytest.skip("needs `make agent-framework` (no make here): see the Makefile's recipe")
-    if shutil.which("make") is not None:
-        proc = subprocess.run(["make", "-s", "agent-framework"], cwd=REPO, capture_output=True, text=True, timeout=1800)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return MAF_VENV / "bin" / "python"
+    return built_venv(REPO, "agent-framework", MAF_VENV)
 
 
 @dataclass
@@ -59,31 +52,21 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
     tmp = tmp_path_factory.mktemp("maf")
     model = registered_tiny_model(tmp_path_factory.getbasetemp() / "tiny-model")
-    port = free_port()
-    log = (tmp / "endpoint.log").open("w")
-    endpoint = subprocess.Popen(
-        [sys.executable, "-m", "finetune_phi.endpoint", "--model-uri", model.registry_uri,
-         "--host", "127.0.0.1", "--port", str(port)],
-        env={**os.environ, "MLFLOW_TRACKING_URI": model.tracking_uri, "FINETUNE_PHI_ENDPOINT_KEY": KEY},
-        cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    proxy = RecordingProxy(f"http://127.0.0.1:{port}/score").start()
     settings = config.load(env={}, dotenv_path=tmp / "no.env", STATE_DIR=str(tmp / "state"))
     (tmp / "home").mkdir()
-    env = {**pf_env.subprocess_env(settings), "HOME": str(tmp / "home"), "AZURE_ML_ENDPOINT": proxy.url,
-           "AZURE_ML_API_KEY": KEY, "AZURE_ML_ENDPOINT_KIND": "local", "ENV_FILE": str(tmp / "none.env")}  # fmt: skip
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health/ready", 120, endpoint)
-        start_own_pf_service(PF, env)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("HOME", env["HOME"])
-            pf_connection.upsert_connection(settings, endpoint=proxy.url, key=KEY, kind="local")
-        yield Served(proxy, env)
-    finally:
-        subprocess.run([PF, "service", "stop"], env=env, capture_output=True, timeout=60)
-        proxy.stop()
-        stop_group(endpoint)
-        log.close()
+    with local_endpoint(model, tmp, KEY) as port:
+        proxy = RecordingProxy(f"http://127.0.0.1:{port}/score").start()
+        env = {**pf_env.subprocess_env(settings), "HOME": str(tmp / "home"), "AZURE_ML_ENDPOINT": proxy.url,
+               "AZURE_ML_API_KEY": KEY, "AZURE_ML_ENDPOINT_KIND": "local", "ENV_FILE": str(tmp / "none.env")}  # fmt: skip
+        try:
+            start_own_pf_service(PF, env)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("HOME", env["HOME"])
+                pf_connection.upsert_connection(settings, endpoint=proxy.url, key=KEY, kind="local")
+            yield Served(proxy, env)
+        finally:
+            subprocess.run([PF, "service", "stop"], env=env, capture_output=True, timeout=60)
+            proxy.stop()
 
 
 def maf(python: Path, env: dict[str, str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

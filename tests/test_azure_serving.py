@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ import pytest
 
 from conftest import OFFLINE_ENV, REPO, free_port, require
 from finetune_phi import fixtures
-from helpers_pf import start_own_pf_service
+from helpers_pf import built_venv, start_own_pf_service
 from finetune_phi.demo_data import DEMO_ANSWER, DEMO_QUESTION
 from helpers_endpoint import AUTH, KEY, ThreadServer
 
@@ -104,12 +103,7 @@ def scoring_script() -> Path:
 def azureml_python() -> Path:
     """The scoring stack's venv; `make azureml-serving` builds it (make test does so before pytest)."""
     scoring_script()
-    if shutil.which("make") is None and not (AZ_VENV / ".installed").is_file():
-        pytest.skip("needs `make azureml-serving` (no make here): see the Makefile's recipe")
-    if shutil.which("make") is not None:
-        proc = subprocess.run(["make", "-s", "azureml-serving"], cwd=REPO, capture_output=True, text=True, timeout=1800)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return AZ_VENV / "bin" / "python"
+    return built_venv(REPO, "azureml-serving", AZ_VENV)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from finetune_phi.endpoint.batcher import Batcher, QueueFull, batch_key
+from finetune_phi.endpoint.batcher import Batcher, QueueFull
 from finetune_phi.endpoint.continuous import Stepper
 from finetune_phi.endpoint.engine import Engine, SamplingParams
 from helpers_model import biased, tiny_phi3
@@ -169,14 +169,6 @@ def test_a_request_joins_a_running_batch_at_the_next_step(engine: Engine, batche
         undo()
     # The short one was answered while the long one kept decoding (it did not wait for its end).
     assert ok and steps_then < 300 and spy.most_rows() == 2, spy.calls
-
-
-def test_batch_keys_group_only_compatible_requests() -> None:
-    assert batch_key(SamplingParams(max_new_tokens=3)) == batch_key(SamplingParams(max_new_tokens=50, temperature=0.3))
-    assert batch_key(SamplingParams(do_sample=True, temperature=0.7)) != batch_key(SamplingParams(do_sample=True, temperature=0.9))
-    assert batch_key(SamplingParams(do_sample=True)) != batch_key(SamplingParams())
-    # A seeded request's draws must not depend on its neighbours: it never shares a call.
-    assert batch_key(SamplingParams(do_sample=True, seed=1)) != batch_key(SamplingParams(do_sample=True, seed=1))
 
 
 def test_cancelled_queued_work_is_dropped_before_generation(batcher: Batcher, spy: Spy) -> None:

@@ -96,7 +96,7 @@ def test_env_file_moves_the_dotenv_that_is_read(tmp_path: Path) -> None:
     assert s.env_file == other  # a .env cannot move itself
 
 
-# --- tutorial-style access (issue 12, item 5) -------------------------------------------------------
+# --- tutorial-style access -----------------------------------------------------------------------------
 # The names the tutorial's scripts import from its config.py: Microsoft Phi-3 Cookbook, "Fine-tune and
 # Integrate custom Phi-3 models with Prompt flow" (md/06.E2ESamples/E2E_Phi-3-FineTuning_PromptFlow_
 # Integration.md): download_dataset.py, setup_ml.py, deploy_model.py and integrate_with_promptflow.py.

@@ -19,11 +19,9 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,12 +30,12 @@ from typing import Any, Iterator
 
 import pytest
 from conftest import free_port
-from helpers_pf import start_own_pf_service, stop_group, wait_http
+from helpers_pf import local_endpoint, start_own_pf_service, stop_group, wait_http
 import requests
 import yaml
 
 import config
-from catalog_standin import CatalogStandIn, Exchange, RecordingProxy, RecordingServer, ServerlessStandIn
+from catalog_standin import CatalogStandIn, RecordingProxy, ServerlessStandIn
 from chat_flow.endpoint_client import encode_prompt
 from finetune_phi import pf_connection, pf_env
 
@@ -118,42 +116,32 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowRig]:
 
     tmp = tmp_path_factory.mktemp("pf")
     model = registered_tiny_model(tmp_path_factory.getbasetemp() / "tiny-model")
-    port = free_port()
-    endpoint_log = (tmp / "endpoint.log").open("w")
-    endpoint = subprocess.Popen(
-        [sys.executable, "-m", "finetune_phi.endpoint", "--model-uri", model.registry_uri,
-         "--host", "127.0.0.1", "--port", str(port)],
-        env={**os.environ, "MLFLOW_TRACKING_URI": model.tracking_uri, "FINETUNE_PHI_ENDPOINT_KEY": KEY},
-        cwd=tmp, stdout=endpoint_log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    proxy = RecordingProxy(f"http://127.0.0.1:{port}/score").start()
     settings = config.load(env={}, dotenv_path=tmp / "no.env", STATE_DIR=str(tmp / "state"))
     guard_dir = tmp / "guard"
     guard_dir.mkdir()
     (guard_dir / "sitecustomize.py").write_text(NET_GUARD, encoding="utf-8")
     (tmp / "home").mkdir()
-    env = pf_env.subprocess_env(settings)
-    env.update(
-        HOME=str(tmp / "home"),  # whatever pf would write under ~ lands here, and is checked below
-        PYTHONPATH=os.pathsep.join(p for p in (str(guard_dir), env.get("PYTHONPATH", "")) if p),
-        PF_TEST_NET_GUARD_LOG=str(tmp / "network-attempts.log"),
-        AZURE_ML_ENDPOINT=proxy.url,  # the SDK variant reads these (environment beats .env)
-        AZURE_ML_API_KEY=KEY,
-        AZURE_ML_ENDPOINT_KIND="local",
-    )
-    rig = FlowRig(settings, env, proxy, tmp / "network-attempts.log", tmp)
-    try:
-        start_own_pf_service(PF, env)
-        wait_http(f"http://127.0.0.1:{port}/health/ready", 120, endpoint)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("HOME", env["HOME"])  # the connection's child process inherits it
-            pf_connection.upsert_connection(settings, endpoint=proxy.url, key=KEY, kind="local")
-        yield rig
-    finally:
-        subprocess.run([PF, "service", "stop"], env=env, capture_output=True, timeout=60)
-        proxy.stop()
-        stop_group(endpoint)
-        endpoint_log.close()
+    with local_endpoint(model, tmp, KEY) as port:
+        proxy = RecordingProxy(f"http://127.0.0.1:{port}/score").start()
+        env = pf_env.subprocess_env(settings)
+        env.update(
+            HOME=str(tmp / "home"),  # whatever pf would write under ~ lands here, and is checked below
+            PYTHONPATH=os.pathsep.join(p for p in (str(guard_dir), env.get("PYTHONPATH", "")) if p),
+            PF_TEST_NET_GUARD_LOG=str(tmp / "network-attempts.log"),
+            AZURE_ML_ENDPOINT=proxy.url,  # the SDK variant reads these (environment beats .env)
+            AZURE_ML_API_KEY=KEY,
+            AZURE_ML_ENDPOINT_KIND="local",
+        )
+        rig = FlowRig(settings, env, proxy, tmp / "network-attempts.log", tmp)
+        try:
+            start_own_pf_service(PF, env)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("HOME", env["HOME"])  # the connection's child process inherits it
+                pf_connection.upsert_connection(settings, endpoint=proxy.url, key=KEY, kind="local")
+            yield rig
+        finally:
+            subprocess.run([PF, "service", "stop"], env=env, capture_output=True, timeout=60)
+            proxy.stop()
     leftovers = sorted(str(p.relative_to(tmp / "home")) for p in (tmp / "home").rglob("*"))
     assert leftovers == [], f"Prompt flow wrote into HOME despite PF_HOME_DIRECTORY: {leftovers}"
 

@@ -14,7 +14,7 @@ repetition penalty, seed: a seeded row has its own generator), its own limit and
 A request is answered as soon as its last row ends. Tokenizing and decoding run on a small pool
 off both the event loop and the generation thread.
 
-Caps (item 6 of issue #10): `max_step_tokens` (rows x tokens of one forward) and
+Caps: `max_step_tokens` (rows x tokens of one forward) and
 `max_batch_tokens` (prompt + new tokens of all running rows: their KV cache) split a big request
 (e.g. 32 long conversations in one /score call) over steps: its rows start as room frees up and
 long prompts are fed in chunks. It is refused only when the queue is full, never for its size.
@@ -30,7 +30,7 @@ with the stop token when the row stopped on one). `f` must be quick and thread-s
 hands the ids to its event loop with call_soon_threadsafe).
 
 Models not laid out like Phi-3 (continuous.supports) fall back to one `model.generate` per request.
-Measurements against micro-batching and `transformers serve --continuous-batching`:
+Measurements against `transformers serve --continuous-batching`:
 bench/RESULTS.md ("Serving").
 """
 
@@ -44,8 +44,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import count
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Sequence
 
 from finetune_phi.endpoint.engine import Completion, Engine, Message, SamplingParams
 
@@ -60,10 +59,8 @@ DEFAULT_MAX_QUEUE = 64
 DEFAULT_MAX_STEP_TOKENS = 1024
 # Prompt + new tokens of every running row (the KV cache held at once): 16 rows of 1,024. For
 # Phi-3-mini that is 6 GiB of cache in bf16 (12 in fp32): KV bytes per token =
-# 2 x layers x kv_heads x head_dim x dtype bytes (kv_bytes_per_token).
+# 2 x layers x kv_heads x head_dim x dtype bytes (loading.kv_bytes_per_token).
 DEFAULT_MAX_BATCH_TOKENS = 16 * 1024
-# Kept for the fallback path's API (micro-batching window); continuous batching needs none.
-DEFAULT_MAX_WAIT_S = 0.004
 
 # Below this many parameters a model's matrices are too small to split across threads: on the
 # 2-core bench machine the tiny demo model served 5 req/s with 2 torch threads and 35 with 1
@@ -89,16 +86,6 @@ def _env_int(name: str, default: int) -> int:
     return value
 
 
-def kv_bytes_per_token(model: Any) -> int:
-    """Bytes of KV cache one token of one row holds (what max_batch_tokens multiplies)."""
-    config = model.config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    itemsize = next(model.parameters()).element_size()
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
-
-
 class QueueFull(RuntimeError):
     """The queue holds `max_queue` requests already: answer 429 and let the client retry."""
 
@@ -108,7 +95,6 @@ class _Work:
     rows: list[list[int]]
     limits: list[int]
     params: SamplingParams
-    key: Hashable
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[list[list[int]]]
     cancelled: bool = False
@@ -123,24 +109,6 @@ class _Work:
         return max(len(r) for r in self.rows)
 
 
-_solo = count()
-
-
-def batch_key(params: SamplingParams) -> Hashable:
-    """Requests with equal keys could share one `generate` call (the fallback path's grouping).
-
-    Greedy decoding ignores temperature/top-p/top-k, so all greedy requests share one key. A seeded
-    request runs alone: its random draws would otherwise depend on who it was batched with.
-    (Continuous batching needs no key: every row samples with its own parameters and generator.)
-    """
-    if params.seed is not None:
-        return ("seeded", next(_solo))
-    penalties = (params.repetition_penalty, params.presence_penalty, params.frequency_penalty)
-    if not params.do_sample:
-        return ("greedy", *penalties)
-    return ("sample", params.temperature, params.top_p, params.top_k, *penalties)
-
-
 class Batcher:
     """The queue and the one thread that runs the decoding steps for an engine."""
 
@@ -150,19 +118,17 @@ class Batcher:
         *,
         max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
         max_queue: int = DEFAULT_MAX_QUEUE,
-        max_wait_s: float = DEFAULT_MAX_WAIT_S,
         max_step_tokens: int | None = None,
         max_batch_tokens: int | None = None,
         tokenizer_threads: int = 2,
         torch_threads: int | None = None,
         packed_weights: bool | None = None,
     ) -> None:
-        if max_batch_rows < 1 or max_queue < 1 or max_wait_s < 0:
-            raise ValueError("max_batch_rows and max_queue must be >= 1 and max_wait_s >= 0")
+        if max_batch_rows < 1 or max_queue < 1:
+            raise ValueError("max_batch_rows and max_queue must be >= 1")
         self.engine = engine
         self.max_batch_rows = max_batch_rows
         self.max_queue = max_queue
-        self.max_wait_s = max_wait_s
         self.max_step_tokens = max_step_tokens or _env_int("ENDPOINT_MAX_STEP_TOKENS", DEFAULT_MAX_STEP_TOKENS)
         self.max_batch_tokens = max_batch_tokens or _env_int("ENDPOINT_MAX_BATCH_TOKENS", DEFAULT_MAX_BATCH_TOKENS)
         if self.max_step_tokens < 1 or self.max_batch_tokens < 1:
@@ -173,7 +139,6 @@ class Batcher:
         self._closed = False
         # Counters for tests and logs.
         self.steps = 0  # packed forwards run
-        self.batches = 0  # requests' generation passes (fallback) / kept for logs
         self.batched_requests = 0  # requests answered
         self.dropped = 0  # queued requests dropped because their caller left
         self.peak_rows = 0  # most rows running at once
@@ -230,7 +195,6 @@ class Batcher:
                 rows=rows,
                 limits=[engine.row_limit(len(r), params) for r in rows],
                 params=params,
-                key=batch_key(params),
                 loop=loop,
                 future=loop.create_future(),
                 on_tokens=on_tokens,
@@ -405,7 +369,6 @@ class Batcher:
                 if not isinstance(exc, Exception):
                     raise
                 continue
-            self.batches += 1
             self.batched_requests += 1
             _deliver(work, result=new_ids)
 

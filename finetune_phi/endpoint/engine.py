@@ -1,8 +1,9 @@
 """Generation for the local endpoint: chat formatting, stop tokens, sampling params, batching.
 
-One `Engine.generate_ids` call runs ONE `model.generate` over a left-padded batch of prompts, so a
-request with several inputs, and concurrent requests gathered into a micro-batch by batcher.py, cost
-one forward pass per new token rather than one per conversation.
+The Engine holds the model and tokenizer and turns conversations into token rows and token rows into
+replies. batcher.py decodes with continuous batching (continuous.py) where the model's layout is
+covered; elsewhere `Engine.generate_ids` runs ONE `model.generate` over a left-padded batch of one
+request's rows (the fallback path).
 """
 
 from __future__ import annotations

@@ -259,10 +259,8 @@ def batch_tokens(policy: LoadPolicy) -> int:
     raw = os.environ.get(BATCH_TOKENS_SETTING, "").strip()
     if raw:
         return int(raw)
-    try:
-        from finetune_phi.endpoint.batcher import DEFAULT_MAX_BATCH_TOKENS
-    except ImportError:  # a batcher without the cap: every admitted request's context counts
-        return 1 << 62
+    from finetune_phi.endpoint.batcher import DEFAULT_MAX_BATCH_TOKENS  # here: batcher imports this module
+
     return int(DEFAULT_MAX_BATCH_TOKENS)
 
 

@@ -107,7 +107,7 @@ class Runtime:
         param: str = "input_data",
         on_tokens: Callable[[int, list[int]], None] | None = None,
     ) -> list[Completion]:
-        """Replies from the shared micro-batcher; cancelling the awaiting task abandons the work.
+        """Replies from the shared batcher (continuous batching); cancelling the awaiting task abandons the work.
 
         `on_tokens(row, ids)` is called on the generation thread with each row's new token ids."""
         engine = self.ready_engine()
