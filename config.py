@@ -46,6 +46,7 @@ EVAL_GATE_METRICS = ("f1", "rougeL", "exact_match", "contains")
 # Never shown whole: not by repr/str of the settings, not in a log line or an error message.
 SECRET_FIELDS = ("AZURE_ML_API_KEY", "EVAL_JUDGE_API_KEY")
 
+IDENTITY_RESOURCE_ID_PARTS = ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP_NAME", "AZURE_MANAGED_IDENTITY_NAME")
 IDENTITY_RESOURCE_ID_FORMAT = (
     "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
 )
@@ -435,6 +436,14 @@ def missing(settings: Settings, names: Iterable[str]) -> list[str]:
     """Problems for each of `names` that is empty or still holds a placeholder."""
     problems = []
     for name in names:
+        if name == "AZURE_MANAGED_IDENTITY_RESOURCE_ID" and settings._identity_derived():
+            parts = missing(settings, IDENTITY_RESOURCE_ID_PARTS)
+            if parts:
+                problems.append(
+                    f"AZURE_MANAGED_IDENTITY_RESOURCE_ID is built from {', '.join(IDENTITY_RESOURCE_ID_PARTS)}: set "
+                    "those (or set AZURE_MANAGED_IDENTITY_RESOURCE_ID whole, for an identity in another group)"
+                )
+            continue
         value = str(getattr(settings, name))
         if not value.strip():
             problems.append(f"{name} is empty: set {name} in config.py, .env or the environment")

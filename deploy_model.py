@@ -103,7 +103,7 @@ def run_azure(settings: config.Settings, args: argparse.Namespace) -> int:
             log.info("wrote %s", path)
         return 0
     if args.check:
-        return workflow.report_check(settings)
+        return workflow.report_check(settings, deploying=True)
     if args.teardown:
         for line in workflow.teardown(settings):
             log.info("%s", line)

@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     common.setup_logging(args.verbose)
     try:
         settings = common.settings_from_args(args)
+        if args.recipe and settings.BACKEND == "azure" and args.mode != "command":
+            raise config.ConfigError([
+                f"--recipe {args.recipe} trains with our fine_tune.py (the local backend or --mode command); "
+                f"--mode {args.mode} runs Azure's own recipe on AZURE_CATALOG_MODEL: drop one of them"])
         if args.recipe:
             settings = config.with_recipe(settings, args.recipe)
             log.info("recipe %s: %s", args.recipe,

@@ -383,7 +383,8 @@ def reply_text(kind: str, body: Any, endpoint: str = "") -> str:
             return body["output"]
     elif kind in OPENAI_KINDS:
         choices = body.get("choices") if isinstance(body, dict) else None
-        message = choices[0].get("message") if choices and isinstance(choices[0], dict) else None
+        first = choices[0] if isinstance(choices, list) and choices else None
+        message = first.get("message") if isinstance(first, dict) else None
         if isinstance(message, dict) and isinstance(message.get("content"), str):
             return message["content"]
     elif isinstance(body, list) and body and isinstance(body[0], str):

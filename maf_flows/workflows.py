@@ -28,6 +28,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterable, Mapping, Sequence
+from urllib.parse import parse_qsl, urlparse, urlunparse
 
 # Before agent_framework is imported: no telemetry, and a plain User-Agent.
 os.environ.setdefault("AGENT_FRAMEWORK_USER_AGENT_DISABLED", "true")
@@ -64,9 +65,12 @@ def load_endpoint(environ: Mapping[str, str] | None = None, folders: Iterable[Pa
         raise FlowError(str(exc)) from exc
 
 
-def openai_base_url(endpoint: ec.Endpoint) -> str:
-    """The base URL an OpenAI client takes: the chat-completions route without its last two parts."""
-    return ec.openai_url(endpoint.url, endpoint.kind).removesuffix("/chat/completions")
+def openai_base_url(endpoint: ec.Endpoint) -> tuple[str, dict[str, str]]:
+    """(base URL, query) an OpenAI client takes: the chat-completions route without its last two
+    parts, and the URL's query (a serverless URI may carry api-version) for every request."""
+    parts = urlparse(ec.openai_url(endpoint.url, endpoint.kind))
+    base = urlunparse(parts._replace(path=parts.path.removesuffix("/chat/completions"), query=""))
+    return base, dict(parse_qsl(parts.query))
 
 
 def openai_headers(endpoint: ec.Endpoint) -> dict[str, str]:
@@ -92,11 +96,12 @@ class AnswerExecutor(Executor):
     def agent(self) -> Agent:
         if self._agent is None:
             from agent_framework.openai import OpenAIChatCompletionClient
+            from openai import AsyncOpenAI
 
-            client = OpenAIChatCompletionClient(
-                model=MODEL_NAME, api_key=self.endpoint.key, base_url=openai_base_url(self.endpoint),
-                default_headers=openai_headers(self.endpoint),
-            )
+            base, query = openai_base_url(self.endpoint)
+            transport = AsyncOpenAI(api_key=self.endpoint.key, base_url=base, default_query=query or None,
+                                    default_headers=openai_headers(self.endpoint))  # fmt: skip
+            client = OpenAIChatCompletionClient(model=MODEL_NAME, async_client=transport)
             self._agent = Agent(client, name="finetuned-phi")
         return self._agent
 
@@ -110,7 +115,7 @@ class AnswerExecutor(Executor):
                     if update.text:
                         yield update.text
             except Exception as exc:  # whatever the OpenAI client raised: one line, the cause chained
-                raise FlowError(describe(exc, openai_base_url(endpoint) + "/chat/completions")) from exc
+                raise FlowError(describe(exc, ec.openai_url(endpoint.url, endpoint.kind), endpoint)) from exc
             return
         try:  # a /score kind: the project's client writes the request shape of the kind
             reply = await asyncio.to_thread(ec.chat, endpoint.url, endpoint.key, messages, **endpoint.options())
@@ -135,8 +140,9 @@ class AnswerExecutor(Executor):
             await ctx.yield_output(piece)
 
 
-def describe(exc: BaseException, url: str) -> str:
-    """One line for an OpenAI client's failure, as endpoint_client words its own."""
+def describe(exc: BaseException, url: str, endpoint: ec.Endpoint | None = None) -> str:
+    """One line for an OpenAI client's failure, as endpoint_client words its own (a refused guess of
+    the kind included)."""
     chain = [exc]
     while chain[-1].__cause__ is not None and len(chain) < 5:
         chain.append(chain[-1].__cause__)
@@ -148,6 +154,10 @@ def describe(exc: BaseException, url: str) -> str:
             if status in (401, 403):
                 return (f"endpoint {url} rejected the key (HTTP {status}): {detail}; re-run python deploy_model.py "
                         "to refresh AZURE_ML_API_KEY")
+            if endpoint is not None and endpoint.guessed_from and status in ec.SHAPE_STATUSES:
+                return (f"endpoint {url} answered HTTP {status}: {detail} to the {endpoint.kind} request, the shape "
+                        f"sent because {endpoint.guessed_from} is not set: if the deployment is another kind, set "
+                        f"{endpoint.guessed_from} to one of {ec.KIND_HELP}")
             return f"endpoint {url} answered HTTP {status}: {detail}"
         if type(error).__name__ in ("APIConnectionError", "ConnectError", "ConnectionError"):
             return f"cannot reach endpoint {url} (connection failed): is it running? {ec.NOT_DEPLOYED_HINT}"

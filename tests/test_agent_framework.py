@@ -214,6 +214,9 @@ def test_a_serverless_endpoint_answers_through_agent_frameworks_own_client(maf_p
         env_file.write_text(f"AZURE_ML_ENDPOINT={env['AZURE_ML_ENDPOINT']}\nAZURE_ML_API_KEY={KEY}\n")
         bare = {k: v for k, v in served.env.items() if not k.startswith("AZURE_ML_")}
         assert asked(maf_python, {**bare, "ENV_FILE": str(env_file)}, "Hi") == "Serverless reply 1 to: Hi"
+        # A URI that names the route and an api-version: the query goes with every request, not into the path.
+        routed = {**env, "AZURE_ML_ENDPOINT": env["AZURE_ML_ENDPOINT"] + "/v1/chat/completions?api-version=2024-05-01-preview"}
+        assert asked(maf_python, routed, "Hi") == "Serverless reply 1 to: Hi"
     finally:
         serverless.stop()
 

@@ -634,3 +634,41 @@ def test_a_serverless_endpoint_serving_another_model_is_never_replaced(
     assert "serves azureml://locations/eastus2/workspaces/x/models/someone-elses/versions/3" in error
     assert "AZURE_ENDPOINT_NAME" in error and "--teardown" in error
     assert not standin.sent("PUT", "/serverlessEndpoints/") and not standin.sent("DELETE")
+
+
+def test_a_failed_teardown_step_still_runs_the_others_and_exits_1_naming_it(
+    azure, chat_route, caplog: pytest.LogCaptureFixture
+) -> None:
+    s, standin = azure.settings, azure.standin
+    _record_job(s)
+    assert deploy_model.main(["--backend", "azure", "--no-connection"]) == 0, _errors(caplog)
+    compute_id = f"{standin.ws_id}/computes/{s.AZURE_COMPUTE_NAME}"
+    cluster = {"id": compute_id, "name": s.AZURE_COMPUTE_NAME, "location": "eastus2", "properties": {
+        "computeType": "AmlCompute", "properties": {"vmSize": s.AZURE_COMPUTE_SIZE.upper(), "scaleSettings": {
+            "maxNodeCount": 1, "minNodeCount": 1, "nodeIdleTimeBeforeScaleDown": "PT2M"}}}}  # fmt: skip
+    standin._fill_computes(cluster, None, compute_id)
+    cluster["properties"]["provisioningState"] = "Succeeded"
+    standin.put_resource(compute_id, cluster)
+    # Serverless endpoints are not offered here, say: the other two steps still happen.
+    standin.fail("GET", "/serverlessEndpoints/", 400, azure_error("BadRequest", "Serverless endpoints are not offered"))
+    assert deploy_model.main(["--backend", "azure", "--teardown"]) == 1
+    (error,) = _errors(caplog)
+    assert "teardown incomplete" in error and "Serverless endpoints are not offered" in error
+    assert f"endpoint {s.AZURE_ENDPOINT_NAME}: deleted" in error and "min instances set to 0" in error
+    assert standin.get_resource(f"{standin.ws_id}/onlineEndpoints/{s.AZURE_ENDPOINT_NAME}") is None
+    assert standin.get_resource(compute_id)["properties"]["properties"]["scaleSettings"]["minNodeCount"] == 0
+    assert common.read_state(s)["deployment"]["backend"] == "azure"  # kept: something may still bill
+
+
+def test_deploy_check_after_a_serverless_job_checks_the_models_inference_only(
+    azure, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Retired for fine-tuning, still served: a deploy of an existing fine-tune passes the check.
+    (phi4,) = azure.standin.registry_models[("azureml", "Phi-4-mini-instruct")]
+    phi4["properties"]["tags"]["FinetuneRetirementDate"] = "2026-01-01"
+    common.update_state(azure.settings, "training", {
+        "backend": "azure", "job_name": JOB_NAME, "mode": "serverless", "output": entities.CATALOG_OUTPUT,
+        "catalog_model": "azureml://registries/azureml/models/Phi-4-mini-instruct/versions/1"})  # fmt: skip
+    monkeypatch.setenv("AZURE_CATALOG_MODEL", "Some-Other-Model")  # the recorded job's model is checked
+    assert deploy_model.main(["--backend", "azure", "--check"]) == 0, _errors(caplog)
+    assert setup_ml.main(["--backend", "azure", "--mode", "serverless", "--check"]) == 1  # a new fine-tune is not

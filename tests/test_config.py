@@ -218,9 +218,11 @@ def test_the_identity_resource_id_is_built_from_its_parts_unless_set(tmp_path: P
     explicit = config.load(env={**env, "AZURE_MANAGED_IDENTITY_RESOURCE_ID": elsewhere})
     assert explicit.AZURE_MANAGED_IDENTITY_RESOURCE_ID == elsewhere
     assert explicit.with_overrides(SEED=1).AZURE_MANAGED_IDENTITY_RESOURCE_ID == elsewhere
-    # Nothing filled in: the placeholders of its parts, reported as missing by name.
+    # Nothing filled in: it names the parts to set, not itself.
     problems = config.missing(config.load(env=_clean_env(tmp_path)), ["AZURE_MANAGED_IDENTITY_RESOURCE_ID"])
-    assert len(problems) == 1 and "AZURE_MANAGED_IDENTITY_RESOURCE_ID still holds the placeholder" in problems[0]
+    assert problems == ["AZURE_MANAGED_IDENTITY_RESOURCE_ID is built from AZURE_SUBSCRIPTION_ID, "
+                        "AZURE_RESOURCE_GROUP_NAME, AZURE_MANAGED_IDENTITY_NAME: set those (or set "
+                        "AZURE_MANAGED_IDENTITY_RESOURCE_ID whole, for an identity in another group)"]
 
 
 def test_settings_with_keys_set_never_show_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -195,6 +195,10 @@ def test_score_answers_the_studio_shape_as_a_catalog_deployment_does(client: htt
     strings = {"input_data": {"input_string": ["Who founded Microsoft?"], "parameters": {"max_new_tokens": 8}}}
     refused = client.post("/score", json=strings, headers=AUTH)
     assert refused.status_code == 422 and refused.json()["error"]["param"] == "input_data.input_string.0"
+    # The catalog shape with our model's `params` beside it: the catalog shape's own error is named.
+    stray = client.post("/score", json={"input_data": {"input_string": messages}, "params": {"max_new_tokens": 3}},
+                        headers=AUTH)  # fmt: skip
+    assert stray.status_code == 422 and stray.json()["error"]["param"] == "params", stray.text
 
 
 def test_score_prompt_is_wrapped_in_the_models_template_as_mlflow_does(engine: Engine) -> None:

@@ -55,3 +55,10 @@ def test_the_tutorial_recipe_on_azure_is_the_tutorials_job(tmp_path: Path) -> No
     assert flags["--warmup-ratio"] == "0.2" and flags["--seed"] == "0" and "--no-assistant-only-loss" in argv
     with pytest.raises(config.ConfigError, match="recipe 'paper': use one of tutorial"):
         config.with_recipe(settings, "paper")
+
+
+def test_the_recipe_is_refused_with_azures_own_fine_tuning(caplog: pytest.LogCaptureFixture) -> None:
+    import setup_ml
+
+    assert setup_ml.main(["--backend", "azure", "--mode", "serverless", "--recipe", "tutorial"]) == 1
+    assert "--recipe tutorial trains with our fine_tune.py" in caplog.text and "--mode serverless" in caplog.text

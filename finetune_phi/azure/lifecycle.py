@@ -82,9 +82,11 @@ class CatalogModel:
     tags: dict[str, str] = field(default_factory=dict)  # the version's tags and properties
 
     def value(self, *keys: str) -> str | None:
+        """The first tag or property named like one of `keys`, case aside; a dotted name
+        (`deprecation.finetuneRetirementDate`, as system metadata is flattened) matches by its last part."""
         wanted = {k.lower() for k in keys}
         for key, value in self.tags.items():
-            if key.lower() in wanted:
+            if key.lower() in wanted or key.lower().rsplit(".", 1)[-1] in wanted:
                 return str(value)
         return None
 
@@ -103,9 +105,8 @@ class CatalogModel:
         The tag is a YAML list in the model's spec; the registry keeps tags as strings, so any of
         "eastus2,eastus", "['eastus2', 'eastus']" or '["eastus2"]' is read alike."""
         raw = self.value(*DEPLOY_REGIONS_KEYS)
-        if raw is None:
-            return None
-        return re.findall(r"[a-z][a-z0-9]+", str(raw).lower())
+        regions = re.findall(r"[a-z][a-z0-9]+", str(raw).lower()) if raw is not None else []
+        return regions or None  # an empty list says nothing either
 
 
 def replacement_of(name: str) -> str | None:

@@ -55,6 +55,7 @@ def check(
     arm_get: ArmGet | None = None,
     mode: str = "command",
     registry_client: "MLClient | None" = None,
+    uses: tuple[str, ...] = ("fine-tuning", "inference"),
 ) -> list[str]:
     """Every problem found for a run in `mode` (command, catalog, serverless), as lines that say what to
     do; an empty list means ready to go. Warnings (a retirement within 90 days) are logged."""
@@ -79,23 +80,25 @@ def check(
             problems += identity_problems(settings, workspace, arm_get)
         problems += quota_problems(settings, ml_client)
     if mode in ("catalog", "serverless"):
-        problems += catalog_problems(settings, workspace, mode, registry_client=registry_client, credential=credential)
+        problems += catalog_problems(settings, workspace, mode, registry_client=registry_client, credential=credential,
+                                     uses=uses)  # fmt: skip
     return problems
 
 
 def catalog_problems(
     settings: config.Settings, workspace: Any, mode: str, *,
     registry_client: "MLClient | None" = None, credential: "TokenCredential | None" = None,
+    uses: tuple[str, ...] = ("fine-tuning", "inference"),
 ) -> list[str]:
-    """The catalog model exists, is not retired for fine-tuning or inference, and (serverless) its
-    fine-tuned copies can be deployed in the workspace's region."""
+    """The catalog model exists, is not retired for `uses` (fine-tuning, inference), and (serverless)
+    its fine-tuned copies can be deployed in the workspace's region."""
     try:
         registry_client = client.connect_registry(settings, registry_client=registry_client, credential=credential)
         model = lifecycle.fetch_catalog_model(settings, registry_client)
     except RuntimeError as exc:
         return [f"catalog model: {exc}"]
     region = str(getattr(workspace, "location", "") or "").lower() if mode == "serverless" else None
-    problems, warnings = lifecycle.lifecycle_problems(model, ("fine-tuning", "inference"), region=region or None)
+    problems, warnings = lifecycle.lifecycle_problems(model, uses, region=region or None)
     for warning in warnings:
         log.warning("%s", warning)
     return problems

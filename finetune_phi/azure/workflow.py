@@ -71,10 +71,11 @@ def check(
     arm_get: preflight.ArmGet | None = None,
     mode: str = "command",
     registry_client: "MLClient | None" = None,
+    uses: tuple[str, ...] = ("fine-tuning", "inference"),
 ) -> list[str]:
     """Read-only: every configuration, credential, workspace, identity, quota and lifecycle problem at once."""
     return preflight.check(settings, ml_client=ml_client, credential=credential, arm_get=arm_get, mode=mode,
-                           registry_client=registry_client)  # fmt: skip
+                           registry_client=registry_client, uses=uses)  # fmt: skip
 
 
 # --- training --------------------------------------------------------------------------------------
@@ -90,13 +91,17 @@ def _warn_placeholders(settings: config.Settings, names: tuple[str, ...]) -> Non
         log.warning("dry-run YAML keeps a placeholder: %s", problem)
 
 
-def report_check(settings: config.Settings, mode: str | None = None) -> int:
+def report_check(settings: config.Settings, mode: str | None = None, *, deploying: bool = False) -> int:
     """`--check` of both scripts: log every preflight problem, then a summary; the exit status.
 
-    `mode`: the training mode to check for (setup_ml.py's --mode; deploy_model.py: the recorded job's)."""
+    `mode`: the training mode to check for (setup_ml.py's --mode; deploy_model.py: the recorded job's).
+    `deploying`: check what a deploy needs: the catalog model the recorded job fine-tuned, for inference."""
     mode = mode or recorded_mode(settings)
     _check_mode(mode)
-    problems = check(settings, mode=mode)
+    uses: tuple[str, ...] = ("fine-tuning", "inference")
+    if deploying:
+        settings, uses = recorded_catalog_settings(settings), ("inference",)
+    problems = check(settings, mode=mode, uses=uses)
     for problem in problems:
         log.error("%s", problem)
     log.info("preflight: %s", "OK" if not problems else f"{len(problems)} problem(s)")
@@ -589,10 +594,22 @@ def fine_tuned_model(ml_client: "MLClient", settings: config.Settings, job_name:
     output = (getattr(job, "outputs", None) or {}).get(entities.CATALOG_OUTPUT)
     name = str(getattr(output, "name", None) or settings.AZURE_MODEL_NAME)
     version = getattr(output, "version", None)
-    if not version:  # Azure names the output's model; its version is the latest registered under that name
-        with client.azure_errors(f"reading model {name} registered by job {job_name}"):
-            version = ml_client.models.get(name, label="latest").version
-    return name, str(version)
+    if version:
+        return name, str(version)
+    # Azure names the output's model, not its version: the version this job registered. Other runs
+    # (a command job's deploy registers under AZURE_MODEL_NAME too) may have added later ones.
+    with client.azure_errors(f"reading the versions of model {name} (registered by job {job_name})"):
+        versions = list(ml_client.models.list(name=name))
+    mine = [m for m in versions if str(getattr(m, "job_name", "") or "") == job_name]
+    if mine:
+        return name, str(max(mine, key=lambda m: int(m.version) if str(m.version).isdigit() else 0).version)
+    if not versions:
+        raise RuntimeError(f"job {job_name} completed but model {name} has no version in the workspace: "
+                           "see the job's outputs in ml.azure.com → Jobs")  # fmt: skip
+    latest = max(versions, key=lambda m: int(m.version) if str(m.version).isdigit() else 0)
+    log.warning("no version of model %s names job %s: deploying its latest, version %s", name, job_name,
+                latest.version)  # fmt: skip
+    return name, str(latest.version)
 
 
 def ensure_serverless_endpoint(ml_client: "MLClient", settings: config.Settings, model_id: str, region: str) -> Any:
@@ -648,8 +665,8 @@ def deploy_serverless(
     usable_catalog_model(recorded_catalog_settings(settings), ml_client, ("inference",), region_check=True,
                          registry_client=registry_client, credential=credential)  # fmt: skip
     kind = KIND_BY_MODE["serverless"]
+    name, version = fine_tuned_model(ml_client, settings, job_name)  # first: the job must have completed
     decision = check_gate(ml_client, settings, job_name, kind, force, metrics)
-    name, version = fine_tuned_model(ml_client, settings, job_name)
     region, workspace_id = workspace_region(ml_client, settings)
     model_id = entities.workspace_model_id(region, workspace_id, name, version)
     endpoint_name = settings.AZURE_ENDPOINT_NAME
@@ -681,39 +698,50 @@ def teardown(
     from azure.core.exceptions import ResourceNotFoundError
 
     ml_client = client.connect(settings, ml_client=ml_client, credential=credential)
-    lines = []
-    endpoint_name = settings.AZURE_ENDPOINT_NAME
-    with client.azure_errors(f"deleting endpoint {endpoint_name}"):
+    endpoint_name, compute_name = settings.AZURE_ENDPOINT_NAME, settings.AZURE_COMPUTE_NAME
+
+    def delete_online() -> str:
         try:
             ml_client.online_endpoints.get(endpoint_name)
         except ResourceNotFoundError:
-            lines.append(f"endpoint {endpoint_name}: not found, nothing to delete")
-        else:
-            ml_client.online_endpoints.begin_delete(name=endpoint_name).result()
-            lines.append(f"endpoint {endpoint_name}: deleted, with its deployments (billing for them stops)")
-    with client.azure_errors(f"deleting serverless endpoint {endpoint_name}"):
+            return f"endpoint {endpoint_name}: not found, nothing to delete"
+        ml_client.online_endpoints.begin_delete(name=endpoint_name).result()
+        return f"endpoint {endpoint_name}: deleted, with its deployments (billing for them stops)"
+
+    def delete_serverless() -> str:
         try:
             ml_client.serverless_endpoints.get(endpoint_name)
         except ResourceNotFoundError:
-            lines.append(f"serverless endpoint {endpoint_name}: not found, nothing to delete")
-        else:
-            ml_client.serverless_endpoints.begin_delete(endpoint_name).result()
-            lines.append(f"serverless endpoint {endpoint_name}: deleted (its per-token billing ends; the fine-tuned "
-                         "model stays registered in the workspace)")
-    compute_name = settings.AZURE_COMPUTE_NAME
-    with client.azure_errors(f"scaling compute cluster {compute_name}"):
+            return f"serverless endpoint {endpoint_name}: not found, nothing to delete"
+        ml_client.serverless_endpoints.begin_delete(endpoint_name).result()
+        return (f"serverless endpoint {endpoint_name}: deleted (its per-token billing ends; the fine-tuned model "
+                "stays registered in the workspace)")
+
+    def scale_down() -> str:
         try:
             cluster = ml_client.compute.get(compute_name)
         except ResourceNotFoundError:
-            lines.append(f"compute cluster {compute_name}: not found, nothing to scale")
-        else:
-            if (getattr(cluster, "min_instances", 0) or 0) != 0:
-                cluster.min_instances = 0
-                ml_client.compute.begin_create_or_update(cluster).result()
-                lines.append(f"compute cluster {compute_name}: min instances set to 0 (idle nodes are released)")
-            else:
-                lines.append(f"compute cluster {compute_name}: already scales to 0 when idle")
+            return f"compute cluster {compute_name}: not found, nothing to scale"
+        if (getattr(cluster, "min_instances", 0) or 0) == 0:
+            return f"compute cluster {compute_name}: already scales to 0 when idle"
+        cluster.min_instances = 0
+        ml_client.compute.begin_create_or_update(cluster).result()
+        return f"compute cluster {compute_name}: min instances set to 0 (idle nodes are released)"
+
+    # Every step is tried, whatever the others did: a failure to delete one endpoint must not leave
+    # the other, or the cluster, billing.
+    lines, failures = [], []
+    for action, step in ((f"deleting endpoint {endpoint_name}", delete_online),
+                         (f"deleting serverless endpoint {endpoint_name}", delete_serverless),
+                         (f"scaling compute cluster {compute_name}", scale_down)):  # fmt: skip
+        try:
+            with client.azure_errors(action):
+                lines.append(step())
+        except RuntimeError as exc:
+            failures.append(str(exc))
     state = common.read_state(settings).get("deployment", {})
-    if state.get("backend") == "azure" and state.get("endpoint_name") == endpoint_name:
+    if not failures and state.get("backend") == "azure" and state.get("endpoint_name") == endpoint_name:
         common.update_state(settings, "deployment", {})
+    if failures:
+        raise RuntimeError("teardown incomplete (" + "; ".join(lines + failures) + ")")
     return lines

@@ -253,6 +253,9 @@ def create_app(
             return error_response(
                 400, f"the body is not valid JSON: {where} at character {position}", "invalid_request_error", "body"
             )
+        if http.url.path == "/score" and isinstance(exc.body, dict) and isinstance(exc.body.get("input_data"), dict):
+            # An object as input_data is the catalog shape: what is wrong is wrong with that shape.
+            errors = [e for e in errors if "CatalogScoreRequest" in e.get("loc", ())] or errors
         first = max(errors, key=lambda e: len(field_path(e)), default={"loc": (), "msg": "invalid request"})
         loc = field_path(first)
         param = ".".join(loc) or "body"
