@@ -128,3 +128,18 @@ def assert_generation_stopped(base_url: str, calls: list[int], max_before: int) 
     time.sleep(0.5)
     assert calls[0] - before <= 2, f"{calls[0] - before} forward passes after the client left"
     assert before < max_before
+
+
+def tiny_engine() -> Any:
+    """An Engine over a random 1-layer Phi-3 (helpers_model.tiny_phi3), served as "tiny"."""
+    from finetune_phi.endpoint.engine import Engine
+    from helpers_model import tiny_phi3
+
+    return Engine(*tiny_phi3(), name="tiny")
+
+
+def serving(engine: Any) -> ThreadServer:
+    """The endpoint's app over `engine`, with KEY, on a thread of this process (use it as a context manager)."""
+    from finetune_phi.endpoint.server import create_app
+
+    return ThreadServer(create_app(KEY, engine=engine))

@@ -76,6 +76,18 @@ def _record_job(settings: config.Settings, mode: str = "command") -> None:
     common.update_state(settings, "training", {"backend": "azure", "job_name": JOB_NAME, "mode": mode, "output": output})
 
 
+def _seed_cluster(standin: AzureStandin, s: config.Settings) -> str:
+    """A cluster that keeps one node (min 1) in the workspace, as a user may have made it; its ARM id."""
+    compute_id = f"{standin.ws_id}/computes/{s.AZURE_COMPUTE_NAME}"
+    cluster = {"id": compute_id, "name": s.AZURE_COMPUTE_NAME, "location": "eastus2", "properties": {
+        "computeType": "AmlCompute", "properties": {"vmSize": s.AZURE_COMPUTE_SIZE.upper(), "scaleSettings": {
+            "maxNodeCount": 1, "minNodeCount": 1, "nodeIdleTimeBeforeScaleDown": "PT2M"}}}}  # fmt: skip
+    standin._fill_computes(cluster, None, compute_id)
+    cluster["properties"]["provisioningState"] = "Succeeded"
+    standin.put_resource(compute_id, cluster)
+    return compute_id
+
+
 def _code_copy(tmp_path: Path) -> Path:
     """finetuning_dir's code and .amlignore, plus what local runs leave beside them."""
     code = tmp_path / "finetuning_dir"
@@ -426,13 +438,7 @@ def test_teardown_deletes_the_endpoint_and_scales_the_cluster_to_zero(azure, cap
     s, standin = azure.settings, azure.standin
     _record_job(s)
     assert deploy_model.main(["--backend", "azure", "--no-connection"]) == 0
-    compute_id = f"{standin.ws_id}/computes/{s.AZURE_COMPUTE_NAME}"
-    cluster = {"id": compute_id, "name": s.AZURE_COMPUTE_NAME, "location": "eastus2", "properties": {
-        "computeType": "AmlCompute", "properties": {"vmSize": s.AZURE_COMPUTE_SIZE.upper(), "scaleSettings": {
-            "maxNodeCount": 1, "minNodeCount": 1, "nodeIdleTimeBeforeScaleDown": "PT2M"}}}}  # fmt: skip
-    standin._fill_computes(cluster, None, compute_id)
-    cluster["properties"]["provisioningState"] = "Succeeded"
-    standin.put_resource(compute_id, cluster)
+    compute_id = _seed_cluster(standin, s)
     first = len(standin.requests)
 
     assert deploy_model.main(["--backend", "azure", "--teardown"]) == 0
@@ -642,13 +648,7 @@ def test_a_failed_teardown_step_still_runs_the_others_and_exits_1_naming_it(
     s, standin = azure.settings, azure.standin
     _record_job(s)
     assert deploy_model.main(["--backend", "azure", "--no-connection"]) == 0, _errors(caplog)
-    compute_id = f"{standin.ws_id}/computes/{s.AZURE_COMPUTE_NAME}"
-    cluster = {"id": compute_id, "name": s.AZURE_COMPUTE_NAME, "location": "eastus2", "properties": {
-        "computeType": "AmlCompute", "properties": {"vmSize": s.AZURE_COMPUTE_SIZE.upper(), "scaleSettings": {
-            "maxNodeCount": 1, "minNodeCount": 1, "nodeIdleTimeBeforeScaleDown": "PT2M"}}}}  # fmt: skip
-    standin._fill_computes(cluster, None, compute_id)
-    cluster["properties"]["provisioningState"] = "Succeeded"
-    standin.put_resource(compute_id, cluster)
+    compute_id = _seed_cluster(standin, s)
     # Serverless endpoints are not offered here, say: the other two steps still happen.
     standin.fail("GET", "/serverlessEndpoints/", 400, azure_error("BadRequest", "Serverless endpoints are not offered"))
     assert deploy_model.main(["--backend", "azure", "--teardown"]) == 1

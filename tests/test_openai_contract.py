@@ -20,8 +20,9 @@ import pytest
 
 from finetune_phi.endpoint.engine import Engine
 from finetune_phi.endpoint.server import IncrementalText, create_app, torch_seed
-from helpers_endpoint import AUTH, KEY, ThreadServer, assert_generation_stopped, count_forward_passes, wait_until
-from helpers_model import slowed, tiny_phi3
+from helpers_endpoint import AUTH, KEY, ThreadServer, assert_generation_stopped, count_forward_passes, serving, tiny_engine
+from helpers_endpoint import wait_until
+from helpers_model import slowed
 
 USER = [{"role": "user", "content": "Who founded Microsoft?"}]
 GREEDY = {"temperature": 0, "max_tokens": 12}
@@ -29,12 +30,12 @@ GREEDY = {"temperature": 0, "max_tokens": 12}
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    return Engine(*tiny_phi3(), name="tiny")
+    return tiny_engine()
 
 
 @pytest.fixture(scope="module")
 def server(engine: Engine) -> Iterator[ThreadServer]:
-    with ThreadServer(create_app(KEY, engine=engine)) as running:
+    with serving(engine) as running:
         yield running
 
 

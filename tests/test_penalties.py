@@ -19,9 +19,7 @@ import torch
 
 from finetune_phi.endpoint.continuous import Row, _sample_one
 from finetune_phi.endpoint.engine import Engine, SamplingParams, apply_openai_penalties
-from finetune_phi.endpoint.server import create_app
-from helpers_endpoint import AUTH, KEY, ThreadServer
-from helpers_model import tiny_phi3
+from helpers_endpoint import AUTH, ThreadServer, serving, tiny_engine
 
 QUESTION = [{"role": "user", "content": "Who founded Microsoft?"}]
 
@@ -68,14 +66,10 @@ def test_a_rows_next_token_applies_repetition_then_openai_penalties_as_the_defin
 
 
 @pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine(*tiny_phi3(), name="tiny")
-
-
-@pytest.fixture(scope="module")
-def server(engine: Engine) -> Iterator[ThreadServer]:
-    with ThreadServer(create_app(KEY, engine=engine)) as running:
-        yield running
+def served() -> Iterator[tuple[Engine, ThreadServer]]:
+    engine = tiny_engine()
+    with serving(engine) as running:
+        yield engine, running
 
 
 def reference_greedy(engine: Engine, presence: float, frequency: float, steps: int) -> str:
@@ -101,8 +95,9 @@ def chat(server: ThreadServer, **fields: Any) -> str:
 
 @pytest.mark.parametrize(("presence", "frequency"), [(1.5, 1.0), (-2.0, -1.5)])
 def test_the_served_greedy_reply_with_penalties_is_the_reference_decoding(
-    server: ThreadServer, engine: Engine, presence: float, frequency: float
+    served: tuple[Engine, ThreadServer], presence: float, frequency: float
 ) -> None:
+    engine, server = served
     plain = chat(server)
     penalised = chat(server, presence_penalty=presence, frequency_penalty=frequency)
     assert penalised == reference_greedy(engine, presence, frequency, 16)
