@@ -44,8 +44,10 @@ def qa_rows(pairs: list[tuple[str, str]]) -> str:
 
 
 def args_for(train: Path, evaluation: Path, out: Path, *extra: str):
+    """fine_tune.py's arguments; the before/after evaluation kept to a few short answers unless `extra` says."""
     return fine_tune.make_parser().parse_args(
-        ["--train-file", str(train), "--eval-file", str(evaluation), "--model_output_dir", str(out), *extra]
+        ["--train-file", str(train), "--eval-file", str(evaluation), "--model_output_dir", str(out),
+         "--eval-max-rows", "4", "--eval-max-new-tokens", "8", *extra]
     )
 
 
@@ -323,7 +325,8 @@ def test_end_to_end_run_joins_the_given_run_and_logs_a_servable_registrable_mode
     train, evaluation = split_ultrachat(ultrachat_20, tmp_path)
     out = tmp_path / "outputs" / "model"
     argv = ["--train-file", str(train), "--eval-file", str(evaluation), "--model-output-dir", str(out),
-            "--model", "tiny", "--epochs", "1", "--batch-size", "4", "--max-seq-length", "256", "--learning-rate", "1e-3"]  # fmt: skip
+            "--model", "tiny", "--epochs", "1", "--batch-size", "4", "--max-seq-length", "256", "--learning-rate", "1e-3",
+            "--eval-max-rows", "4", "--eval-max-new-tokens", "8"]  # fmt: skip
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_RUN_ID": run_id}
     proc = subprocess.run(
         [sys.executable, "fine_tune.py", *argv], cwd=FINETUNING_DIR, env=env, capture_output=True, text=True, timeout=300

@@ -118,7 +118,8 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_at_the_same_step
     # Long rows at batch 4 make a step slow enough (~0.5 s) to be killed between two checkpoints.
     argv = ["--train-file", str(train), "--eval-file", str(evaluation), "--model-output-dir", str(tmp_path / "model"),
             "--model", "tiny", "--max-steps", str(TOTAL_STEPS), "--batch-size", "4", "--max-seq-length", "1024",
-            "--learning-rate", "1e-3", "--save-steps", str(SAVE_STEPS), "--checkpoint-dir", str(root)]  # fmt: skip
+            "--learning-rate", "1e-3", "--save-steps", str(SAVE_STEPS), "--checkpoint-dir", str(root),
+            "--eval-max-rows", "4", "--eval-max-new-tokens", "8"]  # fmt: skip
 
     first = _start(argv, env, tmp_path / "first.log")
     try:
