@@ -136,7 +136,7 @@ bench: $(STAMP)
 # Third-party test fixtures into the cache (sha256-checked); a no-op where ../shared/fixtures has them.
 # Tests never download: without them the tests that need real third-party data skip and say how to get it.
 fixtures: $(STAMP)
-	$(PY) -m finetune_phi.fixtures fetch
+	$(PY) -m testkit.fixtures fetch
 
 teardown: $(STAMP)
 	$(PY) deploy_model.py --teardown

@@ -12,7 +12,7 @@ Models: "tiny" = the demo model's architecture (finetuning_dir/tiny_model.py Tin
 weights, byte-level BPE trained on the demo rows); "100m" = Phi3Config hidden 768, 12 layers,
 12 heads, intermediate 2048 over the same tokenizer (~89M parameters), random weights.
 Prompts: the demo questions plus 4 long ultrachat_200k prompts cut to 1,200 characters (from
-finetune_phi.fixtures, `make fixtures`; without them the bench stops with exit 1 and how to get them,
+testkit.fixtures, `make fixtures`; without them the bench stops with exit 1 and how to get them,
 rather than measure another workload).
 
 Load: closed loop, N clients, `--seconds` per run; ours and the peer alternate for `--rounds`
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import logging
 
-    from finetune_phi import fixtures
+    from testkit import fixtures
 
     logging.basicConfig(level=logging.WARNING)
     try:

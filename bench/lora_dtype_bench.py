@@ -67,7 +67,7 @@ def fine_tune(dtype: str, model: Path, data: tuple[Path, Path], work: Path, args
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from finetune_phi import fixtures
+    from testkit import fixtures
     from finetune_phi.data import prepare_dataset
 
     tokenizer_dir, rows = fixtures.phi3_tokenizer_dir(), fixtures.ultrachat_first20()

@@ -6,7 +6,7 @@
 What it runs, each step as the user types it (its own process, the project's defaults):
 1. builds a model of microsoft/Phi-3-mini-4k-instruct's published shape (its config.json and
    generation_config.json, below: 3.8B parameters, bf16 as published) with random weights and the
-   real Phi-3 tokenizer (finetune_phi.fixtures), saved as a local folder. Random weights answer
+   real Phi-3 tokenizer (testkit.fixtures), saved as a local folder. Random weights answer
    nonsense, but they weigh, load, train and decode exactly like the real ones;
 2. `download_dataset.py --source <20 real ultrachat_200k rows>`;
 3. `setup_ml.py` with LOCAL_BASE_MODEL = that folder: LoRA (PEFT auto), the dtype policy's choice,
@@ -204,7 +204,7 @@ def chain_env(work: Path, base: Path, threads: int) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import config
-    from finetune_phi import fixtures
+    from testkit import fixtures
     from finetune_phi.common import read_state
     from finetune_phi.endpoint.loading import DTYPE_BYTES, kv_bytes_per_token, model_folder, read_weights
 

@@ -32,7 +32,7 @@ targets, each with its value and whether it is met) and `setup`. Servers are sto
 whatever happens.
 
 The long prompts (4 ultrachat_200k rows) and the 100m model's Phi-3 tokenizer come from
-finetune_phi.fixtures (`make fixtures`); a missing one stops the bench with exit 1 and how to get it,
+testkit.fixtures (`make fixtures`); a missing one stops the bench with exit 1 and how to get it,
 before anything is built: it never measures another workload in their place.
 """
 
@@ -188,7 +188,7 @@ def build_100m_model(state: Path, seed: int = 0) -> Model:
 
     from chat_format import stop_token_ids  # the one stop-token policy (finetuning_dir/ is on sys.path)
 
-    from finetune_phi import fixtures
+    from testkit import fixtures
 
     tokenizer = AutoTokenizer.from_pretrained(fixtures.phi3_tokenizer_dir())
     stops = stop_token_ids(tokenizer)
@@ -292,10 +292,10 @@ def stdout_to_stderr() -> Iterator[None]:
 def bench_prompts(fixture: Path | None = None) -> list[str]:
     """Demo questions (short, the model answers them) and a few long real prompts (mixed lengths).
 
-    The long prompts are the first ultrachat_200k rows (finetune_phi.fixtures): without them this
+    The long prompts are the first ultrachat_200k rows (testkit.fixtures): without them this
     raises FixtureUnavailable rather than measure a different workload under the same name.
     """
-    from finetune_phi import fixtures
+    from testkit import fixtures
     from finetune_phi.demo_data import demo_rows
 
     fixture = fixture or fixtures.ultrachat_first20()
@@ -807,7 +807,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # The workload's fixtures first: a missing one stops the bench before minutes of model building.
     prompts = bench_prompts()
     if "100m" in args.sizes:
-        from finetune_phi import fixtures
+        from testkit import fixtures
 
         fixtures.phi3_tokenizer_dir()
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
@@ -862,7 +862,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 def print_result(run: Callable[[], dict[str, Any]]) -> int:
     """A benchmark's main: its one JSON line on stdout and exit 0, or exit 1 with why nothing was measured."""
-    from finetune_phi.fixtures import FixtureUnavailable
+    from testkit.fixtures import FixtureUnavailable
 
     try:
         result = run()

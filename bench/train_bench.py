@@ -36,7 +36,7 @@ recipe: mean NLL of the assistant tokens of the held-out rows (their first L tok
 formatted the way that recipe formats its training rows, before and after training.
 
 A fixture the workload needs (the ultrachat rows, the Phi-3 tokenizer for phi3-mini-shape) that is
-missing stops the bench with finetune_phi.fixtures' message; it never swaps in other data.
+missing stops the bench with testkit.fixtures' message; it never swaps in other data.
 """
 
 from __future__ import annotations
@@ -88,11 +88,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data", type=Path, default=None,
         help="ultrachat-style JSON lines, the last 4 rows the eval set "
-        "(default: the 20 real ultrachat_200k rows, finetune_phi.fixtures.ultrachat_first20())",
+        "(default: the 20 real ultrachat_200k rows, testkit.fixtures.ultrachat_first20())",
     )  # fmt: skip
     parser.add_argument(
         "--tokenizer", type=Path, default=None,
-        help="Phi-3 tokenizer folder for phi3-mini-shape (default: finetune_phi.fixtures.phi3_tokenizer_dir())",
+        help="Phi-3 tokenizer folder for phi3-mini-shape (default: testkit.fixtures.phi3_tokenizer_dir())",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="CPU threads, the same for every recipe")
     parser.add_argument("--seed", type=int, default=42, help="model init seed, the same for every recipe")
@@ -151,7 +151,7 @@ def resolve_fixtures(args: argparse.Namespace) -> None:
         return
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from finetune_phi import fixtures
+    from testkit import fixtures
 
     try:
         if args.data is None:

@@ -33,7 +33,7 @@ os.environ.setdefault("PF_HOME_DIRECTORY", tempfile.mkdtemp(prefix="finetune-phi
 
 REPO = Path(__file__).resolve().parents[1]
 
-from finetune_phi import fixtures  # noqa: E402 (after the offline variables: nothing heavy is imported)
+from testkit import fixtures  # noqa: E402 (after the offline variables: nothing heavy is imported)
 
 
 def _is_local(address: object) -> bool:
@@ -92,13 +92,13 @@ def require(resolver: Callable[[], Path]) -> Path:
 
 @pytest.fixture
 def phi3_tokenizer_dir() -> Path:
-    """The real Phi-3-mini-4k-instruct tokenizer's folder (finetune_phi.fixtures)."""
+    """The real Phi-3-mini-4k-instruct tokenizer's folder (testkit.fixtures)."""
     return require(fixtures.phi3_tokenizer_dir)
 
 
 @pytest.fixture
 def ultrachat_20() -> Path:
-    """The first 20 rows of ultrachat_200k train_sft as .jsonl (finetune_phi.fixtures)."""
+    """The first 20 rows of ultrachat_200k train_sft as .jsonl (testkit.fixtures)."""
     return require(fixtures.ultrachat_first20)
 
 

@@ -1,6 +1,6 @@
 """A tiny random Phi-3 logged and registered in a throw-away MLflow store, for endpoint tests.
 
-The tokenizer is the real Phi-3-mini one where finetune_phi.fixtures finds it, so prompt formatting,
+The tokenizer is the real Phi-3-mini one where testkit.fixtures finds it, so prompt formatting,
 stop tokens and decoding run exactly as they would for the real model. Without it (a clone with
 nothing beside it), the project's own stand-in: finetuning_dir/tiny_model.py's byte-level BPE, which
 carries the same special tokens and chat template, plus Phi-3's unused <|placeholder1..6|> tokens
@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 from conftest import OFFLINE_ENV
 
-from finetune_phi import fixtures
+from testkit import fixtures
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ project's venv), on the EXACT folder fine_tune.py writes for the Azure job to re
 the demo data with the demo's settings. The local endpoint serves the same folder; the parity tests
 send the same payloads to both and compare the JSON bodies.
 
-The scoring script comes from finetune_phi.fixtures ($AZUREML_SCORE_SCRIPT, ../shared/fixtures, or the
+The scoring script comes from testkit.fixtures ($AZUREML_SCORE_SCRIPT, ../shared/fixtures, or the
 cache `make fixtures` fills). Without it, these tests skip and say how to get it.
 """
 
@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from conftest import OFFLINE_ENV, REPO, free_port, require
-from finetune_phi import fixtures
+from testkit import fixtures
 from helpers_pf import built_venv, start_own_pf_service
 from finetune_phi.demo_data import DEMO_ANSWER, DEMO_QUESTION
 from helpers_endpoint import AUTH, KEY, ThreadServer

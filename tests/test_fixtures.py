@@ -1,4 +1,4 @@
-"""finetune_phi.fixtures: third-party fixtures found (variable, ../shared, cache), fetched and checked, or skipped.
+"""testkit.fixtures: third-party fixtures found (variable, ../shared, cache), fetched and checked, or skipped.
 
 Downloads run against a real HTTP server on 127.0.0.1 that serves the files at the same paths as
 raw.githubusercontent.com and huggingface.co (the base URLs are overridable for exactly this), with
@@ -25,7 +25,7 @@ from typing import Iterator
 import pytest
 
 from conftest import REPO, require
-from finetune_phi import fixtures
+from testkit import fixtures
 
 FIXTURE_VARS = [f.env_var for f in fixtures.FIXTURES.values()]
 
@@ -245,7 +245,7 @@ def test_unavailable_says_every_place_it_looked_and_how_to_get_it(monkeypatch, t
         resolver()
     message = str(missing.value)
     for part in (f"{fixture.env_var} is unset", str(tmp_path / "no-shared" / fixture.key), str(cache / fixture.cache_name),
-                 "`make fixtures`", "python -m finetune_phi.fixtures fetch", fixture.revision[:12], "../shared/fixtures"):  # fmt: skip
+                 "`make fixtures`", "python -m testkit.fixtures fetch", fixture.revision[:12], "../shared/fixtures"):  # fmt: skip
         assert part in message, part
 
 

@@ -14,7 +14,7 @@ sys.path.insert(0, str(FINETUNING_DIR))  # the job's code folder imports its sib
 import chat_format  # noqa: E402
 import tiny_model  # noqa: E402
 
-from finetune_phi import fixtures  # noqa: E402
+from testkit import fixtures  # noqa: E402
 from finetune_phi.demo_data import demo_rows  # noqa: E402
 
 PHI3_SPECIALS = ("<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|endoftext|>")

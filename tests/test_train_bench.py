@@ -77,7 +77,7 @@ def test_eval_loss_is_the_mean_nll_of_assistant_tokens(ultrachat_20, tmp_path):
 
 
 def test_a_missing_fixture_stops_the_bench_with_its_message(monkeypatch, tmp_path):
-    """No silent change of workload: the bench exits non-zero with finetune_phi.fixtures' how-to."""
+    """No silent change of workload: the bench exits non-zero with testkit.fixtures' how-to."""
     missing = tmp_path / "no-such-ultrachat.jsonl"
     # The fixture module honours a path named by its variable, and refuses a named path that is missing.
     env = {**os.environ, "FINETUNE_PHI_ULTRACHAT20": str(missing)}

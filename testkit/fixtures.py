@@ -1,7 +1,7 @@
 """Third-party data for tests and benchmarks: found beside the checkout, named by a variable, or fetched once.
 
-    python -m finetune_phi.fixtures status     # where each fixture resolves from, or why it does not
-    python -m finetune_phi.fixtures fetch      # download the missing ones into the cache, each checked by sha256
+    python -m testkit.fixtures status     # where each fixture resolves from, or why it does not
+    python -m testkit.fixtures fetch      # download the missing ones into the cache, each checked by sha256
 
 Each fixture resolves, first hit wins, from:
 1. its own environment variable naming the path: FINETUNE_PHI_PHI3_TOKENIZER (a folder),
@@ -46,7 +46,7 @@ DEFAULT_GITHUB_RAW = "https://raw.githubusercontent.com"
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 # Per socket operation (connect, each read), not per download: a stalled server fails within this.
 HTTP_TIMEOUT_S = 30.0
-HOW_TO_FETCH = "`make fixtures` (or `python -m finetune_phi.fixtures fetch`)"
+HOW_TO_FETCH = "`make fixtures` (or `python -m testkit.fixtures fetch`)"
 
 
 class FixtureUnavailable(RuntimeError):
@@ -403,7 +403,7 @@ def _status_line(fixture: Fixture) -> tuple[bool, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune_phi.fixtures", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m testkit.fixtures", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("fetch", "download the fixtures that resolve nowhere into the cache"),
