@@ -250,11 +250,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise BenchError(f"/score answered {reply.status_code}: {reply.text[:500]}")
         steps["answer"] = {"seconds": round(time.perf_counter() - answer_started, 1)}
         ours = decode_speed(base_url, headers, settings.AZURE_MODEL_NAME)
-        from finetune_phi import local_deploy
+        from finetune_phi import supervise
 
-        pid = local_deploy._read_pid(settings)
+        pid = supervise._read_pid(settings)
         steps["deploy"]["endpoint_peak_rss_gib"] = vm_hwm_gib(pid) if pid else None
-        endpoint_log = local_deploy.endpoint_dir(settings) / local_deploy.LOG_FILE
+        endpoint_log = supervise.endpoint_dir(settings) / supervise.LOG_FILE
         plan = [line for line in endpoint_log.read_text(errors="replace").splitlines() if "load plan:" in line]
         out["endpoint_load_plan"] = plan[-1].split("load plan: ", 1)[1] if plan else None
         steps["teardown"] = run_step("teardown", [py, "deploy_model.py", "--teardown"], env, work)

@@ -29,6 +29,7 @@ from conftest import free_port
 
 import config
 from finetune_phi import common, local_deploy
+from finetune_phi import supervise
 from finetune_phi.local_deploy import DeployError
 from helpers_model import RegisteredModel, registered_tiny_model
 
@@ -63,15 +64,15 @@ def settings(tmp_path: Path, tiny_model: RegisteredModel) -> Iterator[config.Set
     started: list[int] = []
     yield s
     # Whatever a test left running: the recorded endpoint, and any endpoint process in its log.
-    pid = local_deploy._read_pid(s)
+    pid = supervise._read_pid(s)
     if pid is not None:
         started.append(pid)
-    started += local_deploy._read_spawned(s)
-    log_path = local_deploy.endpoint_dir(s) / local_deploy.LOG_FILE
+    started += supervise._read_spawned(s)
+    log_path = supervise.endpoint_dir(s) / supervise.LOG_FILE
     if log_path.is_file():
         started += [int(p) for p in _pids_in_log(log_path.read_text(errors="replace"))]
     for pid in set(started):
-        if local_deploy._is_endpoint(pid):
+        if supervise._is_endpoint(pid):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -123,11 +124,11 @@ def test_deploy_without_a_trained_model_says_run_setup_ml(tmp_path: Path) -> Non
 
 
 def test_key_is_generated_once_private_and_reused(settings: config.Settings) -> None:
-    key = local_deploy.get_or_create_key(settings)
-    path = local_deploy.endpoint_dir(settings) / local_deploy.KEY_FILE
+    key = supervise.get_or_create_key(settings)
+    path = supervise.endpoint_dir(settings) / supervise.KEY_FILE
     assert len(key) >= 40
     assert path.stat().st_mode & 0o777 == 0o600
-    assert local_deploy.get_or_create_key(settings) == key
+    assert supervise.get_or_create_key(settings) == key
 
 
 def test_port_busy_with_a_foreign_program_is_refused_before_anything_starts(tmp_path: Path, tiny_model: RegisteredModel) -> None:
@@ -138,7 +139,7 @@ def test_port_busy_with_a_foreign_program_is_refused_before_anything_starts(tmp_
         record_training(s, tiny_model.run_model_uri)
         with pytest.raises(DeployError, match=rf"port {s.LOCAL_ENDPOINT_PORT} .* in use by another program.*LOCAL_ENDPOINT_PORT"):
             local_deploy.deploy(s)
-    assert not (local_deploy.endpoint_dir(s) / local_deploy.PID_FILE).exists()
+    assert not (supervise.endpoint_dir(s) / supervise.PID_FILE).exists()
     assert "deployment" not in common.read_state(s)
 
 
@@ -149,7 +150,7 @@ def test_teardown_with_nothing_running(settings: config.Settings) -> None:
 def test_stale_pid_file_is_reported_and_removed(settings: config.Settings) -> None:
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    pid_path = local_deploy.endpoint_dir(settings) / local_deploy.PID_FILE
+    pid_path = supervise.endpoint_dir(settings) / supervise.PID_FILE
     common.atomic_write_text(pid_path, f"{gone.pid}\n")
     message = local_deploy.teardown(settings)
     assert f"(pid {gone.pid}) was not running" in message and "stale pid file" in message
@@ -160,9 +161,9 @@ def test_a_recycled_pid_is_never_signalled(settings: config.Settings) -> None:
     # A live process that is not our endpoint holds the recorded pid: it must survive teardown.
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        pid_path = local_deploy.endpoint_dir(settings) / local_deploy.PID_FILE
+        pid_path = supervise.endpoint_dir(settings) / supervise.PID_FILE
         common.atomic_write_text(pid_path, f"{bystander.pid}\n")
-        assert local_deploy.running_pid(settings) is None
+        assert supervise.running_pid(settings) is None
         assert not pid_path.exists()
         common.atomic_write_text(pid_path, f"{bystander.pid}\n")
         assert "was not running" in local_deploy.teardown(settings)
@@ -179,9 +180,9 @@ LOCK_HOLDER = """
 import sys, time
 from pathlib import Path
 import config
-from finetune_phi import local_deploy
+from finetune_phi import supervise
 s = config.load(env={}, dotenv_path=Path(sys.argv[2]), STATE_DIR=sys.argv[1])
-with local_deploy.deploy_lock(s):
+with supervise.deploy_lock(s):
     print("locked", flush=True)
     time.sleep(120)
 """
@@ -216,8 +217,8 @@ def test_a_second_deploy_or_teardown_fails_at_once_naming_the_one_running(
         # sit out the holder's 120 s), and nothing sleeps to try again.
         no_waiting = NoWaiting()
         with monkeypatch.context() as patch:
-            patch.setattr(local_deploy, "fcntl", SimpleNamespace(**{**vars(fcntl), "flock": no_waiting.flock}))
-            patch.setattr(local_deploy, "time", SimpleNamespace(**{**vars(time), "sleep": no_waiting.sleep}))
+            patch.setattr(supervise, "fcntl", SimpleNamespace(**{**vars(fcntl), "flock": no_waiting.flock}))
+            patch.setattr(supervise, "time", SimpleNamespace(**{**vars(time), "sleep": no_waiting.sleep}))
             refusal = rf"another deploy or teardown \(pid {holder.pid}\) is running(?s:.*)wait for it"
             for attempt in (local_deploy.deploy, local_deploy.teardown):
                 with pytest.raises(DeployError, match=refusal):
@@ -225,22 +226,22 @@ def test_a_second_deploy_or_teardown_fails_at_once_naming_the_one_running(
         assert len(no_waiting.lock_requests) == 2  # each attempt tried the lock once, without blocking
         assert holder.poll() is None  # refused while the holder still ran: it was not waited for
         # Refused before anything happened: nothing registered, started or recorded.
-        assert not (local_deploy.endpoint_dir(settings) / local_deploy.PID_FILE).exists()
-        assert local_deploy._read_spawned(settings) == []
+        assert not (supervise.endpoint_dir(settings) / supervise.PID_FILE).exists()
+        assert supervise._read_spawned(settings) == []
         assert "deployment" not in common.read_state(settings)
     finally:
         holder.kill()  # SIGKILL: the holder gets no chance to release anything itself
         holder.wait()
     # The kernel dropped the lock with its holder: no stale lock to clean up by hand.
-    with local_deploy.deploy_lock(settings):
-        assert (local_deploy.endpoint_dir(settings) / local_deploy.LOCK_FILE).read_text().strip() == str(os.getpid())
+    with supervise.deploy_lock(settings):
+        assert (supervise.endpoint_dir(settings) / supervise.LOCK_FILE).read_text().strip() == str(os.getpid())
     assert "no local endpoint is running" in local_deploy.teardown(settings)
 
 
 def fake_endpoint() -> subprocess.Popen[bytes]:
     """A live process whose command line names the endpoint module, as a half-started server's does."""
     return subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(120)", local_deploy.ENDPOINT_MODULE], start_new_session=True
+        [sys.executable, "-c", "import time; time.sleep(120)", supervise.ENDPOINT_MODULE], start_new_session=True
     )
 
 
@@ -250,13 +251,13 @@ def test_teardown_stops_what_an_interrupted_deploy_left_and_spares_other_process
     gone.wait()
     try:
         # As a deploy killed while its new server was loading leaves it: spawned, never in the pid file.
-        local_deploy._write_spawned(settings, [gone.pid, stray.pid, bystander.pid])
+        supervise._write_spawned(settings, [gone.pid, stray.pid, bystander.pid])
         message = local_deploy.teardown(settings)
         assert "no local endpoint is running" in message
         assert f"stopped 1 endpoint(s) an interrupted deploy left running (pids [{stray.pid}])" in message
         stray.wait(timeout=10)  # stopped (the deployer reaped it, so its status is not ours to read)
         assert bystander.poll() is None  # a recycled pid that is not our endpoint is never signalled
-        assert local_deploy._read_spawned(settings) == []
+        assert supervise._read_spawned(settings) == []
     finally:
         for proc in (stray, bystander):
             proc.kill()
@@ -266,10 +267,10 @@ def test_teardown_stops_what_an_interrupted_deploy_left_and_spares_other_process
 def test_the_serving_endpoint_is_not_a_stray(settings: config.Settings) -> None:
     serving = fake_endpoint()
     try:
-        common.atomic_write_text(local_deploy.endpoint_dir(settings) / local_deploy.PID_FILE, f"{serving.pid}\n")
-        local_deploy._write_spawned(settings, [serving.pid])
-        assert local_deploy.stop_strays(settings, keep=local_deploy.running_pid(settings)) == []
-        assert serving.poll() is None and local_deploy._read_spawned(settings) == [serving.pid]
+        common.atomic_write_text(supervise.endpoint_dir(settings) / supervise.PID_FILE, f"{serving.pid}\n")
+        supervise._write_spawned(settings, [serving.pid])
+        assert supervise.stop_strays(settings, keep=supervise.running_pid(settings)) == []
+        assert serving.poll() is None and supervise._read_spawned(settings) == [serving.pid]
     finally:
         serving.kill()
         serving.wait()
@@ -282,14 +283,14 @@ def test_the_serving_endpoint_is_not_a_stray(settings: config.Settings) -> None:
 def test_deploy_redeploy_in_place_and_teardown(
     settings: config.Settings, tiny_model: RegisteredModel, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="finetune_phi.local_deploy")
+    caplog.set_level(logging.INFO, logger="finetune_phi")  # local_deploy and supervise
     first = local_deploy.deploy(settings, ready_timeout=READY_TIMEOUT)
     port = settings.LOCAL_ENDPOINT_PORT
     assert first.scoring_uri == f"http://127.0.0.1:{port}/score"
     assert first.model_uri == f"models:/{settings.AZURE_MODEL_NAME}/1"
-    assert local_deploy._is_endpoint(first.pid)
-    assert local_deploy._read_spawned(settings) == [first.pid]
-    key_path = local_deploy.endpoint_dir(settings) / local_deploy.KEY_FILE
+    assert supervise._is_endpoint(first.pid)
+    assert supervise._read_spawned(settings) == [first.pid]
+    key_path = supervise.endpoint_dir(settings) / supervise.KEY_FILE
     assert key_path.read_text().strip() == first.key and key_path.stat().st_mode & 0o777 == 0o600
     status, replies = get(first.scoring_uri, first.key, {"input_data": ["Who founded Microsoft?"], "params": {"max_new_tokens": 4}})
     assert status == 200 and len(replies) == 1 and isinstance(replies[0], str)
@@ -314,13 +315,13 @@ def test_deploy_redeploy_in_place_and_teardown(
 
     def still_first(failed_pid: int) -> None:
         """After a failed deploy: the failed server is gone and every record still names the first one."""
-        assert failed_pid != first.pid and not local_deploy._alive(failed_pid)
-        assert local_deploy.running_pid(settings) == first.pid
-        assert local_deploy._read_spawned(settings) == [first.pid]
+        assert failed_pid != first.pid and not supervise._alive(failed_pid)
+        assert supervise.running_pid(settings) == first.pid
+        assert supervise._read_spawned(settings) == [first.pid]
         assert get(f"{first.base_url}/health/ready")[1]["pid"] == first.pid
         recorded = common.read_state(settings)["deployment"]
         assert (recorded["pid"], recorded["model_uri"], recorded["status"]) == (first.pid, first.model_uri, "running")
-        assert local_deploy.get_or_create_key(settings) == first.key
+        assert supervise.get_or_create_key(settings) == first.key
 
     scorer = threading.Thread(target=client, daemon=True)
     scorer.start()
@@ -348,16 +349,16 @@ def test_deploy_redeploy_in_place_and_teardown(
     assert len(answers) > 10 and set(answers) == {200}, answers
     assert second.model_uri == f"models:/{settings.AZURE_MODEL_NAME}/4"
     assert (second.port, second.key, second.replaced_pid) == (port, first.key, first.pid)
-    assert second.pid != first.pid and not local_deploy._alive(first.pid)
+    assert second.pid != first.pid and not supervise._alive(first.pid)
     ready = get(f"{second.base_url}/health/ready")[1]
     assert ready["pid"] == second.pid and ready["status"] == "ready"
     assert get(second.scoring_uri, second.key, {"input_data": ["hi"], "params": {"max_new_tokens": 2}})[0] == 200
 
     message = local_deploy.teardown(settings)
     assert f"pid {second.pid}" in message and "stopped" in message
-    assert not local_deploy._alive(second.pid)
-    assert not (local_deploy.endpoint_dir(settings) / local_deploy.PID_FILE).exists()
-    assert not local_deploy._port_answers("127.0.0.1", port)
+    assert not supervise._alive(second.pid)
+    assert not (supervise.endpoint_dir(settings) / supervise.PID_FILE).exists()
+    assert not supervise._port_answers("127.0.0.1", port)
     assert common.read_state(settings)["deployment"]["status"] == "stopped"
 
 
@@ -371,6 +372,6 @@ def test_a_failed_start_reports_its_own_log_lines_not_the_old_servers(tmp_path: 
         '  File "x.py", line 1, in <module>',
     ]
     log_path.write_text("\n".join(old_lines[:100] + new_lines + old_lines[100:]) + "\n")
-    tail = local_deploy._log_tail(log_path, 0, pid=200)
+    tail = supervise._log_tail(log_path, 0, pid=200)
     assert "could not load" in tail and "Traceback" in tail and "[100]" not in tail
-    assert "could not load" not in local_deploy._log_tail(log_path, 0)  # unfiltered, the old lines push it out
+    assert "could not load" not in supervise._log_tail(log_path, 0)  # unfiltered, the old lines push it out

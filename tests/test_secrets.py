@@ -34,6 +34,7 @@ import requests
 
 import config
 from finetune_phi import common, local_deploy
+from finetune_phi import supervise
 from finetune_phi.endpoint import server
 from chat_flow.endpoint_client import EndpointError, ask
 from finetune_phi.pf_env import promptflow_home, subprocess_env
@@ -103,8 +104,8 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     dotenv_before = (repo_dotenv.read_bytes(), repo_dotenv.stat().st_mtime_ns) if repo_dotenv.is_file() else None
 
     # As after a first deploy: the key is in the state dir and in ENV_FILE before training starts.
-    key = local_deploy.get_or_create_key(settings)
-    common.write_dotenv(settings.env_file, {"AZURE_ML_ENDPOINT": local_deploy.scoring_uri(settings), "AZURE_ML_API_KEY": key})
+    key = supervise.get_or_create_key(settings)
+    common.write_dotenv(settings.env_file, {"AZURE_ML_ENDPOINT": supervise.scoring_uri(settings), "AZURE_ML_API_KEY": key})
 
     base = {k: v for k, v in os.environ.items() if k not in ("AZURE_ML_API_KEY", "AZURE_ML_ENDPOINT")}
     env = subprocess_env(settings, {**base, **values, **mlflow_env(settings)})
@@ -124,15 +125,15 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
             assert proc.returncode == 0, f"step {name} failed ({proc.returncode}):\n{outputs[name][-4000:]}"
         yield Pipeline(settings, key, outputs, started, home, dotenv_before)
     finally:
-        for pid in {local_deploy._read_pid(settings), *local_deploy._read_spawned(settings)} - {None}:
-            if local_deploy._is_endpoint(pid):
+        for pid in {supervise._read_pid(settings), *supervise._read_spawned(settings)} - {None}:
+            if supervise._is_endpoint(pid):
                 os.kill(pid, 9)
 
 
 @pytest.mark.slow
 def test_the_key_appears_only_in_env_file_and_key_file(pipeline: Pipeline) -> None:
     key, settings = pipeline.key, pipeline.settings
-    key_file = local_deploy.endpoint_dir(settings) / local_deploy.KEY_FILE
+    key_file = supervise.endpoint_dir(settings) / supervise.KEY_FILE
     # The flow answered with the key from ENV_FILE: nothing else in its environment held it.
     assert '"answer"' in pipeline.outputs["prompt flow"]
     assert config.read_dotenv(settings.env_file)["AZURE_ML_API_KEY"] == key == key_file.read_text().strip()
@@ -146,7 +147,7 @@ def test_the_key_appears_only_in_env_file_and_key_file(pipeline: Pipeline) -> No
     # `pf flow test --flow .` keeps its run log and details in the flow folder's .promptflow/.
     flow_runs = [p for p in (REPO / ".promptflow").rglob("*") if p.is_file() and p.stat().st_mtime >= pipeline.started]
     places |= {str(p): p.read_bytes() for p in flow_runs}
-    for pid in {local_deploy._read_pid(settings)} - {None}:
+    for pid in {supervise._read_pid(settings)} - {None}:
         places[f"command line of the endpoint (pid {pid}), visible to ps"] = Path(f"/proc/{pid}/cmdline").read_bytes()
 
     # Each kind of place was really there to look at.
@@ -181,7 +182,7 @@ def test_mlflow_params_tags_and_registry_never_hold_the_key(pipeline: Pipeline) 
 @pytest.mark.slow
 def test_secret_files_are_private_and_the_checkouts_env_untouched(pipeline: Pipeline) -> None:
     settings = pipeline.settings
-    key_file = local_deploy.endpoint_dir(settings) / local_deploy.KEY_FILE
+    key_file = supervise.endpoint_dir(settings) / supervise.KEY_FILE
     assert settings.env_file.stat().st_mode & 0o777 == 0o600
     assert key_file.stat().st_mode & 0o777 == 0o600
     # The connection store holds the key encrypted; the key to decrypt it sits in Prompt flow's home.
@@ -216,7 +217,7 @@ def test_the_deployed_endpoint_listens_on_loopback_only_and_takes_only_its_key(p
 
     # The endpoint deploy_model.py started (a process of its own, so no spy reaches it; the
     # constant-time comparison is checked in-process by the test below).
-    uri, key = local_deploy.scoring_uri(settings), pipeline.key
+    uri, key = supervise.scoring_uri(settings), pipeline.key
     body = {"input_data": ["hi"], "params": {"max_new_tokens": 1}}
     for presented in (None, *near_misses(key)):
         headers = {"Authorization": f"Bearer {presented}"} if presented is not None else {}
@@ -228,7 +229,7 @@ def test_the_deployed_endpoint_listens_on_loopback_only_and_takes_only_its_key(p
 
 @pytest.mark.slow
 def test_client_errors_never_carry_the_key(pipeline: Pipeline) -> None:
-    uri, key = local_deploy.scoring_uri(pipeline.settings), pipeline.key
+    uri, key = supervise.scoring_uri(pipeline.settings), pipeline.key
     closed = f"http://127.0.0.1:{free_port()}/score"
     for endpoint, presented in ((uri, key + "-wrong"), (closed, key)):
         with pytest.raises(EndpointError) as caught:
@@ -251,7 +252,7 @@ def test_every_presented_key_goes_through_compare_digest_and_only_the_right_one_
         return verdict
 
     monkeypatch.setattr(server, "hmac", SimpleNamespace(compare_digest=spy))  # the server's hmac only
-    key = secrets.token_urlsafe(32)  # the kind of key local_deploy.get_or_create_key makes
+    key = secrets.token_urlsafe(32)  # the kind of key supervise.get_or_create_key makes
     release = threading.Event()
 
     def never_loads() -> Any:
