@@ -30,6 +30,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Iterator
 
 from finetune_phi.endpoint import KEY_ENV
+from finetune_phi.endpoint.caps import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_STEP_TOKENS, BatchCaps
 from finetune_phi.endpoint.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENT_REQUESTS, DEFAULT_REQUEST_TIMEOUT_S
 from finetune_phi.endpoint.loading import DTYPES, LoadPolicy, NotEnoughMemory, check_decode_speed, valid_device
 
@@ -141,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
         "ENDPOINT_MAX_STEP_TOKENS)",
     )
     load.add_argument(
+        "--packed-weights", choices=("auto", "on", "off"),
+        # The one variable read here rather than passed as a flag: a benchmark's switch, not a setting.
+        default={"1": "on", "0": "off"}.get(os.environ.get("ENDPOINT_PACKED_WEIGHTS", "").strip(), "auto"),
+        help="prepacked oneDNN weights for the decoder's linears on CPU; auto decides from the model "
+        "(default: %(default)s; ENDPOINT_PACKED_WEIGHTS=1/0)",
+    )  # fmt: skip
+    load.add_argument(
         "--no-memory-check", action="store_true", help="start even when the estimate says the model does not fit"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -159,11 +167,11 @@ def load_policy(args: argparse.Namespace) -> LoadPolicy:
     )
 
 
-def export_batch_caps(args: argparse.Namespace) -> None:
-    """The batcher reads its caps from ENDPOINT_MAX_BATCH_TOKENS / ENDPOINT_MAX_STEP_TOKENS: flags win."""
-    for value, name in ((args.max_batch_tokens, "ENDPOINT_MAX_BATCH_TOKENS"), (args.max_step_tokens, "ENDPOINT_MAX_STEP_TOKENS")):
-        if value:
-            os.environ[name] = str(value)
+def batch_caps(args: argparse.Namespace) -> BatchCaps:
+    """The batcher's caps, once, from the flags (unset: caps.py's defaults)."""
+    packed = {"on": True, "off": False}.get(args.packed_weights)
+    return BatchCaps(max_step_tokens=args.max_step_tokens or DEFAULT_MAX_STEP_TOKENS,
+                     max_batch_tokens=args.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS, packed_weights=packed)  # fmt: skip
 
 
 def load_engine(args: argparse.Namespace, name: str) -> "Engine":
@@ -273,7 +281,6 @@ def main(argv: list[str] | None = None) -> int:
     if not valid_device(args.device):
         log.error("--device %s: use auto, cpu, cuda or cuda:N", args.device)
         return EXIT_USAGE
-    export_batch_caps(args)
     key = os.environ.get(KEY_ENV, "")
     if not key:
         log.error("set %s to the endpoint key (deploy_model.py does this for you)", KEY_ENV)
@@ -302,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_concurrent_requests": args.max_concurrent_requests,
         "request_timeout_s": args.request_timeout_s,
         "max_body_bytes": args.max_body_bytes,
+        "batch_caps": batch_caps(args),
     }
     if args.load_before_listen:
         try:

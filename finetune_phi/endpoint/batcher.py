@@ -18,7 +18,7 @@ Caps: `max_step_tokens` (rows x tokens of one forward) and
 `max_batch_tokens` (prompt + new tokens of all running rows: their KV cache) split a big request
 (e.g. 32 long conversations in one /score call) over steps: its rows start as room frees up and
 long prompts are fed in chunks. It is refused only when the queue is full, never for its size.
-Defaults below; ENDPOINT_MAX_STEP_TOKENS / ENDPOINT_MAX_BATCH_TOKENS override them.
+Their defaults live in caps.py; the server passes what __main__ was told (caps.BatchCaps).
 
 Cancellation: a caller whose await is cancelled (e.g. `asyncio.wait_for` timing out) marks its
 work cancelled. Queued work is then dropped before generation; its running rows leave the batch
@@ -46,6 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from finetune_phi.endpoint.caps import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_STEP_TOKENS
 from finetune_phi.endpoint.engine import Completion, Engine, Message, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -55,12 +56,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BATCH_ROWS = 16
 # Requests admitted but not yet generating; past this, submit() raises QueueFull (HTTP 429).
 DEFAULT_MAX_QUEUE = 64
-# Tokens of one packed forward (rows x tokens): a longer prefill is fed in chunks of this size.
-DEFAULT_MAX_STEP_TOKENS = 1024
-# Prompt + new tokens of every running row (the KV cache held at once): 16 rows of 1,024. For
-# Phi-3-mini that is 6 GiB of cache in bf16 (12 in fp32): KV bytes per token =
-# 2 x layers x kv_heads x head_dim x dtype bytes (loading.kv_bytes_per_token).
-DEFAULT_MAX_BATCH_TOKENS = 16 * 1024
 
 # Below this many parameters a model's matrices are too small to split across threads: on the
 # 2-core bench machine the tiny demo model served 5 req/s with 2 torch threads and 35 with 1
@@ -74,16 +69,6 @@ def default_torch_threads(engine: Engine) -> int:
         return 0  # torch already took it at import
     parameters = sum(p.numel() for p in engine.model.parameters())
     return 1 if parameters < SMALL_MODEL_PARAMETERS else (os.cpu_count() or 1)
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    value = int(raw)
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {raw}")
-    return value
 
 
 class QueueFull(RuntimeError):
@@ -129,8 +114,8 @@ class Batcher:
         self.engine = engine
         self.max_batch_rows = max_batch_rows
         self.max_queue = max_queue
-        self.max_step_tokens = max_step_tokens or _env_int("ENDPOINT_MAX_STEP_TOKENS", DEFAULT_MAX_STEP_TOKENS)
-        self.max_batch_tokens = max_batch_tokens or _env_int("ENDPOINT_MAX_BATCH_TOKENS", DEFAULT_MAX_BATCH_TOKENS)
+        self.max_step_tokens = max_step_tokens or DEFAULT_MAX_STEP_TOKENS
+        self.max_batch_tokens = max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS
         if self.max_step_tokens < 1 or self.max_batch_tokens < 1:
             raise ValueError("max_step_tokens and max_batch_tokens must be >= 1")
         self._queue: deque[_Work] = deque()

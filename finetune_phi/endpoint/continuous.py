@@ -19,7 +19,6 @@ greedy row gives the tokens `model.generate` gives it alone (tests/test_batching
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -34,7 +33,7 @@ from finetune_phi.endpoint.engine import Engine, SamplingParams, apply_openai_pe
 # against 12-15 ms through nn.Linear, and 16 ms against 26-33 ms at 64 rows; at 1 row it is slower
 # (3-5 ms against 2.5-3.7), so a step of fewer than PACKED_MIN_TOKENS tokens keeps nn.Linear. The
 # packed copy costs as much memory as those weights again: only for fp32 CPU models whose layer
-# weights take under PACKED_MAX_BYTES. ENDPOINT_PACKED_WEIGHTS=0/1 forces it off/on.
+# weights take under PACKED_MAX_BYTES. caps.BatchCaps.packed_weights (--packed-weights) forces it off/on.
 PACKED_MIN_TOKENS = 4
 PACKED_BATCH_HINT = 16
 PACKED_MAX_BYTES = 2 * 1024**3
@@ -44,9 +43,6 @@ PACKED_MIN_BYTES = 64 * 1024**2
 
 
 def _packing_wanted(model: Any) -> bool:
-    forced = os.environ.get("ENDPOINT_PACKED_WEIGHTS", "").strip()
-    if forced in ("0", "1"):
-        return forced == "1"
     param = next(model.parameters())
     if param.device.type != "cpu" or param.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return False

@@ -24,13 +24,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Iterable
+
+from finetune_phi.endpoint.caps import DEFAULT_MAX_BATCH_TOKENS
 
 if TYPE_CHECKING:
     from finetune_phi.endpoint.engine import Engine
@@ -71,8 +72,8 @@ class LoadPolicy:
     max_context_tokens: int = 0  # 0: the model's own context (max_position_embeddings)
     memory_budget_mb: int = 0  # 0: what the device has free
     check_memory: bool = True
-    # The batcher's cap on prompt + new tokens held by all running rows (their KV cache); 0: what the
-    # batcher will use (ENDPOINT_MAX_BATCH_TOKENS, else batcher.DEFAULT_MAX_BATCH_TOKENS).
+    # The batcher's cap on prompt + new tokens held by all running rows (their KV cache); 0: its
+    # default (caps.DEFAULT_MAX_BATCH_TOKENS).
     max_batch_tokens: int = 0
 
     def __post_init__(self) -> None:
@@ -253,15 +254,8 @@ def model_folder(local: Path) -> Path:
 
 
 def batch_tokens(policy: LoadPolicy) -> int:
-    """The batcher's max_batch_tokens as it will be: the policy's, else ENDPOINT_MAX_BATCH_TOKENS, else its default."""
-    if policy.max_batch_tokens:
-        return policy.max_batch_tokens
-    raw = os.environ.get(BATCH_TOKENS_SETTING, "").strip()
-    if raw:
-        return int(raw)
-    from finetune_phi.endpoint.batcher import DEFAULT_MAX_BATCH_TOKENS  # here: batcher imports this module
-
-    return int(DEFAULT_MAX_BATCH_TOKENS)
+    """The batcher's max_batch_tokens as it will be: the policy's, else the default (caps.py)."""
+    return policy.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS
 
 
 def plan_load(local: Path, policy: LoadPolicy, cpu_flags: Iterable[str] | None = None) -> LoadPlan:

@@ -50,6 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from finetune_phi.endpoint import schemas
 from finetune_phi.endpoint.batcher import Batcher, QueueFull
+from finetune_phi.endpoint.caps import BatchCaps
 from finetune_phi.endpoint.engine import MAX_NEW_TOKENS_CAP, MIN_TEMPERATURE, Completion, Engine, InputTooLong, Message, SamplingParams
 from finetune_phi.endpoint.limits import (
     DEFAULT_MAX_BODY_BYTES,
@@ -80,9 +81,10 @@ class ApiError(Exception):
 class Runtime:
     """What the routes share: the engine once loaded, its load status, and the generation thread."""
 
-    def __init__(self, model_name: str, engine: Engine | None) -> None:
+    def __init__(self, model_name: str, engine: Engine | None, caps: BatchCaps = BatchCaps()) -> None:
         self.model_name = model_name
         self.engine = engine
+        self.caps = caps
         self.load_error: BaseException | None = None
         self.created = int(time.time())
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
@@ -112,7 +114,9 @@ class Runtime:
         `on_tokens(row, ids)` is called on the generation thread with each row's new token ids."""
         engine = self.ready_engine()
         if self.batcher is None or self.batcher.engine is not engine:
-            self.batcher = Batcher(engine)
+            caps = self.caps
+            self.batcher = Batcher(engine, max_step_tokens=caps.max_step_tokens, max_batch_tokens=caps.max_batch_tokens,
+                                   packed_weights=caps.packed_weights)  # fmt: skip
         try:
             return await self.batcher.submit(conversations, params, on_tokens=on_tokens)
         except InputTooLong as exc:
@@ -158,12 +162,13 @@ def create_app(
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    batch_caps: BatchCaps = BatchCaps(),
 ) -> FastAPI:
     """An app serving `engine`, or the engine `loader` builds in the background at startup.
 
     At most `max_concurrent_requests` generation requests are admitted at once (more get 429), each
     for at most `request_timeout_s` seconds (then 408, its work cancelled), with a JSON body of at
-    most `max_body_bytes` (more gets 413).
+    most `max_body_bytes` (more gets 413). `batch_caps` bounds the batcher (caps.py).
     """
     limits = Limits(
         max_body_bytes=max_body_bytes, max_concurrent_requests=max_concurrent_requests, request_timeout_s=request_timeout_s
@@ -172,7 +177,7 @@ def create_app(
         raise ValueError("an endpoint key is required: an endpoint without one would answer anybody")
     if (engine is None) == (loader is None):
         raise ValueError("pass exactly one of engine= or loader=")
-    runtime = Runtime(model_name or (engine.name if engine else "model"), engine)
+    runtime = Runtime(model_name or (engine.name if engine else "model"), engine, batch_caps)
 
     def loaded(future: Future[Engine]) -> None:
         exc = future.exception()
