@@ -14,11 +14,10 @@ import pytest
 from finetune_phi.endpoint import KEY_ENV
 from finetune_phi.endpoint.__main__ import EXIT_LOAD_FAILED, build_parser, load_policy
 from finetune_phi.endpoint.__main__ import main as endpoint_main
-from finetune_phi.endpoint.engine import Engine, SamplingParams
+from finetune_phi.endpoint.engine import Engine, SamplingParams, check_decode_speed
 from finetune_phi.endpoint.loading import (
     LoadPolicy,
     NotEnoughMemory,
-    check_decode_speed,
     cpu_bf16_flags,
     kv_bytes_per_token,
     plan_load,
@@ -134,13 +133,13 @@ def test_cli_flags_make_the_policy() -> None:
 def test_a_timeout_shorter_than_decoding_max_new_tokens_is_warned_about(
     engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="finetune_phi.endpoint.loading"):
+    with caplog.at_level(logging.INFO, logger="finetune_phi.endpoint.engine"):
         per_token = check_decode_speed(engine, request_timeout_s=1e-6)
     assert per_token > 0
     [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "ENDPOINT_REQUEST_TIMEOUT_S=1e-06" in warning and "128 new tokens" in warning
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="finetune_phi.endpoint.loading"):
+    with caplog.at_level(logging.INFO, logger="finetune_phi.endpoint.engine"):
         check_decode_speed(engine, request_timeout_s=3600)
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 

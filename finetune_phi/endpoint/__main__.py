@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from finetune_phi.endpoint import KEY_ENV
 from finetune_phi.endpoint.caps import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_STEP_TOKENS, BatchCaps
 from finetune_phi.endpoint.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENT_REQUESTS, DEFAULT_REQUEST_TIMEOUT_S
-from finetune_phi.endpoint.loading import DTYPES, LoadPolicy, NotEnoughMemory, check_decode_speed, valid_device
+from finetune_phi.endpoint.loading import DTYPES, LoadPolicy, NotEnoughMemory, valid_device
 
 if TYPE_CHECKING:
     import uvicorn
@@ -176,7 +176,7 @@ def batch_caps(args: argparse.Namespace) -> BatchCaps:
 
 def load_engine(args: argparse.Namespace, name: str) -> "Engine":
     """The engine under the load policy, warmed up by one short generate that also checks the timeout."""
-    from finetune_phi.endpoint.engine import Engine
+    from finetune_phi.endpoint.engine import Engine, check_decode_speed
 
     engine = Engine.from_mlflow(args.model_uri, name, policy=load_policy(args))
     check_decode_speed(engine, args.request_timeout_s)

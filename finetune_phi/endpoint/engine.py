@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -391,3 +392,39 @@ def served_name(model_uri: str) -> str:
     if model_uri.startswith("models:/"):
         return model_uri[len("models:/") :].split("/")[0].split("@")[0] or "model"
     return model_uri.rstrip("/").split("/")[-1] or "model"
+
+
+# --- decode speed against the request timeout -------------------------------------------------------
+
+WARMUP_PROMPT = "Hello"
+WARMUP_NEW_TOKENS = 16
+
+
+def check_decode_speed(engine: Engine, request_timeout_s: float, max_new_tokens: int | None = None) -> float:
+    """Seconds per new token from one short greedy generate (which also warms the model up).
+
+    Warns when `max_new_tokens` (default: what a request gets when it names none) at that speed
+    would take longer than `request_timeout_s`: such requests would be answered 408.
+    """
+    from finetune_phi.endpoint.loading import DTYPE_SETTING, TIMEOUT_SETTING
+
+    wanted = max_new_tokens if max_new_tokens is not None else engine.score_defaults.max_new_tokens
+    engine.generate([WARMUP_PROMPT], SamplingParams(max_new_tokens=2))  # first call: one-time costs
+    started = time.perf_counter()
+    [done] = engine.generate([WARMUP_PROMPT], SamplingParams(max_new_tokens=WARMUP_NEW_TOKENS))
+    elapsed = time.perf_counter() - started
+    per_token = elapsed / max(1, done.completion_tokens)  # a reply that stops early overstates it: errs safe
+    projected = per_token * wanted
+    if projected > request_timeout_s:
+        log.warning(
+            "decoding runs at %.1f tokens/s here, so %d new tokens (a request's default max_new_tokens) take ~%.0f s, "
+            "longer than %s=%g: such requests will time out (408). Raise %s, ask for fewer tokens, or use a faster "
+            "device/dtype (%s)",
+            1 / per_token, wanted, projected, TIMEOUT_SETTING, request_timeout_s, TIMEOUT_SETTING, DTYPE_SETTING,
+        )  # fmt: skip
+    else:
+        log.info(
+            "decoding runs at %.1f tokens/s: %d new tokens take ~%.1f s (%s=%g); at most %d fit in it",
+            1 / per_token, wanted, projected, TIMEOUT_SETTING, request_timeout_s, int(request_timeout_s / per_token),
+        )  # fmt: skip
+    return per_token

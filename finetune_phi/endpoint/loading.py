@@ -14,7 +14,7 @@ Engine.from_mlflow asks `plan_load` before it reads a single weight:
   (MemAvailable on the CPU, cudaMemGetInfo on a GPU) or ENDPOINT_MEMORY_BUDGET_MB when set. Too
   much: NotEnoughMemory, whose message names the settings that lower it.
 
-After the load, `check_decode_speed` times one short greedy generate and warns when a request's
+After the load, `engine.check_decode_speed` times one short greedy generate and warns when a request's
 default max_new_tokens at that speed would run past ENDPOINT_REQUEST_TIMEOUT_S (a 3.8B model on a
 CPU decodes a few tokens per second: the 90 s default is then too short for long answers).
 """
@@ -25,16 +25,13 @@ import json
 import logging
 import math
 import struct
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 from finetune_phi.endpoint.caps import DEFAULT_MAX_BATCH_TOKENS
 
-if TYPE_CHECKING:
-    from finetune_phi.endpoint.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -342,40 +339,4 @@ def apply_plan(model: Any, plan: LoadPlan) -> Any:
         model = model.to(plan.device)
     log.info("model on %s in %s (%s)", model.device, model.dtype, plan.dtype_reason)
     return model
-
-
-# --- decode speed against the request timeout -------------------------------------------------------
-
-WARMUP_PROMPT = "Hello"
-WARMUP_NEW_TOKENS = 16
-
-
-def check_decode_speed(engine: "Engine", request_timeout_s: float, max_new_tokens: int | None = None) -> float:
-    """Seconds per new token from one short greedy generate (which also warms the model up).
-
-    Warns when `max_new_tokens` (default: what a request gets when it names none) at that speed
-    would take longer than `request_timeout_s`: such requests would be answered 408.
-    """
-    from finetune_phi.endpoint.engine import SamplingParams
-
-    wanted = max_new_tokens if max_new_tokens is not None else engine.score_defaults.max_new_tokens
-    engine.generate([WARMUP_PROMPT], SamplingParams(max_new_tokens=2))  # first call: one-time costs
-    started = time.perf_counter()
-    [done] = engine.generate([WARMUP_PROMPT], SamplingParams(max_new_tokens=WARMUP_NEW_TOKENS))
-    elapsed = time.perf_counter() - started
-    per_token = elapsed / max(1, done.completion_tokens)  # a reply that stops early overstates it: errs safe
-    projected = per_token * wanted
-    if projected > request_timeout_s:
-        log.warning(
-            "decoding runs at %.1f tokens/s here, so %d new tokens (a request's default max_new_tokens) take ~%.0f s, "
-            "longer than %s=%g: such requests will time out (408). Raise %s, ask for fewer tokens, or use a faster "
-            "device/dtype (%s)",
-            1 / per_token, wanted, projected, TIMEOUT_SETTING, request_timeout_s, TIMEOUT_SETTING, DTYPE_SETTING,
-        )  # fmt: skip
-    else:
-        log.info(
-            "decoding runs at %.1f tokens/s: %d new tokens take ~%.1f s (%s=%g); at most %d fit in it",
-            1 / per_token, wanted, projected, TIMEOUT_SETTING, request_timeout_s, int(request_timeout_s / per_token),
-        )  # fmt: skip
-    return per_token
 
