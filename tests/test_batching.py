@@ -250,7 +250,7 @@ def test_queue_bound_is_enforced(engine: Engine, spy: Spy) -> None:
 
 
 def test_runtime_maps_queue_full_to_429_and_long_input_to_400(engine: Engine, spy: Spy) -> None:
-    from finetune_phi.endpoint.server import ApiError, Runtime
+    from finetune_phi.endpoint.runtime import ApiError, Runtime
 
     runtime = Runtime("tiny", engine)
     runtime.batcher = Batcher(engine, max_queue=1)

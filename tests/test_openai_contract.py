@@ -19,7 +19,8 @@ import openai
 import pytest
 
 from finetune_phi.endpoint.engine import Engine
-from finetune_phi.endpoint.server import IncrementalText, create_app, torch_seed
+from finetune_phi.endpoint.openai_chat import IncrementalText, torch_seed
+from finetune_phi.endpoint.server import create_app
 from helpers_endpoint import AUTH, KEY, ThreadServer, assert_generation_stopped, count_forward_passes, serving, tiny_engine
 from helpers_endpoint import wait_until
 from helpers_model import slowed
