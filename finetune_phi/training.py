@@ -59,7 +59,7 @@ def fine_tune_args(
         "--eval-file", eval_file,
         "--model_output_dir", model_output_dir,
         "--model", model,
-        "--peft", job_module("fine_tune").resolve_peft(settings.PEFT, model),
+        "--peft", job_module("recipe").resolve_peft(settings.PEFT, model),
         "--epochs", repr(settings.NUM_TRAIN_EPOCHS),
         "--max-steps", str(settings.MAX_STEPS),
         "--learning-rate", repr(settings.LEARNING_RATE),
@@ -134,9 +134,9 @@ def model_output_dir(settings: config.Settings, run_id: str, artifact_uri: str) 
     """Where fine_tune.py writes the model: straight into the run's artifact folder when the store is a
     local folder (the default), so that the model exists once on disk; else a folder of the state dir,
     uploaded from there to the remote artifact store."""
-    folder = job_module("fine_tune").local_artifact_dir(artifact_uri)
+    folder = job_module("mlflow_model").local_artifact_dir(artifact_uri)
     if folder is not None:
-        return folder / job_module("fine_tune").MODEL_ARTIFACT_PATH
+        return folder / job_module("mlflow_model").MODEL_ARTIFACT_PATH
     return settings.state_dir / "outputs" / run_id / "model"
 
 
@@ -187,7 +187,7 @@ def run_local_fine_tune(
     # Azure keeps the job's default (outputs/checkpoints, uploaded with the job); locally, checkpoints
     # live in the state folder so that re-running setup_ml.py after a crash resumes (SAVE_STEPS > 0).
     argv += ["--checkpoint-dir", str(settings.state_dir / "checkpoints"), *(extra_args or [])]
-    local = job_module("fine_tune").is_local_model(model)  # nothing to download: offline and quick
+    local = job_module("recipe").is_local_model(model)  # nothing to download: offline and quick
     env = {**os.environ, **mlflow_env(settings, offline=local), "MLFLOW_RUN_ID": run_id}
     log.info("running: %s", command)
     start = time.perf_counter()

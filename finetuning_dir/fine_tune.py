@@ -15,53 +15,65 @@ MLFLOW_RUN_ID when set, and talks to MLFLOW_TRACKING_URI.
     # crash-safe: a checkpoint every 50 steps; the same command after a crash resumes from the last one
     ... --save-steps 50 --checkpoint-dir ../.finetune_phi/checkpoints
 
+The job reads parse (make_parser, validate_args) → prepare (the model, data and trainer) → train
+(with the before/after evaluation) → save. Its siblings hold the rest: recipe.py how it trains
+(model loading, device, dtype, attention, packing, memory estimates, LoRA, the SFT config),
+mlflow_model.py how the result is packaged; chat_format.py, evaluation.py and checkpoints.py as named.
 The model is serialized once, as an MLflow model folder in --model_output_dir (Azure registers that job
-output as an mlflow_model), in the base model's dtype, and is the run's "model" artifact
-(`mlflow.pyfunc.load_model("runs:/<run_id>/model")`, `mlflow.register_model(...)`): uploaded from that
-folder to a remote artifact store, or written straight into a local one when --model_output_dir points
-there (the local backend does: one copy on disk per fine-tune).
+output as an mlflow_model), in the base model's dtype, and is the run's "model" artifact: uploaded from
+that folder to a remote artifact store, or written straight into a local one when --model_output_dir
+points there (the local backend does: one copy on disk per fine-tune).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 import os
 import shutil
-import stat
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import chat_format
 import checkpoints
 import evaluation
 # DEFAULT_MAX_NEW_TOKENS and PROMPT_TEMPLATE define the model this script saves, so they are also
 # readable here (fine_tune.PROMPT_TEMPLATE); their one home is chat_format.py.
-from chat_format import DEFAULT_MAX_NEW_TOKENS, GENERATION_DEFAULTS, PROMPT_TEMPLATE, read_chat_rows  # noqa: F401
+from chat_format import DEFAULT_MAX_NEW_TOKENS, PROMPT_TEMPLATE, read_chat_rows  # noqa: F401
 from evaluation import Evaluation
+from mlflow_model import MODEL_ARTIFACT_PATH, in_dtype, save_and_log
+from recipe import (
+    LORA_TARGET_MODULES,
+    TINY,
+    Device,
+    ModelUnavailable,
+    Recipe,
+    base_model_dtype,
+    choose_attention,
+    choose_recipe,
+    detect_device,
+    is_local_model,
+    load_model_and_tokenizer,
+    lora_config,
+    planned_steps,
+    resolve_peft,
+    set_cpu_threads,
+    sft_config,
+)
 
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
-    from trl import SFTConfig
 
 log = logging.getLogger("fine_tune")
 
-TINY = "tiny"
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
-# Phi-3's linear layers (fused qkv and gate/up): LoRA on all of them, as the alignment-handbook recipes do.
-LORA_TARGET_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-MODEL_ARTIFACT_PATH = "model"
 DEFAULT_CHECKPOINT_DIR = Path("outputs") / "checkpoints"
-EXAMPLE_QUESTION = "Who founded Microsoft?"
-# The MLflow param type of each generation setting's Python type (bool first: a bool is an int too).
-MLFLOW_PARAM_TYPES: tuple[tuple[type, str], ...] = ((bool, "boolean"), (int, "long"), (float, "double"))
 # Two greedy passes (base and fine-tuned) over this many held-out questions, batched. The base model
 # rarely stops, so its pass runs to the token limit: on the tiny CPU model 24 rows x 48 tokens take
 # about a second; Phi-3-mini on one A100 does 50 rows x 256 tokens in about a minute. (The same
@@ -185,247 +197,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise SystemExit("fine_tune.py: bad arguments:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def resolve_peft(peft: str, model: str) -> str:
-    """`auto`: LoRA for real Phi-3 sizes; the tiny stand-in is small enough to train in full.
-
-    The one rule: finetune_phi/training.py calls it to put the resolved value on the job's command line."""
-    if peft != "auto":
-        return peft
-    return "full" if model == TINY else "lora"
-
-
-def is_local_model(model: str) -> bool:
-    return model == TINY or Path(model).exists()
-
-
 # --- model and data ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Device:
-    cuda: bool
-    bf16: bool
-
-    @property
-    def name(self) -> str:
-        return "cuda" if self.cuda else "cpu"
-
-
-def detect_device() -> Device:
-    import torch
-    from native_dtypes import cpu_bf16_flags, cuda_bf16
-
-    cuda = torch.cuda.is_available()
-    return Device(cuda=cuda, bf16=cuda_bf16() if cuda else bool(cpu_bf16_flags()))
-
-
-def choose_dtype(requested: str, device: Device, peft: str) -> str:
-    """The dtype the model is loaded (and, for LoRA, its frozen base kept) in.
-
-    LoRA trains only the adapters, which PEFT keeps in float32 whatever the base's dtype, so a bf16
-    base halves the weights' memory without touching what is learned: Phi-3-mini on this project's
-    2-core CPU box peaked at 19.7 GiB with a float32 base (bench/RESULTS.md has the bf16 figures).
-    Full fine-tuning keeps float32 master weights (bf16 autocast does the compute on a GPU).
-    """
-    if requested != "auto":
-        return requested
-    return "bfloat16" if device.bf16 and peft == "lora" else "float32"
-
-
-def base_model_dtype(model: str) -> str:
-    """The dtype the base model's weights are published in (its config's dtype); the tiny model: float32."""
-    if model == TINY:
-        return "float32"
-    from transformers import AutoConfig
-
-    with hub_errors(model):
-        config = AutoConfig.from_pretrained(model)
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
-    return str(dtype).removeprefix("torch.")
-
-
-def hub_is_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-@contextlib.contextmanager
-def hub_errors(model: str) -> Iterator[None]:
-    """Turn a failed Hugging Face download into one line that says why (offline mode, no network, no access).
-
-    transformers reports an offline cache miss as "couldn't connect to ... and couldn't find them in the
-    cached files", with the cause (offline mode) only in the chained exception.
-    """
-    try:
-        yield
-    except OSError as exc:
-        if is_local_model(model):
-            raise
-        from huggingface_hub import constants
-
-        if hub_is_offline():
-            reason = (
-                f"{model} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set, "
-                "which forbids downloading it: unset HF_HUB_OFFLINE (or set it to 0), or pass a local folder as --model"
-            )
-        else:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            reason = (
-                f"could not download {model} from {constants.ENDPOINT}: {first} "
-                "(check the network or proxy, HF_TOKEN for a gated model, or pass a local folder as --model)"
-            )
-        raise ModelUnavailable(reason) from exc
-
-
-class ModelUnavailable(RuntimeError):
-    """The base model could not be loaded from the Hub; the message is one line that names the fix."""
-
-
-def has_module(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
-
-
-def choose_attention(requested: str, device: Device) -> str:
-    if requested != "auto":
-        return requested
-    # flash-attn 2 runs padding-free batches as variable-length sequences: no padding, no masking.
-    return "flash_attention_2" if device.cuda and has_module("flash_attn") else "sdpa"
-
-
-def choose_packing(requested: str, attention: str) -> bool:
-    """Padding-free packing only where a kernel skips the attention between packed rows.
-
-    trl flattens a padding-free batch into one sequence and marks row starts in position_ids.
-    flash-attn turns that into per-row attention. sdpa and eager get a block-diagonal mask over
-    the whole flattened sequence and still compute every masked block: on the 2-core CPU with
-    ultrachat rows at 2048 tokens, 1.8x slower than plain padding (bench/RESULTS.md).
-    """
-    if requested != "auto":
-        return requested == "on"
-    return attention.startswith("flash_attention")
-
-
-def activation_bytes(config: Any, batch: int, seq_len: int) -> float:
-    """Activations kept for the backward pass, 16-bit, no checkpointing, flash/sdpa attention.
-
-    34·s·b·h bytes per layer (Korthikanti et al. 2022, "Reducing Activation Recomputation", without
-    the s² attention-score term that fused attention never stores), plus fp32 logits and their gradient.
-    """
-    tokens = batch * seq_len
-    return 34.0 * tokens * config.hidden_size * config.num_hidden_layers + 8.0 * tokens * config.vocab_size
-
-
-def state_bytes(total_params: int, trainable_params: int, base_bytes_per_param: int) -> float:
-    """Weights, plus for trainable ones an fp32 gradient and two AdamW moments (12 bytes), and an
-    fp32 master copy when the stored weights are 16-bit (LoRA adapters on a bf16 base)."""
-    per_trainable = 12.0 + (4.0 if base_bytes_per_param < 4 else 0.0)
-    return total_params * base_bytes_per_param + trainable_params * per_trainable
-
-
-def choose_gradient_checkpointing(
-    requested: str,
-    *,
-    total_params: int,
-    trainable_params: int,
-    base_bytes_per_param: int,
-    model_config: Any,
-    batch: int,
-    seq_len: int,
-    device: Device,
-    gpu_bytes: float | None,
-) -> bool:
-    """Recompute activations where keeping them costs more than the recomputation.
-
-    On a GPU: only when they would not fit (checkpointing costs ~1/3 more compute). On a CPU: for LoRA,
-    always. There the RAM is shared with the OS, the weights' page cache and the local endpoint, and
-    keeping LoRA's activations (its float32 copies of every adapted layer's input included) took
-    Phi-3-mini's fine-tune to a 19.8 GiB peak on a 24 GiB machine; recomputing them cost 13% more time
-    for 22% less peak on a 4-layer slice of it (bench/RESULTS.md). Full fine-tuning on a CPU is the
-    tiny model's, whose activations are megabytes: kept.
-    """
-    if requested != "auto":
-        return requested == "on"
-    if not device.cuda:
-        return trainable_params < total_params  # LoRA
-    if gpu_bytes is None:
-        return False
-    need = state_bytes(total_params, trainable_params, base_bytes_per_param)
-    need += activation_bytes(model_config, batch, seq_len)
-    # 15% headroom: allocator fragmentation, CUDA context, temporary buffers.
-    fits = need < 0.85 * gpu_bytes
-    log.info(
-        "memory estimate without gradient checkpointing: %.1f GiB of %.1f GiB -> checkpointing %s",
-        need / 2**30, gpu_bytes / 2**30, "off" if fits else "on",
-    )  # fmt: skip
-    return not fits
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How the step is computed; none of it changes what is learned, only how fast and in how much memory."""
-
-    attention: str = "sdpa"
-    packing: bool = False
-    gradient_checkpointing: bool = False
-    liger: bool = False
-
-
-def load_model_and_tokenizer(
-    args: argparse.Namespace, device: Device, peft: str, attention: str = "sdpa"
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The model (in choose_dtype's dtype) and its tokenizer, from the Hub (downloaded into the user's
-    Hugging Face cache with the user's HF_TOKEN / HF_ENDPOINT / proxies), a local folder, or built (tiny)."""
-    from chat_format import ensure_pad_token, generation_stop_ids, training_template
-
-    if args.model == TINY:
-        from tiny_model import build_tiny
-
-        model, tokenizer = build_tiny(args.train_file, args.seed)
-        model.set_attn_implementation(attention)
-    else:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        dtype = getattr(torch, choose_dtype(args.dtype, device, peft))
-        log.info("loading %s (%s)", args.model, dtype)
-        with hub_errors(args.model):
-            tokenizer = AutoTokenizer.from_pretrained(args.model)
-            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation=attention)
-        model.config.use_cache = False  # incompatible with gradient checkpointing; re-enabled before saving
-    ensure_pad_token(tokenizer)
-    if args.assistant_only_loss:
-        # Trained with our `{% generation %}`-marked twin of the template where trl has none (the same
-        # text); train() puts the published one back (chat_format.published_template) before saving.
-        tokenizer.chat_template = training_template(tokenizer) or tokenizer.chat_template
-        require_maskable_template(tokenizer)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    # Generation must stop at <|end|>, the token every assistant turn is trained to end with
-    # (the hub's Phi-3 config already lists it, with <|endoftext|> and <|assistant|>; keep those).
-    model.generation_config.eos_token_id = generation_stop_ids(tokenizer, model.generation_config.eos_token_id)
-    return model, tokenizer
-
-
-def require_maskable_template(tokenizer: PreTrainedTokenizerBase) -> None:
-    """Fail before training, not after, when assistant-only loss cannot be computed.
-
-    trl masks with a `{% generation %}`-marked twin of the template; it ships one for Phi-3's
-    template (matched byte for byte) and refuses templates it does not know.
-    """
-    from trl.chat_template_utils import get_training_chat_template
-
-    try:
-        get_training_chat_template(tokenizer)
-    except ValueError as exc:
-        raise ValueError(
-            f"assistant-only loss needs a chat template trl can mark up ({exc}); use a Phi-3 tokenizer, "
-            "or pass --no-assistant-only-loss to learn from every token"
-        ) from exc
 
 
 def load_datasets(train_file: Path, eval_file: Path) -> tuple[Dataset, Dataset]:
@@ -434,71 +206,6 @@ def load_datasets(train_file: Path, eval_file: Path) -> tuple[Dataset, Dataset]:
     train = Dataset.from_list([{"messages": m} for m in read_chat_rows(train_file)])
     evaluation = Dataset.from_list([{"messages": m} for m in read_chat_rows(eval_file)])
     return train, evaluation
-
-
-def planned_steps(n_rows: int, args: argparse.Namespace) -> int:
-    if args.max_steps > 0:
-        return args.max_steps
-    per_epoch = max(1, math.ceil(math.ceil(n_rows / args.batch_size) / args.grad_accum))
-    return max(1, math.ceil(per_epoch * args.epochs))
-
-
-def sft_config(
-    args: argparse.Namespace, device: Device, checkpoint_dir: Path, total_steps: int, recipe: Recipe = Recipe()
-) -> SFTConfig:
-    from trl import SFTConfig
-
-    return SFTConfig(
-        output_dir=str(checkpoint_dir),
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=args.warmup_ratio,  # a float < 1 is a fraction of the training steps
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        max_length=args.max_seq_length,
-        # "bfd" packing is trl's padding-free mode: rows keep their own positions and attention.
-        packing=recipe.packing,
-        packing_strategy="bfd",
-        assistant_only_loss=args.assistant_only_loss,
-        # ~50 loss points and ~4 evaluations whatever the run length.
-        logging_strategy="steps",
-        logging_steps=max(1, total_steps // 50),
-        eval_strategy="steps",
-        eval_steps=max(1, total_steps // 4),
-        save_strategy="steps" if args.save_steps > 0 else "no",
-        save_steps=args.save_steps if args.save_steps > 0 else 500,
-        # Optimizer, scheduler and RNG state too: without them a resumed run is not the interrupted run.
-        save_only_model=False,
-        # Two, not one: if a crash tears the newest, the one before it is still whole.
-        save_total_limit=2,
-        report_to="none",  # metrics go to MLflow through MlflowMetrics, inside our one run
-        seed=args.seed,
-        data_seed=args.seed,
-        use_cpu=not device.cuda,
-        # Autocast on CUDA only: on the CPU it made full fine-tuning 25% slower in twice the memory,
-        # and a LoRA base loaded in bf16 already computes in bf16 without it.
-        bf16=device.cuda and device.bf16,
-        gradient_checkpointing=recipe.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        use_liger_kernel=recipe.liger,
-        dataloader_num_workers=0,
-    )
-
-
-def lora_config(args: argparse.Namespace) -> Any:
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=LORA_TARGET_MODULES,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
 
 
 def make_metrics_callback() -> TrainerCallback:
@@ -562,120 +269,6 @@ def run_params(args: argparse.Namespace, peft: str, device: Device, model: PreTr
 # --- the MLflow model ----------------------------------------------------------------------------
 
 
-def pip_requirements() -> list[str]:
-    """Explicit: inference of requirements imports every module and fails looking for torchvision."""
-    import accelerate
-    import mlflow
-    import tokenizers
-    import torch
-    import transformers
-
-    def pin(name: str, version: str) -> str:
-        return f"{name}=={version.split('+')[0]}"  # drop "+cpu": the serving host picks its own build
-
-    return [
-        pin("mlflow", mlflow.__version__),
-        pin("torch", torch.__version__),
-        pin("transformers", transformers.__version__),
-        pin("tokenizers", tokenizers.__version__),
-        pin("accelerate", accelerate.__version__),
-    ]
-
-
-def generation_params_schema() -> Any:
-    """Request `params` the model honours; without a params schema MLflow drops them with a warning.
-
-    MLflow fills in these defaults for every param a request leaves out (Azure's scoring script
-    too), so they ARE the model's defaults: chat_format.GENERATION_DEFAULTS, one param each.
-    The local endpoint reads them back from the saved signature, so both answer alike.
-    """
-    import dataclasses
-
-    from mlflow.types.schema import ParamSchema, ParamSpec
-
-    def mlflow_type(value: object) -> str:
-        return next(name for python_type, name in MLFLOW_PARAM_TYPES if isinstance(value, python_type))
-
-    defaults = dataclasses.asdict(GENERATION_DEFAULTS)
-    return ParamSchema([ParamSpec(name, mlflow_type(value), value) for name, value in defaults.items()])
-
-
-def model_signature() -> Any:
-    """A string in, a string out, plus the params schema: what Azure's no-code scoring script serves.
-
-    (Not the llm/v1/chat signature: Azure's scoring script crashes at import on it.)
-    """
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema
-
-    return ModelSignature(
-        inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]), params=generation_params_schema()
-    )
-
-
-def save_mlflow_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path, run_id: str | None) -> None:
-    """Write an MLflow text-generation model folder (MLmodel at its root) at `path`.
-
-    Task text-generation with a string input: Azure ML's no-code deployment of an MLflow model
-    (mlflow_score_script.py under azureml-inference-server-http) serves it as
-    `{"input_data": ["prompt", ...], "params": {...}}` -> `["reply", ...]`. Each input is wrapped in the
-    model's own user turn (chat_format.prompt_template: derived from the tokenizer's chat template, so
-    Phi-3's for Phi-3, Phi-4-mini's for Phi-4-mini), and only the generated text comes back
-    (return_full_text False). For Phi-3 a conversation travels as ONE string, the conversation contract
-    of chat_format.encode_prompt, which the template turns into exactly Phi-3's chat template rendering
-    of the conversation. Generation stops at <|end|> (in the generation config's eos_token_id). The
-    tokenizer keeps its published chat template, which the local endpoint's /v1/chat/completions uses.
-    """
-    import mlflow
-    import torch
-
-    from mlflow.models import Model
-
-    mlflow.transformers.save_model(
-        transformers_model={"model": model, "tokenizer": tokenizer},
-        path=str(path),
-        task="text-generation",
-        signature=model_signature(),
-        prompt_template=chat_format.prompt_template(tokenizer),
-        pip_requirements=pip_requirements(),
-        input_example=([EXAMPLE_QUESTION], {"max_new_tokens": 32}),
-        model_config={"return_full_text": False},
-        mlflow_model=Model(run_id=run_id, artifact_path=MODEL_ARTIFACT_PATH),
-        # The dtype MLflow, and so Azure's no-code scoring, loads the model in; MLflow would record the
-        # weights' own (bf16). Azure's CPU deployment sizes (E-series) have no native bf16 units, where
-        # bf16 runs through slow conversions, so they keep serving float32 as they always did. The
-        # local endpoint picks its dtype from the weights and the machine (finetune_phi/endpoint/loading.py).
-        torch_dtype=torch.float32,
-    )
-    make_readable(path)
-
-
-def make_readable(root: Path) -> None:
-    """transformers 5 writes weights with mode 0600; the serving process may run as another user."""
-    for path in [root, *root.rglob("*")]:
-        extra = stat.S_IRGRP | stat.S_IROTH | (stat.S_IXGRP | stat.S_IXOTH if path.is_dir() else 0)
-        path.chmod(path.stat().st_mode | extra)
-
-
-def write_model_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, run_id: str | None) -> None:
-    """Save into a sibling temp folder and rename, so a crash never leaves half a model behind.
-
-    An existing empty folder (Azure ML mounts the job output before the job starts) cannot be
-    replaced by a rename, so it is written in place.
-    """
-    if out.is_dir():  # validate_args checked it is empty
-        save_mlflow_model(model, tokenizer, out, run_id)
-        return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_mlflow_model(model, tokenizer, tmp, run_id)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 # --- the job -------------------------------------------------------------------------------------
 
 
@@ -712,45 +305,6 @@ def set_quiet_offline_env(model: str) -> None:
     if is_local_model(model):
         # Nothing to download; without this MLflow retries the hub for ~47 s looking for a model card.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def lora_parameter_count(model: PreTrainedModel, r: int) -> int:
-    """Parameters LoRA adds: r·(in + out) per targeted linear layer."""
-    return sum(
-        r * (module.in_features + module.out_features)
-        for name, module in model.named_modules()
-        if name.rsplit(".", 1)[-1] in LORA_TARGET_MODULES and hasattr(module, "in_features")
-    )
-
-
-def choose_recipe(args: argparse.Namespace, model: PreTrainedModel, device: Device, peft: str, attention: str) -> Recipe:
-    gpu_bytes = None
-    if device.cuda:
-        import torch
-
-        gpu_bytes = float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
-    packing = choose_packing(args.packing, attention)
-    gradient_checkpointing = False
-    if args.gradient_checkpointing != "auto" or device.cuda or peft == "lora":
-        trainable = lora_parameter_count(model, args.lora_r) if peft == "lora" else model.num_parameters()
-        gradient_checkpointing = choose_gradient_checkpointing(
-            args.gradient_checkpointing, total_params=model.num_parameters(), trainable_params=trainable,
-            base_bytes_per_param=model.dtype.itemsize, model_config=model.config, batch=args.batch_size,
-            seq_len=args.max_seq_length, device=device, gpu_bytes=gpu_bytes,
-        )  # fmt: skip
-    # Liger's fused linear+cross-entropy never materialises the logits: the largest single tensor
-    # at Phi-3's 32k vocabulary. CUDA only (Triton kernels).
-    liger = device.cuda and has_module("liger_kernel")
-    return Recipe(attention=attention, packing=packing, gradient_checkpointing=gradient_checkpointing, liger=liger)
-
-
-def set_cpu_threads(args: argparse.Namespace, device: Device) -> None:
-    if args.model == TINY and not device.cuda:
-        import torch
-
-        # Its matrices are too small to split: one thread trained 42 steps in 2.3 s, two threads
-        # took 6.1 s on a 2-core machine shared with other jobs (thread hand-offs dominate).
-        torch.set_num_threads(1)
 
 
 @dataclass
@@ -883,17 +437,6 @@ def train(args: argparse.Namespace, checkpoint_dir: Path) -> Trained:
     return Trained(trained, prepared.tokenizer, before, after, trainer.state.global_step, resumed_from, result)
 
 
-def in_dtype(model: PreTrainedModel, dtype: str) -> PreTrainedModel:
-    """The model in `dtype` (the base's own): a bf16 base trained in float32 must not come back twice its size."""
-    import torch
-
-    target = getattr(torch, dtype, None)
-    if not isinstance(target, torch.dtype) or model.dtype == target:
-        return model
-    log.info("casting the fine-tuned model from %s to %s, the base model's dtype, before saving", model.dtype, target)
-    return model.to(dtype=target)
-
-
 def checkpoint_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The arguments that change what a run learns (not where it writes, nor how often it saves)."""
     keys = ("model", "dtype", "epochs", "max_steps", "learning_rate", "batch_size", "grad_accum", "max_seq_length", "seed",
@@ -905,39 +448,6 @@ def checkpoint_dir_for(args: argparse.Namespace) -> Path:
     """`--checkpoint-dir`/run-<digest of the data files and checkpoint_settings>: stable across reruns."""
     record = checkpoints.fingerprint(checkpoint_settings(args), {"train": args.train_file, "eval": args.eval_file})
     return checkpoints.run_dir(args.checkpoint_dir or DEFAULT_CHECKPOINT_DIR, record)
-
-
-def save_and_log(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, run_id: str) -> str:
-    """Serialize once into `out`, then make it the run's "model" artifact; returns its runs:/ URI.
-
-    When `out` already is that artifact (the local backend points --model_output_dir into its own file
-    artifact store), nothing is copied: a fine-tuned Phi-3-mini is 7 GiB, and a second copy per run
-    would double the disk every fine-tune leaves behind.
-    """
-    import mlflow
-
-    write_model_folder(model, tokenizer, out, run_id)
-    artifact_dir = local_artifact_dir(mlflow.get_run(run_id).info.artifact_uri)
-    if artifact_dir is not None and out.resolve() == (artifact_dir / MODEL_ARTIFACT_PATH).resolve():
-        log.info("model written straight into the run's artifact store (%s): no second copy", out)
-    else:
-        # Plain run artifacts rather than an MLflow 3 LoggedModel: runs:/<run_id>/model loads and
-        # registers from them in every store, Azure ML's included.
-        mlflow.log_artifacts(str(out), artifact_path=MODEL_ARTIFACT_PATH)
-    return f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}"
-
-
-def local_artifact_dir(artifact_uri: str) -> Path | None:
-    """The folder behind a file: artifact URI (a local MLflow store); None for a remote store."""
-    from urllib.parse import urlparse
-    from urllib.request import url2pathname
-
-    parsed = urlparse(artifact_uri)
-    if parsed.scheme == "file":
-        return Path(url2pathname(parsed.path))
-    if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):  # a bare path (C:\... on Windows)
-        return Path(artifact_uri)
-    return None
 
 
 def fine_tune(args: argparse.Namespace) -> FineTuneResult:

@@ -42,7 +42,7 @@ AZ_VENV = REPO / ".venv-azureml"
 READY_TIMEOUT_S = 180
 
 
-# --- the conversation contract (agreed with the client side; see fine_tune.save_mlflow_model) -----------
+# --- the conversation contract (agreed with the client side; see mlflow_model.save_mlflow_model) -----------
 
 
 def encode_conversation(messages: list[dict[str, str]]) -> str:

@@ -103,8 +103,8 @@ def test_one_max_new_tokens_default_for_the_saved_model_the_endpoint_and_the_cli
     from chat_flow import endpoint_client
     from finetune_phi.endpoint.engine import ScoreDefaults
 
-    chat_format, fine_tune = job_module("chat_format"), job_module("fine_tune")
-    saved = {p.name: p.default for p in fine_tune.generation_params_schema().params}
+    chat_format, mlflow_model = job_module("chat_format"), job_module("mlflow_model")
+    saved = {p.name: p.default for p in mlflow_model.generation_params_schema().params}
     assert saved == dataclasses.asdict(ScoreDefaults()) == endpoint_client.DEFAULT_PARAMS
     assert saved["max_new_tokens"] == chat_format.DEFAULT_MAX_NEW_TOKENS == 128
     assert saved["do_sample"] is False  # greedy unless asked: the demo's answer is the same every run
@@ -165,7 +165,7 @@ def test_sampling_params_resolution() -> None:
 
 
 def test_score_sdk_shape_returns_one_reply_per_input(client: httpx.Client) -> None:
-    # A conversation travels as ONE prompt string (the contract in fine_tune.save_mlflow_model).
+    # A conversation travels as ONE prompt string (the contract in mlflow_model.save_mlflow_model).
     conversation = "Be brief.\n\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n<|user|>\nWho founded Microsoft?"
     replies = score(
         client,
@@ -218,11 +218,11 @@ def test_score_params_default_to_the_models_params_schema_as_mlflow_fills_them()
     from finetune_phi.endpoint.engine import ScoreDefaults
     from finetune_phi.endpoint.server import _score_sampling
 
-    fine_tune = job_module("fine_tune")
-    defaults = ScoreDefaults.from_params_schema(fine_tune.generation_params_schema())
+    mlflow_model = job_module("mlflow_model")
+    defaults = ScoreDefaults.from_params_schema(mlflow_model.generation_params_schema())
     assert defaults == ScoreDefaults(max_new_tokens=128, do_sample=False, temperature=1.0,
                                      top_p=1.0, top_k=50, repetition_penalty=1.0)  # fmt: skip
-    assert set(defaults.names()) == set(schemas.SCORE_PARAMS) == {p.name for p in fine_tune.generation_params_schema().params}
+    assert set(defaults.names()) == set(schemas.SCORE_PARAMS) == {p.name for p in mlflow_model.generation_params_schema().params}
     model, tokenizer = tiny_phi3()
     engine = Engine(model, tokenizer, score_defaults=ScoreDefaults(max_new_tokens=7, top_k=9))
     none = _score_sampling(None, engine)

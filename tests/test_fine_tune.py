@@ -18,6 +18,8 @@ sys.path.insert(0, str(FINETUNING_DIR))  # the job's code folder imports its sib
 
 import chat_format  # noqa: E402
 import fine_tune  # noqa: E402
+import mlflow_model  # noqa: E402
+import recipe  # noqa: E402
 import tiny_model  # noqa: E402
 
 # The tiny demo settings this file verifies (the lead copies them into the demo's defaults).
@@ -131,10 +133,10 @@ def test_a_file_without_messages_fails_naming_file_and_line(tmp_path):
 
 def test_a_chat_template_trl_cannot_mask_is_refused_before_training():
     tokenizer = tiny_model.build_tokenizer(["some text to learn a few merges from"])
-    fine_tune.require_maskable_template(tokenizer)  # the Phi-3 template: accepted
+    recipe.require_maskable_template(tokenizer)  # the Phi-3 template: accepted
     tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     with pytest.raises(ValueError, match="--no-assistant-only-loss"):
-        fine_tune.require_maskable_template(tokenizer)
+        recipe.require_maskable_template(tokenizer)
 
 
 # --- what the model is trained on ---------------------------------------------------------------
@@ -397,9 +399,9 @@ def test_padding_free_packing_only_where_a_kernel_skips_the_masked_blocks():
     cpu, gpu = fine_tune.Device(cuda=False, bf16=False), fine_tune.Device(cuda=True, bf16=True)
     assert fine_tune.choose_attention("auto", cpu) == "sdpa"
     assert fine_tune.choose_attention("eager", gpu) == "eager"
-    assert fine_tune.choose_packing("auto", "sdpa") is False  # 1.8x slower than padding on CPU (bench/RESULTS.md)
-    assert fine_tune.choose_packing("auto", "flash_attention_2") is True
-    assert fine_tune.choose_packing("on", "sdpa") is True and fine_tune.choose_packing("off", "flash_attention_2") is False
+    assert recipe.choose_packing("auto", "sdpa") is False  # 1.8x slower than padding on CPU (bench/RESULTS.md)
+    assert recipe.choose_packing("auto", "flash_attention_2") is True
+    assert recipe.choose_packing("on", "sdpa") is True and recipe.choose_packing("off", "flash_attention_2") is False
 
 
 def test_gradient_checkpointing_only_when_phi3_mini_would_not_fit():
@@ -411,7 +413,7 @@ def test_gradient_checkpointing_only_when_phi3_mini_would_not_fit():
     gpu = fine_tune.Device(cuda=True, bf16=True)
 
     def choose(gpu_gib: float, trainable: int, bytes_per_param: int, requested: str = "auto") -> bool:
-        return fine_tune.choose_gradient_checkpointing(
+        return recipe.choose_gradient_checkpointing(
             requested, total_params=n, trainable_params=trainable, base_bytes_per_param=bytes_per_param,
             model_config=phi3_mini, batch=4, seq_len=1024, device=gpu, gpu_bytes=gpu_gib * 2**30,
         )  # fmt: skip
@@ -423,12 +425,12 @@ def test_gradient_checkpointing_only_when_phi3_mini_would_not_fit():
     assert choose(80, n, 4) is True
     assert choose(80, lora, 2, requested="on") is True
     cpu = fine_tune.Device(cuda=False, bf16=False)
-    assert fine_tune.choose_gradient_checkpointing(
+    assert recipe.choose_gradient_checkpointing(
         "auto", total_params=n, trainable_params=n, base_bytes_per_param=4, model_config=phi3_mini, batch=4,
         seq_len=1024, device=cpu, gpu_bytes=None,
     ) is False  # fmt: skip
     # LoRA on a CPU recomputes: its activations are most of the machine's shared RAM (bench/RESULTS.md).
-    assert fine_tune.choose_gradient_checkpointing(
+    assert recipe.choose_gradient_checkpointing(
         "auto", total_params=n, trainable_params=lora, base_bytes_per_param=2, model_config=phi3_mini, batch=4,
         seq_len=1024, device=cpu, gpu_bytes=None,
     ) is True  # fmt: skip
@@ -440,7 +442,7 @@ def test_lora_parameter_count_matches_what_peft_trains(ultrachat_20, tmp_path):
     train, evaluation = split_ultrachat(ultrachat_20, tmp_path)
     args = args_for(train, evaluation, tmp_path / "out", "--model", "tiny", "--lora-r", "4")
     model, _ = tiny_model.build_tiny(train, seed=1)
-    expected = fine_tune.lora_parameter_count(model, args.lora_r)
+    expected = recipe.lora_parameter_count(model, args.lora_r)
     wrapped = get_peft_model(model, fine_tune.lora_config(args))
     assert expected == sum(p.numel() for p in wrapped.parameters() if p.requires_grad) > 0
 
@@ -450,10 +452,10 @@ def test_lora_parameter_count_matches_what_peft_trains(ultrachat_20, tmp_path):
 
 def test_lora_keeps_a_bf16_base_only_where_bf16_is_native():
     native_cpu, plain_cpu = fine_tune.Device(cuda=False, bf16=True), fine_tune.Device(cuda=False, bf16=False)
-    assert fine_tune.choose_dtype("auto", native_cpu, "lora") == "bfloat16"
-    assert fine_tune.choose_dtype("auto", plain_cpu, "lora") == "float32"  # bf16 there runs through conversions
-    assert fine_tune.choose_dtype("auto", native_cpu, "full") == "float32"  # full FT keeps fp32 master weights
-    assert fine_tune.choose_dtype("float32", native_cpu, "lora") == "float32"  # --dtype wins
+    assert recipe.choose_dtype("auto", native_cpu, "lora") == "bfloat16"
+    assert recipe.choose_dtype("auto", plain_cpu, "lora") == "float32"  # bf16 there runs through conversions
+    assert recipe.choose_dtype("auto", native_cpu, "full") == "float32"  # full FT keeps fp32 master weights
+    assert recipe.choose_dtype("float32", native_cpu, "lora") == "float32"  # --dtype wins
     import native_dtypes
 
     assert native_dtypes.cpu_bf16_flags("flags\t: fpu avx512f avx512_bf16 amx_bf16\n") == ["avx512_bf16", "amx_bf16"]
@@ -475,21 +477,21 @@ def test_the_fine_tuned_model_goes_back_to_the_base_models_dtype(tmp_path):
 
 
 def test_a_local_artifact_store_is_written_in_place_a_remote_one_is_uploaded(tmp_path):
-    assert fine_tune.local_artifact_dir((tmp_path / "a b").as_uri()) == tmp_path / "a b"
-    assert fine_tune.local_artifact_dir("/srv/mlartifacts/1/run/artifacts") == Path("/srv/mlartifacts/1/run/artifacts")
+    assert mlflow_model.local_artifact_dir((tmp_path / "a b").as_uri()) == tmp_path / "a b"
+    assert mlflow_model.local_artifact_dir("/srv/mlartifacts/1/run/artifacts") == Path("/srv/mlartifacts/1/run/artifacts")
     for remote in ("mlflow-artifacts:/1/run/artifacts", "azureml://experiments/x/runs/y/artifacts", "s3://b/k"):
-        assert fine_tune.local_artifact_dir(remote) is None
+        assert mlflow_model.local_artifact_dir(remote) is None
 
 
 def test_a_failed_hub_download_becomes_one_line_that_names_the_cause(monkeypatch):
-    monkeypatch.setattr(fine_tune, "hub_is_offline", lambda: True)
+    monkeypatch.setattr(recipe, "hub_is_offline", lambda: True)
     with pytest.raises(fine_tune.ModelUnavailable, match=r"org/model is not in the Hugging Face cache .* HF_HUB_OFFLINE"):
-        with fine_tune.hub_errors("org/model"):
+        with recipe.hub_errors("org/model"):
             raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
-    monkeypatch.setattr(fine_tune, "hub_is_offline", lambda: False)
+    monkeypatch.setattr(recipe, "hub_is_offline", lambda: False)
     with pytest.raises(fine_tune.ModelUnavailable, match=r"could not download org/model from .*: 401 Client Error"):
-        with fine_tune.hub_errors("org/model"):
+        with recipe.hub_errors("org/model"):
             raise OSError("401 Client Error\nmore detail")
     with pytest.raises(ValueError):  # not a download failure: left as it is
-        with fine_tune.hub_errors("org/model"):
+        with recipe.hub_errors("org/model"):
             raise ValueError("bad shape")
