@@ -408,13 +408,14 @@ def _guessed(kind: str, guessed_from: str, url: str) -> Iterator[None]:
         if not guessed_from or not (isinstance(exc, _UnexpectedShape) or exc.status in SHAPE_STATUSES):
             raise
         answer = f"HTTP {exc.status}: {exc.detail}" if exc.status else exc.detail
-        raise EndpointError(
-            f"endpoint {url} answered {answer} to the {kind} request, the shape sent because {guessed_from} is "
-            f"not set: if the deployment is another kind, set {guessed_from} to one of {KIND_HELP}",
-            endpoint=url,
-            status=exc.status,
-            detail=exc.detail,
-        ) from exc
+        raise EndpointError(refused_guess(url, answer, kind, guessed_from), endpoint=url, status=exc.status,
+                            detail=exc.detail) from exc
+
+
+def refused_guess(url: str, answer: str, kind: str, guessed_from: str) -> str:
+    """One line for an endpoint that refused the request shape a kind guessed from its URL."""
+    return (f"endpoint {url} answered {answer} to the {kind} request, the shape sent because {guessed_from} is "
+            f"not set: if the deployment is another kind, set {guessed_from} to one of {KIND_HELP}")
 
 
 def scoring_url(endpoint: str, kind: str) -> str:

@@ -155,9 +155,7 @@ def describe(exc: BaseException, url: str, endpoint: ec.Endpoint | None = None) 
                 return (f"endpoint {url} rejected the key (HTTP {status}): {detail}; re-run python deploy_model.py "
                         "to refresh AZURE_ML_API_KEY")
             if endpoint is not None and endpoint.guessed_from and status in ec.SHAPE_STATUSES:
-                return (f"endpoint {url} answered HTTP {status}: {detail} to the {endpoint.kind} request, the shape "
-                        f"sent because {endpoint.guessed_from} is not set: if the deployment is another kind, set "
-                        f"{endpoint.guessed_from} to one of {ec.KIND_HELP}")
+                return ec.refused_guess(url, f"HTTP {status}: {detail}", endpoint.kind, endpoint.guessed_from)
             return f"endpoint {url} answered HTTP {status}: {detail}"
         if type(error).__name__ in ("APIConnectionError", "ConnectError", "ConnectionError"):
             return f"cannot reach endpoint {url} (connection failed): is it running? {ec.NOT_DEPLOYED_HINT}"

@@ -181,14 +181,13 @@ def workspace_region(ml_client: "MLClient", settings: config.Settings) -> tuple[
 
 
 def usable_catalog_model(
-    settings: config.Settings, ml_client: "MLClient", uses: tuple[str, ...], *, region_check: bool,
+    settings: config.Settings, uses: tuple[str, ...], *, region: str | None = None,
     registry_client: "MLClient | None" = None, credential: "TokenCredential | None" = None,
 ) -> lifecycle.CatalogModel:
-    """AZURE_CATALOG_MODEL's latest version, refused (ConfigError) when retired for `uses` or, with
-    `region_check`, when its fine-tuned copies cannot be deployed in the workspace's region."""
+    """AZURE_CATALOG_MODEL's latest version, refused (ConfigError) when retired for `uses` or, given the
+    workspace's `region`, when its fine-tuned copies cannot be deployed there."""
     registry_client = client.connect_registry(settings, registry_client=registry_client, credential=credential)
     model = lifecycle.fetch_catalog_model(settings, registry_client)
-    region = workspace_region(ml_client, settings)[0] if region_check else None
     lifecycle.require_usable(model, uses, region=region)
     return model
 
@@ -240,9 +239,9 @@ def submit_training(
     catalog_model = None
     if mode in CATALOG_MODES:
         # Before anything is created: a retired model or a region it cannot be deployed in stops here.
-        catalog_model = usable_catalog_model(settings, ml_client, ("fine-tuning", "inference"),
-                                             region_check=mode == "serverless", registry_client=registry_client,
-                                             credential=credential)  # fmt: skip
+        region = workspace_region(ml_client, settings)[0] if mode == "serverless" else None
+        catalog_model = usable_catalog_model(settings, ("fine-tuning", "inference"), region=region,
+                                             registry_client=registry_client, credential=credential)  # fmt: skip
     if mode != "serverless":
         ensure_compute(ml_client, settings)
     if mode == "command":
@@ -499,7 +498,7 @@ def deploy(
         raise config.ConfigError(too_small)
     ml_client = client.connect(settings, ml_client=ml_client, credential=credential)
     if mode == "catalog":  # a catalog model retired for inference cannot be served
-        usable_catalog_model(recorded_catalog_settings(settings), ml_client, ("inference",), region_check=False,
+        usable_catalog_model(recorded_catalog_settings(settings), ("inference",),
                              registry_client=registry_client, credential=credential)  # fmt: skip
     endpoint_name, deployment_name = settings.AZURE_ENDPOINT_NAME, settings.AZURE_DEPLOYMENT_NAME
 
@@ -600,13 +599,16 @@ def fine_tuned_model(ml_client: "MLClient", settings: config.Settings, job_name:
     # (a command job's deploy registers under AZURE_MODEL_NAME too) may have added later ones.
     with client.azure_errors(f"reading the versions of model {name} (registered by job {job_name})"):
         versions = list(ml_client.models.list(name=name))
+    def number(m: Any) -> int:
+        return int(m.version) if str(m.version).isdigit() else 0
+
     mine = [m for m in versions if str(getattr(m, "job_name", "") or "") == job_name]
     if mine:
-        return name, str(max(mine, key=lambda m: int(m.version) if str(m.version).isdigit() else 0).version)
+        return name, str(max(mine, key=number).version)
     if not versions:
         raise RuntimeError(f"job {job_name} completed but model {name} has no version in the workspace: "
                            "see the job's outputs in ml.azure.com → Jobs")  # fmt: skip
-    latest = max(versions, key=lambda m: int(m.version) if str(m.version).isdigit() else 0)
+    latest = max(versions, key=number)
     log.warning("no version of model %s names job %s: deploying its latest, version %s", name, job_name,
                 latest.version)  # fmt: skip
     return name, str(latest.version)
@@ -662,12 +664,12 @@ def deploy_serverless(
     fine-tuned copies deployable in the workspace's region."""
     config.validate(settings, config.AZURE_WORKSPACE_FIELDS)
     ml_client = client.connect(settings, ml_client=ml_client, credential=credential)
-    usable_catalog_model(recorded_catalog_settings(settings), ml_client, ("inference",), region_check=True,
+    region, workspace_id = workspace_region(ml_client, settings)  # read once: the check and the model id
+    usable_catalog_model(recorded_catalog_settings(settings), ("inference",), region=region,
                          registry_client=registry_client, credential=credential)  # fmt: skip
     kind = KIND_BY_MODE["serverless"]
     name, version = fine_tuned_model(ml_client, settings, job_name)  # first: the job must have completed
     decision = check_gate(ml_client, settings, job_name, kind, force, metrics)
-    region, workspace_id = workspace_region(ml_client, settings)
     model_id = entities.workspace_model_id(region, workspace_id, name, version)
     endpoint_name = settings.AZURE_ENDPOINT_NAME
     current = ensure_serverless_endpoint(ml_client, settings, model_id, region)
