@@ -27,7 +27,7 @@ from typing import Any
 
 import realsize_bench  # noqa: E402  (bench/ is on sys.path: this file's folder)
 import serve_bench  # noqa: E402
-from serve_bench import ROOT, BenchError, machine, thread_env
+from serve_bench import ROOT, machine, thread_env
 
 log = logging.getLogger("lora_dtype_bench")
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from trl import SFTConfig
 
 log = logging.getLogger("fine_tune")
 

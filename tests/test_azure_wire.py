@@ -445,6 +445,7 @@ def test_teardown_deletes_the_endpoint_and_scales_the_cluster_to_zero(azure, cap
     (delete,) = standin.sent("DELETE")
     assert delete.path == f"{standin.ws_id}/onlineEndpoints/{s.AZURE_ENDPOINT_NAME}"
     (scale,) = [r for r in standin.requests[first:] if r.method == "PUT"]
+    assert scale.path == compute_id
     assert scale.json["properties"]["properties"]["scaleSettings"]["minNodeCount"] == 0
     assert standin.get_resource(f"{standin.ws_id}/onlineEndpoints/{s.AZURE_ENDPOINT_NAME}") is None
     assert common.read_state(s)["deployment"] == {}

@@ -27,7 +27,7 @@ from conftest import free_port
 import requests
 
 import config
-from finetune_phi import common, local_deploy
+from finetune_phi import common
 from finetune_phi import supervise
 from helpers_model import RegisteredModel, registered_tiny_model
 

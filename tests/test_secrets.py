@@ -33,9 +33,9 @@ from helpers_endpoint import ThreadServer
 import requests
 
 import config
-from finetune_phi import common, local_deploy
+from finetune_phi import common
 from finetune_phi import supervise
-from finetune_phi.endpoint import server
+from finetune_phi.endpoint import runtime, server
 from chat_flow.endpoint_client import EndpointError, ask
 from finetune_phi.pf_env import promptflow_home, subprocess_env
 from finetune_phi.training import mlflow_env
@@ -251,7 +251,7 @@ def test_every_presented_key_goes_through_compare_digest_and_only_the_right_one_
         compared.append((presented, expected, verdict))
         return verdict
 
-    monkeypatch.setattr(server, "hmac", SimpleNamespace(compare_digest=spy))  # the server's hmac only
+    monkeypatch.setattr(runtime, "hmac", SimpleNamespace(compare_digest=spy))  # the key check's hmac only
     key = secrets.token_urlsafe(32)  # the kind of key supervise.get_or_create_key makes
     release = threading.Event()
 

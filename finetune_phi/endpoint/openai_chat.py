@@ -1,5 +1,6 @@
-"""The OpenAI chat contract of POST /v1/chat/completions: which fields are refused, seeds, stop
-strings, log-probabilities, and the server-sent event stream (server.py wires the route).
+"""The OpenAI side of the endpoint: POST /v1/chat/completions and GET /v1/models (the routes, which
+server.py includes), which fields are refused, seeds, stop strings, log-probabilities, and the
+server-sent event stream.
 
 Streaming: the response starts once the first token is generated, so every refusal (401, 400, 429,
 503, a prompt over the context) is still an ordinary JSON error. After that, a problem (the
@@ -22,11 +23,30 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Iterator, Sequence
 
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
 from finetune_phi.endpoint import schemas
 from finetune_phi.endpoint.engine import Completion, Engine, Message, SamplingParams
-from finetune_phi.endpoint.runtime import Runtime
+from finetune_phi.endpoint.limits import DEADLINE_SCOPE_KEY, error_response
+from finetune_phi.endpoint.runtime import ERROR_RESPONSES, ApiError, Runtime, require_key, require_text, runtime_of
 
 log = logging.getLogger(__name__)
+
+# Every /v1 route needs the key; server.py includes this router in the app.
+router = APIRouter(tags=["openai"], dependencies=[Depends(require_key)])
+
+SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {"type": "string", "description": "a JSON schemas.ChatCompletionChunk or error object, or [DONE]"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}
+
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:
     cuts = [text.find(s) for s in stops if s and s in text]
@@ -307,3 +327,102 @@ async def _events(
     finally:
         if not task.done():  # the client disconnected, or the stream was cancelled
             task.cancel()
+
+
+# --- the routes ------------------------------------------------------------------------------------
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=schemas.ChatCompletion,
+    responses={
+        **ERROR_RESPONSES,
+        200: {
+            "description": "the completion; with stream: true, server-sent events (schemas.ChatCompletionChunk)",
+            # One server-sent event, as OpenAPI 3.2 describes an event stream item: `data` holds a
+            # JSON chat.completion.chunk (or an error object), and the last event's is [DONE].
+            "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
+        },
+    },
+)
+async def chat_completions(request: schemas.ChatCompletionRequest, http: Request) -> Any:
+    runtime = runtime_of(http)
+    refused = unsupported_fields(request)
+    if refused:
+        (field, why), others = refused[0], [f for f, _ in refused[1:]]
+        also = f" (also refused: {', '.join(others)})" if others else ""
+        raise ApiError(400, f"{field}: {why}{also}", "invalid_request_error", field)
+    engine = runtime.ready_engine()
+    params = SamplingParams.resolve(
+        max_new_tokens=request.max_completion_tokens or request.max_tokens,
+        # OpenAI's default temperature is 1: sample unless the caller asks for 0.
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k if request.top_k and request.top_k > 0 else None,
+        repetition_penalty=None if request.repetition_penalty in (None, 1.0) else request.repetition_penalty,
+        seed=torch_seed(request.seed),
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+    )
+    conversation = [m.as_message() for m in request.messages]
+    require_text(conversation, "messages", status=400)
+    stops = [request.stop] if isinstance(request.stop, str) else [s for s in request.stop or [] if s]
+    model = request.model or runtime.model_name
+    if request.stream:
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        deadline = http.scope.get(DEADLINE_SCOPE_KEY)
+        events = await _stream_chat(runtime, engine, conversation, params, stops, model, include_usage, deadline)
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    reply: list[int] = []
+    collect = (lambda _row, ids: reply.extend(ids)) if request.logprobs else None
+    [done] = await runtime.generate([conversation], params, param="messages", on_tokens=collect)
+    text, finish = _apply_stop(done.text, stops, done.finish_reason)
+    logprobs = None
+    if request.logprobs:
+        content = await asyncio.get_running_loop().run_in_executor(
+            None, reply_logprobs, engine, conversation, reply, text, request.top_logprobs or 0
+        )
+        logprobs = schemas.ChoiceLogprobs(content=content)
+    return schemas.ChatCompletion(
+        id=f"chatcmpl-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=model,
+        choices=[
+            schemas.Choice(
+                index=0, message=schemas.AssistantMessage(content=text), finish_reason=finish, logprobs=logprobs
+            )
+        ],
+        usage=schemas.Usage(
+            prompt_tokens=done.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+            total_tokens=done.prompt_tokens + done.completion_tokens,
+        ),
+    )
+
+@router.get(
+    "/v1/models",
+    response_model=schemas.ModelList,
+    responses={401: ERROR_RESPONSES[401]},
+)
+async def models(http: Request) -> schemas.ModelList:
+    runtime = runtime_of(http)
+    return schemas.ModelList(data=[schemas.ModelCard(id=runtime.model_name, created=runtime.created)])
+
+@router.get(
+    "/v1/models/{model_id}",
+    response_model=schemas.ModelCard,
+    responses={401: ERROR_RESPONSES[401], 404: {"model": schemas.ErrorResponse, "description": "no model has this id"}},
+)
+async def model_card(model_id: str, http: Request) -> schemas.ModelCard:
+    runtime = runtime_of(http)
+    if model_id != runtime.model_name:
+        # OpenAI's answer for an unknown model, code included.
+        return error_response(  # type: ignore[return-value]
+            404,
+            f"The model '{model_id}' does not exist: this endpoint serves '{runtime.model_name}' (GET /v1/models)",
+            "invalid_request_error",
+            "model",
+            code="model_not_found",
+        )
+    return schemas.ModelCard(id=runtime.model_name, created=runtime.created)

@@ -15,39 +15,33 @@ accept (body size, content type, requests in flight, time per request); every er
 framework's included, is answered in OpenAI's JSON error shape naming the field at fault; on /v1
 a request the server cannot honour is a 400 (as OpenAI and vLLM answer), on /score a 422.
 
-Streaming and the rest of the OpenAI contract: openai_chat.py. Shared runtime types: runtime.py.
+The /v1 routes and their streaming: openai_chat.py. What both contracts' routes share (the runtime on
+app.state, the key check, errors): runtime.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import hmac
 import logging
 import os
-import time
-import uuid
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Callable
 from urllib.parse import quote
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from finetune_phi.endpoint import schemas
+from finetune_phi.endpoint import openai_chat, schemas
 from finetune_phi.endpoint.caps import BatchCaps
-from finetune_phi.endpoint.engine import MAX_NEW_TOKENS_CAP, MIN_TEMPERATURE, Engine, Message, SamplingParams
-from finetune_phi.endpoint.openai_chat import _apply_stop, _stream_chat, reply_logprobs, torch_seed, unsupported_fields
-from finetune_phi.endpoint.runtime import ApiError, Runtime
+from finetune_phi.endpoint.engine import MAX_NEW_TOKENS_CAP, MIN_TEMPERATURE, Engine, SamplingParams
+from finetune_phi.endpoint.runtime import ERROR_RESPONSES, ApiError, Runtime, require_key, require_text, runtime_of
 from finetune_phi.endpoint.limits import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_CONCURRENT_REQUESTS,
     DEFAULT_REQUEST_TIMEOUT_S,
-    DEADLINE_SCOPE_KEY,
     InFlight,
     Limits,
     RequestLimits,
@@ -57,28 +51,6 @@ from finetune_phi.endpoint.limits import (
 log = logging.getLogger(__name__)
 
 MAX_NAMED_IGNORED = 20  # ignored /score params named in the response header and log line
-
-
-SSE_EVENT_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["data"],
-    "properties": {
-        "data": {"type": "string", "description": "a JSON schemas.ChatCompletionChunk or error object, or [DONE]"},
-        "event": {"type": "string"},
-        "id": {"type": "string"},
-        "retry": {"type": "integer"},
-    },
-}
-
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"model": schemas.ErrorResponse, "description": "the body is not JSON, or the prompt does not fit the model's context"},
-    401: {"model": schemas.ErrorResponse, "description": "missing or wrong key"},
-    408: {"model": schemas.ErrorResponse, "description": "the request ran past the endpoint's timeout; its work was cancelled"},
-    413: {"model": schemas.ErrorResponse, "description": "the body is over the endpoint's size limit"},
-    415: {"model": schemas.ErrorResponse, "description": "the body is not sent as application/json"},
-    429: {"model": schemas.ErrorResponse, "description": "too many requests in flight: retry after Retry-After seconds"},
-    503: {"model": schemas.ErrorResponse, "description": "the model is still loading"},
-}
 
 
 def create_app(
@@ -133,236 +105,140 @@ def create_app(
         description="Azure ML managed online endpoint contract (/score) and OpenAI chat completions (/v1).",
         lifespan=lifespan,
     )
-    app.state.runtime = runtime
-    in_flight = InFlight()
-    app.state.in_flight = in_flight
+    # What the module-level routes and handlers read from request.app.state.
+    app.state.runtime, app.state.limits, app.state.in_flight, app.state.key = runtime, limits, InFlight(), key.encode()
     app.add_middleware(
-        RequestLimits, limits=limits, paths=("/score", "/v1/chat/completions"), in_flight=in_flight  # type: ignore[arg-type]
+        RequestLimits, limits=limits, paths=("/score", "/v1/chat/completions"), in_flight=app.state.in_flight  # type: ignore[arg-type]
     )
-    bearer = HTTPBearer(auto_error=False, description="the endpoint key (deploy_model.py writes it to .env)")
-    expected = key.encode()
-
-    # async: a plain def dependency would take a thread-pool hop on every request.
-    async def require_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if credentials is None:
-            raise ApiError(401, "missing key: send the header 'Authorization: Bearer <key>'", "authentication_error", "Authorization")
-        # Constant time: how long a comparison takes must not tell how much of a guess was right.
-        if not hmac.compare_digest(credentials.credentials.encode(), expected):
-            raise ApiError(
-                401, "invalid key in the Authorization header: use AZURE_ML_API_KEY from .env", "authentication_error", "Authorization"
-            )
-
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        # Every message starts with the field at fault, as validation errors do.
-        message = exc.message
-        if exc.param and exc.status < 500 and not message.startswith(exc.param):
-            message = f"{exc.param}: {message}"
-        return error_response(exc.status, message, exc.type, exc.param, headers=exc.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # Framework errors (unparseable body, unknown route, wrong method) in the same shape as ours.
-        message, param = str(exc.detail), None
-        if exc.status_code == 400 and message == BODY_PARSE_ERROR:  # e.g. invalid UTF-8, nesting too deep
-            message, param = "the body is not valid JSON text (UTF-8, nested at most a few hundred levels)", "body"
-        return error_response(exc.status_code, message, "invalid_request_error", param, headers=exc.headers, detail=exc.detail)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(http: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        # OpenAI (and vLLM) answer every invalid request with 400; /score keeps FastAPI's 422.
-        status = 400 if http.url.path.startswith("/v1/") else 422
-
-        def field_path(error: Any) -> list[str]:
-            return [str(part) for part in error.get("loc", ()) if part != "body" and not _is_type_tag(part)]
-
-        # A value that matches no member of a union fails once per member; the deepest failure is
-        # the member it came closest to (a list of messages with a bad role, not "not a string").
-        broken = next((e for e in errors if e.get("type") == "json_invalid"), None)
-        if broken is not None:
-            # Not JSON at all: a syntax error (400), not a well-formed body with wrong values (422).
-            where = (broken.get("ctx") or {}).get("error", "invalid JSON")
-            position = broken.get("loc", ("body", "?"))[-1]
-            return error_response(
-                400, f"the body is not valid JSON: {where} at character {position}", "invalid_request_error", "body"
-            )
-        if http.url.path == "/score" and isinstance(exc.body, dict) and isinstance(exc.body.get("input_data"), dict):
-            # An object as input_data is the catalog shape: what is wrong is wrong with that shape.
-            errors = [e for e in errors if "CatalogScoreRequest" in e.get("loc", ())] or errors
-        first = max(errors, key=lambda e: len(field_path(e)), default={"loc": (), "msg": "invalid request"})
-        loc = field_path(first)
-        param = ".".join(loc) or "body"
-        message = f"{param}: {str(first.get('msg')).removeprefix('Value error, ')}"
-        if not loc and first.get("type") in ("model_attributes_type", "model_type", "dict_type"):
-            message = "body: must be a JSON object as described in /openapi.json"
-        # Keep FastAPI's `detail` list (what /openapi.json documents for 422) beside OpenAI's `error`,
-        # without the optional `input`: echoing it would send back up to max_body_bytes per error,
-        # NaN (not JSON), or a list nested deeper than an encoder's recursion limit.
-        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg")), "type": str(e.get("type"))} for e in errors]
-        return error_response(status, message, "invalid_request_error", param, detail=detail)
-
-    def health() -> schemas.Health:
-        detail = str(runtime.load_error) if runtime.load_error else None
-        return schemas.Health(
-            status=runtime.status,
-            model=runtime.model_name,
-            pid=os.getpid(),
-            detail=detail,
-            in_flight=in_flight.count,
-            max_concurrent_requests=limits.max_concurrent_requests,
-        )
-
-    @app.get("/", response_model=schemas.Health, tags=["health"])
-    @app.get("/health/live", response_model=schemas.Health, tags=["health"])
-    async def live() -> schemas.Health:
-        return health().model_copy(update={"status": "alive"})
-
-    @app.get(
-        "/health/ready",
-        response_model=schemas.Health,
-        responses={503: {"model": schemas.Health, "description": "the model is loading, or failed to load"}},
-        tags=["health"],
-    )
-    async def ready() -> Any:
-        body = health()
-        if runtime.engine is None:
-            return JSONResponse(body.model_dump(), status_code=503)
-        return body
-
-    @app.post(
-        "/score",
-        response_model=list[str] | schemas.CatalogReply,
-        responses=ERROR_RESPONSES,
-        dependencies=[Depends(require_key)],
-        tags=["azure ml"],
-    )
-    async def score(request: schemas.ScoreRequest | schemas.CatalogScoreRequest, response: Response) -> Any:
-        """What Azure answers for the same payload: our MLflow model's scoring (a prompt list), or a
-        model-catalog deployment's (one conversation as messages, answered {"output": ...}).
-
-        Each prompt string is wrapped in the model's prompt template; a conversation is rendered by
-        the model's chat template; params left out get the model's params-schema defaults, as MLflow
-        fills them in. Params outside the schema are ignored, as Azure ignores them, and named in the
-        X-Ignored-Fields header and the log."""
-        engine = runtime.ready_engine()
-        if isinstance(request, schemas.CatalogScoreRequest):
-            conversation = [m.as_message() for m in request.input_data.input_string]
-            _require_text(conversation, "input_data.input_string")
-            parameters = request.input_data.parameters
-            _name_ignored(response, "input_data.parameters", parameters)
-            sampling = _score_sampling(parameters, engine, "input_data.parameters")
-            [done] = await runtime.generate([conversation], sampling, param="input_data.input_string")
-            return schemas.CatalogReply(output=done.text)
-        prompts = list(request.input_data)
-        for i, prompt in enumerate(prompts):
-            if not prompt.strip():
-                raise ApiError(
-                    422, f"input_data.{i}: the prompt is empty: put the question in it", "invalid_request_error", f"input_data.{i}"
-                )
-        _name_ignored(response, "params", request.params)
-        completions = await runtime.generate(prompts, _score_sampling(request.params, engine))
-        return [c.text for c in completions]
-
-    @app.post(
-        "/v1/chat/completions",
-        response_model=schemas.ChatCompletion,
-        responses={
-            **ERROR_RESPONSES,
-            200: {
-                "description": "the completion; with stream: true, server-sent events (schemas.ChatCompletionChunk)",
-                # One server-sent event, as OpenAPI 3.2 describes an event stream item: `data` holds a
-                # JSON chat.completion.chunk (or an error object), and the last event's is [DONE].
-                "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
-            },
-        },
-        dependencies=[Depends(require_key)],
-        tags=["openai"],
-    )
-    async def chat_completions(request: schemas.ChatCompletionRequest, http: Request) -> Any:
-        refused = unsupported_fields(request)
-        if refused:
-            (field, why), others = refused[0], [f for f, _ in refused[1:]]
-            also = f" (also refused: {', '.join(others)})" if others else ""
-            raise ApiError(400, f"{field}: {why}{also}", "invalid_request_error", field)
-        engine = runtime.ready_engine()
-        params = SamplingParams.resolve(
-            max_new_tokens=request.max_completion_tokens or request.max_tokens,
-            # OpenAI's default temperature is 1: sample unless the caller asks for 0.
-            temperature=1.0 if request.temperature is None else request.temperature,
-            top_p=request.top_p,
-            top_k=request.top_k if request.top_k and request.top_k > 0 else None,
-            repetition_penalty=None if request.repetition_penalty in (None, 1.0) else request.repetition_penalty,
-            seed=torch_seed(request.seed),
-            presence_penalty=request.presence_penalty,
-            frequency_penalty=request.frequency_penalty,
-        )
-        conversation = [m.as_message() for m in request.messages]
-        _require_text(conversation, "messages", status=400)
-        stops = [request.stop] if isinstance(request.stop, str) else [s for s in request.stop or [] if s]
-        model = request.model or runtime.model_name
-        if request.stream:
-            include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            deadline = http.scope.get(DEADLINE_SCOPE_KEY)
-            events = await _stream_chat(runtime, engine, conversation, params, stops, model, include_usage, deadline)
-            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-        reply: list[int] = []
-        collect = (lambda _row, ids: reply.extend(ids)) if request.logprobs else None
-        [done] = await runtime.generate([conversation], params, param="messages", on_tokens=collect)
-        text, finish = _apply_stop(done.text, stops, done.finish_reason)
-        logprobs = None
-        if request.logprobs:
-            content = await asyncio.get_running_loop().run_in_executor(
-                None, reply_logprobs, engine, conversation, reply, text, request.top_logprobs or 0
-            )
-            logprobs = schemas.ChoiceLogprobs(content=content)
-        return schemas.ChatCompletion(
-            id=f"chatcmpl-{uuid.uuid4().hex}",
-            created=int(time.time()),
-            model=model,
-            choices=[
-                schemas.Choice(
-                    index=0, message=schemas.AssistantMessage(content=text), finish_reason=finish, logprobs=logprobs
-                )
-            ],
-            usage=schemas.Usage(
-                prompt_tokens=done.prompt_tokens,
-                completion_tokens=done.completion_tokens,
-                total_tokens=done.prompt_tokens + done.completion_tokens,
-            ),
-        )
-
-    @app.get(
-        "/v1/models",
-        response_model=schemas.ModelList,
-        responses={401: ERROR_RESPONSES[401]},
-        dependencies=[Depends(require_key)],
-        tags=["openai"],
-    )
-    async def models() -> schemas.ModelList:
-        return schemas.ModelList(data=[schemas.ModelCard(id=runtime.model_name, created=runtime.created)])
-
-    @app.get(
-        "/v1/models/{model_id}",
-        response_model=schemas.ModelCard,
-        responses={401: ERROR_RESPONSES[401], 404: {"model": schemas.ErrorResponse, "description": "no model has this id"}},
-        dependencies=[Depends(require_key)],
-        tags=["openai"],
-    )
-    async def model_card(model_id: str) -> schemas.ModelCard:
-        if model_id != runtime.model_name:
-            # OpenAI's answer for an unknown model, code included.
-            return error_response(  # type: ignore[return-value]
-                404,
-                f"The model '{model_id}' does not exist: this endpoint serves '{runtime.model_name}' (GET /v1/models)",
-                "invalid_request_error",
-                "model",
-                code="model_not_found",
-            )
-        return schemas.ModelCard(id=runtime.model_name, created=runtime.created)
-
+    app.add_exception_handler(ApiError, api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, invalid_request)  # type: ignore[arg-type]
+    app.include_router(router)
+    app.include_router(openai_chat.router)
     return app
+
+
+# --- errors: every one, the framework's included, in OpenAI's JSON error shape --------------------------
+
+
+async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+    # Every message starts with the field at fault, as validation errors do.
+    message = exc.message
+    if exc.param and exc.status < 500 and not message.startswith(exc.param):
+        message = f"{exc.param}: {message}"
+    return error_response(exc.status, message, exc.type, exc.param, headers=exc.headers)
+
+
+async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # Framework errors (unparseable body, unknown route, wrong method) in the same shape as ours.
+    message, param = str(exc.detail), None
+    if exc.status_code == 400 and message == BODY_PARSE_ERROR:  # e.g. invalid UTF-8, nesting too deep
+        message, param = "the body is not valid JSON text (UTF-8, nested at most a few hundred levels)", "body"
+    return error_response(exc.status_code, message, "invalid_request_error", param, headers=exc.headers, detail=exc.detail)
+
+
+async def invalid_request(http: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    # OpenAI (and vLLM) answer every invalid request with 400; /score keeps FastAPI's 422.
+    status = 400 if http.url.path.startswith("/v1/") else 422
+
+    def field_path(error: Any) -> list[str]:
+        return [str(part) for part in error.get("loc", ()) if part != "body" and not _is_type_tag(part)]
+
+    # A value that matches no member of a union fails once per member; the deepest failure is
+    # the member it came closest to (a list of messages with a bad role, not "not a string").
+    broken = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if broken is not None:
+        # Not JSON at all: a syntax error (400), not a well-formed body with wrong values (422).
+        where = (broken.get("ctx") or {}).get("error", "invalid JSON")
+        position = broken.get("loc", ("body", "?"))[-1]
+        return error_response(
+            400, f"the body is not valid JSON: {where} at character {position}", "invalid_request_error", "body"
+        )
+    if http.url.path == "/score" and isinstance(exc.body, dict) and isinstance(exc.body.get("input_data"), dict):
+        # An object as input_data is the catalog shape: what is wrong is wrong with that shape.
+        errors = [e for e in errors if "CatalogScoreRequest" in e.get("loc", ())] or errors
+    first = max(errors, key=lambda e: len(field_path(e)), default={"loc": (), "msg": "invalid request"})
+    loc = field_path(first)
+    param = ".".join(loc) or "body"
+    message = f"{param}: {str(first.get('msg')).removeprefix('Value error, ')}"
+    if not loc and first.get("type") in ("model_attributes_type", "model_type", "dict_type"):
+        message = "body: must be a JSON object as described in /openapi.json"
+    # Keep FastAPI's `detail` list (what /openapi.json documents for 422) beside OpenAI's `error`,
+    # without the optional `input`: echoing it would send back up to max_body_bytes per error,
+    # NaN (not JSON), or a list nested deeper than an encoder's recursion limit.
+    detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg")), "type": str(e.get("type"))} for e in errors]
+    return error_response(status, message, "invalid_request_error", param, detail=detail)
+
+
+# --- health and Azure's /score --------------------------------------------------------------------------
+
+router = APIRouter()
+
+
+def health(app: FastAPI) -> schemas.Health:
+    runtime: Runtime = app.state.runtime
+    detail = str(runtime.load_error) if runtime.load_error else None
+    return schemas.Health(
+        status=runtime.status,
+        model=runtime.model_name,
+        pid=os.getpid(),
+        detail=detail,
+        in_flight=app.state.in_flight.count,
+        max_concurrent_requests=app.state.limits.max_concurrent_requests,
+    )
+
+@router.get("/", response_model=schemas.Health, tags=["health"])
+@router.get("/health/live", response_model=schemas.Health, tags=["health"])
+async def live(http: Request) -> schemas.Health:
+    return health(http.app).model_copy(update={"status": "alive"})
+
+@router.get(
+    "/health/ready",
+    response_model=schemas.Health,
+    responses={503: {"model": schemas.Health, "description": "the model is loading, or failed to load"}},
+    tags=["health"],
+)
+async def ready(http: Request) -> Any:
+    body = health(http.app)
+    if http.app.state.runtime.engine is None:
+        return JSONResponse(body.model_dump(), status_code=503)
+    return body
+
+@router.post(
+    "/score",
+    response_model=list[str] | schemas.CatalogReply,
+    responses=ERROR_RESPONSES,
+    dependencies=[Depends(require_key)],
+    tags=["azure ml"],
+)
+async def score(request: schemas.ScoreRequest | schemas.CatalogScoreRequest, response: Response, http: Request) -> Any:
+    """What Azure answers for the same payload: our MLflow model's scoring (a prompt list), or a
+    model-catalog deployment's (one conversation as messages, answered {"output": ...}).
+
+    Each prompt string is wrapped in the model's prompt template; a conversation is rendered by
+    the model's chat template; params left out get the model's params-schema defaults, as MLflow
+    fills them in. Params outside the schema are ignored, as Azure ignores them, and named in the
+    X-Ignored-Fields header and the log."""
+    runtime = runtime_of(http)
+    engine = runtime.ready_engine()
+    if isinstance(request, schemas.CatalogScoreRequest):
+        conversation = [m.as_message() for m in request.input_data.input_string]
+        require_text(conversation, "input_data.input_string")
+        parameters = request.input_data.parameters
+        _name_ignored(response, "input_data.parameters", parameters)
+        sampling = _score_sampling(parameters, engine, "input_data.parameters")
+        [done] = await runtime.generate([conversation], sampling, param="input_data.input_string")
+        return schemas.CatalogReply(output=done.text)
+    prompts = list(request.input_data)
+    for i, prompt in enumerate(prompts):
+        if not prompt.strip():
+            raise ApiError(
+                422, f"input_data.{i}: the prompt is empty: put the question in it", "invalid_request_error", f"input_data.{i}"
+            )
+    _name_ignored(response, "params", request.params)
+    completions = await runtime.generate(prompts, _score_sampling(request.params, engine))
+    return [c.text for c in completions]
 
 
 def _is_type_tag(part: object) -> bool:
@@ -374,18 +250,6 @@ def _is_type_tag(part: object) -> bool:
 
 
 BODY_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's detail when json.loads itself fails
-
-
-def _require_text(conversation: Sequence[Message], param: str, status: int = 422) -> None:
-    """The last message is what the model answers: blank, there is nothing to answer.
-
-    Earlier messages may be empty (a chat history can hold an empty reply)."""
-    if conversation[-1]["content"].strip():
-        return
-    field = f"{param}.{len(conversation) - 1}.content"
-    raise ApiError(
-        status, f"{field}: the last message is empty: put the question in it", "invalid_request_error", field
-    )
 
 
 def _name_ignored(response: Response, where: str, options: schemas.GenerationParams | None) -> None:
