@@ -621,31 +621,11 @@ def endpoint_from_connection(configs: Mapping[str, Any], secrets: Mapping[str, A
 
 
 def read_env_file(path: Path) -> dict[str, str]:
-    """NAME=value lines of a .env file (`export`, comments and quotes handled; what deploy_model.py writes).
+    """NAME=value lines of a .env file, read by python-dotenv as config.py reads it (quotes, comments,
+    `export`): one parser for what deploy_model.py writes."""
+    from dotenv import dotenv_values
 
-    Not python-dotenv, so that a flow needs nothing beyond requests; a test checks both read the
-    file deploy_model.py writes the same way.
-    """
-    values: dict[str, str] = {}
-    for raw in Path(path).read_text(encoding="utf-8").splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        name, _, value = line.partition("=")
-        name = name.strip().removeprefix("export ").strip()
-        value = value.strip()
-        if value.startswith('"') and value.rfind('"') > 0:
-            quoted = value[: value.rfind('"') + 1]
-            try:
-                value = json.loads(quoted)  # deploy_model.py writes json.dumps(value)
-            except ValueError:
-                value = quoted[1:-1]
-        elif value.startswith("'") and value.rfind("'") > 0:
-            value = value[1 : value.rfind("'")]
-        else:
-            value = value.split(" #", 1)[0].strip()
-        values[name] = value
-    return values
+    return {name: value for name, value in dotenv_values(path).items() if value is not None}
 
 
 def find_env_file(environ: Mapping[str, str], folders: Iterable[Path]) -> Path | None:

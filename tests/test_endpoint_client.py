@@ -252,13 +252,16 @@ def test_encode_prompt_refuses_conversations_the_template_cannot_hold() -> None:
 # --- where a flow finds the endpoint --------------------------------------------------------------------
 
 
-def test_env_file_reads_what_deploy_writes_as_python_dotenv_does(tmp_path: Path) -> None:
+def test_the_flows_read_back_exactly_what_deploy_writes_beside_a_users_own_lines(tmp_path: Path) -> None:
     path = tmp_path / ".env"
     path.write_text("# mine\nexport SEED=3\nPLAIN=a b # comment\nSINGLE='x y'\n")
-    common.write_dotenv(path, {"AZURE_ML_ENDPOINT": "https://e.inference.ml.azure.com/score",
-                               "AZURE_ML_API_KEY": 'k"$ey\\x', "AZURE_ML_ENDPOINT_KIND": "azure-catalog"})
-    assert ec.read_env_file(path) == config.read_dotenv(path)
-    assert ec.read_env_file(path)["AZURE_ML_API_KEY"] == 'k"$ey\\x'
+    written = {"AZURE_ML_ENDPOINT": "https://e.inference.ml.azure.com/score", "AZURE_ML_API_KEY": 'k"$ey\\x',
+               "AZURE_ML_ENDPOINT_KIND": "azure-catalog"}
+    common.write_dotenv(path, written)
+    read = ec.read_env_file(path)
+    assert {name: read[name] for name in written} == written
+    assert (read["SEED"], read["PLAIN"], read["SINGLE"]) == ("3", "a b", "x y")
+    assert read == config.read_dotenv(path)
 
 
 def test_endpoint_from_environment_env_beats_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,6 +14,7 @@ a stand-in for an Azure model-catalog deployment (tests/catalog_standin.py says 
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import asyncio
 import json
 import os
@@ -258,7 +259,7 @@ def test_flow_requirements_pin_what_the_project_pins() -> None:
         return {m.group(1).lower(): m.group(2) for m in found if m}
 
     flow_pins, project_pins = pins(REPO / "chat_flow" / "requirements.txt"), pins(REPO / "constraints.txt")
-    assert set(flow_pins) == {"promptflow", "requests", "urllib3"}
+    assert set(flow_pins) == {"promptflow", "python-dotenv", "requests", "urllib3"}
     assert {name: project_pins.get(name) for name in flow_pins} == flow_pins
 
 
@@ -645,12 +646,19 @@ def copy_snapshot(flow_dir: Path, dest: Path) -> Path:
 
 
 def requirement_names(path: Path) -> set[str]:
-    names = set()
+    """The top-level import names the requirements provide: each distribution's own name, and the
+    packages it installs as this venv's metadata records them (python-dotenv installs `dotenv`)."""
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "_", name).lower()
+
+    dists = set()
     for line in path.read_text(encoding="utf-8").splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
-            names.add(re.split(r"[<>=!~\[; ]", line, maxsplit=1)[0].lower().replace("-", "_"))
-    return names
+            dists.add(norm(re.split(r"[<>=!~\[; ]", line, maxsplit=1)[0]))
+    provided = {top for top, owners in importlib.metadata.packages_distributions().items()
+                if any(norm(owner) in dists for owner in owners)}  # fmt: skip
+    return dists | provided
 
 
 def run_time_nodes(tree: ast.AST) -> Iterator[ast.AST]:
