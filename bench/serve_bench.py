@@ -46,7 +46,6 @@ import logging
 import os
 import platform
 import secrets
-import signal
 import socket
 import statistics
 import subprocess
@@ -72,6 +71,7 @@ WARMUP_TOKENS = 8  # warm-up requests: open the connections without a long gener
 LONG_PROMPT_CHARS = 1200
 LONG_PROMPTS = 4
 DEMO_PROMPTS = 24
+from finetune_phi import supervise  # noqa: E402  (start, wait for and stop the servers, as deploys do)
 from finetune_phi.demo import DEMO_OVERRIDES  # noqa: E402  (the demo model: trained as `make demo` trains it)
 # ~106M parameters: 2 x 32064 x 768 embeddings/head + 8 x (4 x 768^2 + 3 x 768 x 2048).
 P100M = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 12}
@@ -341,39 +341,21 @@ class Server:
 
 def start(name: str, argv: list[str], env: dict[str, str], port: int, ready_path: str, log_dir: Path) -> Server:
     log_path = log_dir / f"{name}.log"
-    with log_path.open("wb") as out:
-        # Own session: `mlflow models serve` runs uvicorn as a child, and the whole group must go.
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    return Server(name, f"http://127.0.0.1:{port}", ready_path, proc, log_path)
+    log_path.unlink(missing_ok=True)
+    return Server(name, f"http://127.0.0.1:{port}", ready_path, supervise.spawn(argv, env, log_path, cwd=ROOT), log_path)
 
 
 def wait_ready(server: Server, timeout: float = READY_TIMEOUT_S) -> float:
-    import httpx
-
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if server.proc.poll() is not None:
-            raise BenchError(f"{server.name} exited with status {server.proc.returncode}:\n{server.log_tail()}")
-        try:
-            if httpx.get(server.base + server.ready_path, timeout=2).status_code == 200:
-                return time.monotonic() - started
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise BenchError(f"{server.name} was not ready after {timeout:.0f} s:\n{server.log_tail()}")
+    try:
+        return supervise.poll_until(server.proc, lambda: supervise.http_ok(server.base + server.ready_path), timeout, 0.2)
+    except supervise.ExitedEarly as exc:
+        raise BenchError(f"{server.name} exited with status {exc.code}:\n{server.log_tail()}") from None
+    except TimeoutError:
+        raise BenchError(f"{server.name} was not ready after {timeout:.0f} s:\n{server.log_tail()}") from None
 
 
 def stop(server: Server) -> None:
-    if server.proc.poll() is not None:
-        return
-    try:
-        os.killpg(server.proc.pid, signal.SIGTERM)
-        server.proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.proc.pid, signal.SIGKILL)
-        server.proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
+    supervise.stop_group(server.proc, timeout=20)
 
 
 def thread_env(threads: int) -> dict[str, str]:

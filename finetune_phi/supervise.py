@@ -6,6 +6,10 @@ and has not yet seen stopped, and `deploy.lock`), the lock that lets one deploy 
 time (flock: the kernel drops it when its holder dies), the endpoint's key, and the process itself
 (started in its own session so it outlives the command, signalled only when its command line says it
 is our endpoint, stopped with SIGTERM and then SIGKILL). local_deploy.py decides what to run and when.
+
+The process primitives under it (spawn, poll_until, http_ok, stop_group) know nothing of endpoints:
+the serving benchmark starts its peers (`transformers serve`, `mlflow models serve`) with them, and the
+tests their `pf` servers.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import config
 from finetune_phi import common
@@ -50,6 +54,66 @@ LOG_TAIL_CHARS = 3000
 
 class DeployError(RuntimeError):
     """A deployment step failed; the message says what to do (deploy_model.py prints it)."""
+
+
+# --- processes: start one in its own session, wait until it is ready, stop it and its children ----------
+
+
+class ExitedEarly(RuntimeError):
+    """The process ended before it was ready; `code` is its exit status."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"exited with status {code}")
+        self.code = code
+
+
+def spawn(argv: list[str], env: dict[str, str], log_path: Path, *, cwd: Path = config.ROOT) -> subprocess.Popen[bytes]:
+    """Start `argv` in its own session with its output appended to `log_path`.
+
+    Its own session: Ctrl-C here, or this shell closing, leaves it running, and stop_group can end the
+    whole group (`mlflow models serve` and `pf flow serve` run their server as a child)."""
+    with log_path.open("ab") as log_file:
+        return subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+
+def poll_until(proc: subprocess.Popen[bytes], ready: Callable[[], bool], timeout: float, interval: float = 0.25) -> float:
+    """Seconds until `ready()` is true; ExitedEarly if `proc` ends first, TimeoutError after `timeout`."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        code = proc.poll()
+        if code is not None:
+            raise ExitedEarly(code)
+        if ready():
+            return time.monotonic() - started
+        time.sleep(interval)
+    raise TimeoutError(f"not ready after {timeout:.0f} s")
+
+
+def http_ok(url: str) -> bool:
+    """Whether GET `url` answers 200 now (a new connection each time)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2.0) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def stop_group(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM to the session `spawn` started, SIGKILL after `timeout`; then any child that outlived
+    its parent."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("pid %d did not stop within %.0f s of SIGTERM; sending SIGKILL", proc.pid, timeout)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def endpoint_dir(settings: config.Settings) -> Path:
@@ -281,26 +345,27 @@ def wait_ready(proc: subprocess.Popen[bytes], host: str, port: int, log_path: Pa
     During a hand-over both servers accept connections on the port and the kernel spreads new
     connections between them, so the probe checks the pid in the answer.
     """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        code = proc.poll()
-        if code is not None:
-            if code == EXIT_PORT_BUSY:
-                raise DeployError(
-                    f"port {port} on {host} is in use by another program: stop it or set LOCAL_ENDPOINT_PORT "
-                    f"to a free port\n--- {log_path} ---\n{_log_tail(log_path, offset, proc.pid)}"
-                )
-            raise DeployError(
-                f"the endpoint exited with status {code} before it was ready; its log ({log_path}) ends with:\n"
-                f"{_log_tail(log_path, offset, proc.pid)}"
-            )
+    def ready() -> bool:
         body = _probe_ready(host, port)
-        if body is not None and body.get("pid") == proc.pid and body.get("status") == "ready":
-            return
-        time.sleep(0.25)
-    raise DeployError(
-        f"the endpoint was not ready after {timeout:.0f} s; its log ({log_path}) ends with:\n{_log_tail(log_path, offset, proc.pid)}"
-    )
+        return body is not None and body.get("pid") == proc.pid and body.get("status") == "ready"
+
+    try:
+        poll_until(proc, ready, timeout)
+    except ExitedEarly as exc:
+        if exc.code == EXIT_PORT_BUSY:
+            raise DeployError(
+                f"port {port} on {host} is in use by another program: stop it or set LOCAL_ENDPOINT_PORT "
+                f"to a free port\n--- {log_path} ---\n{_log_tail(log_path, offset, proc.pid)}"
+            ) from None
+        raise DeployError(
+            f"the endpoint exited with status {exc.code} before it was ready; its log ({log_path}) ends with:\n"
+            f"{_log_tail(log_path, offset, proc.pid)}"
+        ) from None
+    except TimeoutError:
+        raise DeployError(
+            f"the endpoint was not ready after {timeout:.0f} s; its log ({log_path}) ends with:\n"
+            f"{_log_tail(log_path, offset, proc.pid)}"
+        ) from None
 
 
 def start_server(
@@ -327,16 +392,7 @@ def start_server(
     ]  # fmt: skip
     env = {**os.environ, **mlflow_env(settings), KEY_ENV: key}
     offset = log_path.stat().st_size if log_path.is_file() else 0
-    with log_path.open("ab") as log_file:
-        proc = subprocess.Popen(
-            argv,
-            cwd=config.ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own session: Ctrl-C here, or this shell closing, leaves it running
-        )
+    proc = spawn(argv, env, log_path)
     # Recorded before waiting: if this deploy is killed now, the next one finds the server here.
     _write_spawned(settings, [*_read_spawned(settings), proc.pid])
     log.info("started the endpoint (pid %d) for %s on %s:%d; waiting until ready", proc.pid, model_uri, host, port)

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-import requests
-
 from conftest import free_port
+from finetune_phi import supervise
 
 
 def start_own_pf_service(pf: str, env: dict[str, str]) -> int:
@@ -75,33 +72,19 @@ def flow_answers(pf: str, env: Mapping[str, str], tests: Mapping[str, Sequence[s
     return {name: parse_flow_answer(proc.stdout) for name, proc in done.items()}
 
 
-def wait_http(url: str, deadline_s: float, proc: subprocess.Popen | None = None) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{proc.args!r} exited with {proc.returncode} before {url} answered")
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} did not answer 200 within {deadline_s} s")
+def wait_http(url: str, deadline_s: float, proc: subprocess.Popen) -> None:
+    """Until GET `url` answers 200; a test failure if `proc` exits first or the deadline passes."""
+    try:
+        supervise.poll_until(proc, lambda: supervise.http_ok(url), deadline_s, 0.2)
+    except supervise.ExitedEarly as exc:
+        raise AssertionError(f"{proc.args!r} exited with {exc.code} before {url} answered") from None
+    except TimeoutError:
+        raise AssertionError(f"{url} did not answer 200 within {deadline_s} s") from None
 
 
 def stop_group(proc: subprocess.Popen) -> None:
     """Stop a process started with start_new_session=True, children included (pf forks its serve app)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # a forked child that outlived its parent
-    except ProcessLookupError:
-        pass
+    supervise.stop_group(proc, timeout=15)
 
 
 @contextmanager
