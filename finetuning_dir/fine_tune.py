@@ -1,4 +1,5 @@
-"""Supervised fine-tuning of Phi-3 on chat data with TRL, logged to MLflow as a servable chat model.
+"""Supervised fine-tuning of a Phi chat model (Phi-3-mini, Phi-3.5-mini or Phi-4-mini) with TRL, logged to
+MLflow as a servable chat model.
 
 The same command runs in the Azure ML job (from this folder, uploaded as the job's code) and locally
 (`python setup_ml.py` runs it with the local backend). It joins the MLflow run named by
@@ -18,7 +19,8 @@ MLFLOW_RUN_ID when set, and talks to MLFLOW_TRACKING_URI.
 The job reads parse (make_parser, validate_args) → prepare (the model, data and trainer) → train
 (with the before/after evaluation) → save. Its siblings hold the rest: recipe.py how it trains
 (model loading, device, dtype, attention, packing, memory estimates, LoRA, the SFT config),
-mlflow_model.py how the result is packaged; chat_format.py, evaluation.py and checkpoints.py as named.
+mlflow_model.py what the run records (params, metrics) and how the model is packaged;
+chat_format.py, evaluation.py and checkpoints.py as named.
 The model is serialized once, as an MLflow model folder in --model_output_dir (Azure registers that job
 output as an mlflow_model), in the base model's dtype, and is the run's "model" artifact: uploaded from
 that folder to a remote artifact store, or written straight into a local one when --model_output_dir
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import shutil
 import sys
@@ -46,9 +47,8 @@ import evaluation
 # readable here (fine_tune.PROMPT_TEMPLATE); their one home is chat_format.py.
 from chat_format import DEFAULT_MAX_NEW_TOKENS, PROMPT_TEMPLATE, read_chat_rows  # noqa: F401
 from evaluation import Evaluation
-from mlflow_model import MODEL_ARTIFACT_PATH, in_dtype, save_and_log
+from mlflow_model import MODEL_ARTIFACT_PATH, in_dtype, make_metrics_callback, run_params, save_and_log
 from recipe import (
-    LORA_TARGET_MODULES,
     TINY,
     Device,
     ModelUnavailable,
@@ -74,11 +74,9 @@ log = logging.getLogger("fine_tune")
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
 DEFAULT_CHECKPOINT_DIR = Path("outputs") / "checkpoints"
-# Two greedy passes (base and fine-tuned) over this many held-out questions, batched. The base model
-# rarely stops, so its pass runs to the token limit: on the tiny CPU model 24 rows x 48 tokens take
-# about a second; Phi-3-mini on one A100 does 50 rows x 256 tokens in about a minute. (The same
-# defaults as config.py's EVAL_* fields, which both backends pass as flags: this file is uploaded as
-# the job's code and imports nothing of the project's.)
+# Two greedy passes (base, fine-tuned) over this many held-out questions; the base model rarely stops,
+# so its pass runs to the limit: Phi-3-mini on one A100 does 50 x 256 tokens in about a minute. Both
+# backends pass config.py's EVAL_* as flags (this file is the job's code and imports nothing of ours).
 DEFAULT_EVAL_MAX_ROWS = 50
 DEFAULT_EVAL_MAX_NEW_TOKENS = 256
 # 16 prompts of up to --max-seq-length (1024) + 256 new tokens: ~8 GiB of KV cache for Phi-3-mini in bf16.
@@ -103,7 +101,7 @@ def make_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model", default=DEFAULT_MODEL,
-        help=f"hub id or local folder of a Phi-3 causal LM, or '{TINY}' for a 1M-parameter stand-in (default: %(default)s)",
+        help=f"hub id or local folder of a Phi causal LM (Phi3ForCausalLM), or '{TINY}' for a 1M-parameter stand-in (default: %(default)s)",
     )  # fmt: skip
     model.add_argument(
         "--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
@@ -206,67 +204,6 @@ def load_datasets(train_file: Path, eval_file: Path) -> tuple[Dataset, Dataset]:
     train = Dataset.from_list([{"messages": m} for m in read_chat_rows(train_file)])
     evaluation = Dataset.from_list([{"messages": m} for m in read_chat_rows(eval_file)])
     return train, evaluation
-
-
-def make_metrics_callback() -> TrainerCallback:
-    """Trainer logs to MLflow, in the run that is already active (report_to="mlflow" would open its own)."""
-    import mlflow
-    from transformers import TrainerCallback
-
-    renames = {"loss": "train_loss", "train_loss": "train_loss_avg"}
-
-    class MlflowMetrics(TrainerCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-            if not state.is_world_process_zero or not logs:
-                return
-            metrics = {
-                renames.get(k, k): float(v)
-                for k, v in logs.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            }
-            if metrics:
-                mlflow.log_metrics(metrics, step=state.global_step)
-
-    return MlflowMetrics()
-
-
-def run_params(args: argparse.Namespace, peft: str, device: Device, model: PreTrainedModel, n_train: int, n_eval: int) -> dict[str, Any]:
-    """What a reader of the run needs to reproduce it; Azure ML refuses runs with > 200 params."""
-    import torch
-    import transformers
-    import trl
-
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # after PEFT wrapping
-    params = {
-        "base_model": args.model,
-        "peft": peft,
-        "epochs": args.epochs,
-        "max_steps": args.max_steps,
-        "learning_rate": args.learning_rate,
-        "batch_size": args.batch_size,
-        "grad_accum": args.grad_accum,
-        "max_seq_length": args.max_seq_length,
-        "seed": args.seed,
-        "warmup_ratio": args.warmup_ratio,
-        "assistant_only_loss": args.assistant_only_loss,
-        "train_rows": n_train,
-        "eval_rows": n_eval,
-        "parameters": model.num_parameters(),
-        "trainable_parameters": trainable,
-        "device": device.name,
-        "bf16": device.bf16,
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "trl": trl.__version__,
-    }
-    if peft == "lora":
-        params |= {"lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
-                   "lora_target_modules": ",".join(LORA_TARGET_MODULES)}  # fmt: skip
-    return params
-
-
-# --- the MLflow model ----------------------------------------------------------------------------
 
 
 # --- the job -------------------------------------------------------------------------------------

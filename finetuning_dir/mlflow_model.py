@@ -1,11 +1,14 @@
-"""The fine-tuned model as an MLflow model: its signature and params schema, its requirements and
-prompt template, written once into the output folder in the base model's dtype and logged as the
-run's "model" artifact (uploaded, or written in place into a local artifact store).
+"""What the job records in MLflow: the run's params and the Trainer's metrics, and the fine-tuned model
+as an MLflow model (its signature and params schema, its requirements and prompt template), written
+once into the output folder in the base model's dtype and logged as the run's "model" artifact
+(uploaded, or written in place into a local artifact store).
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
+import math
 import os
 import shutil
 import stat
@@ -16,8 +19,10 @@ from typing import TYPE_CHECKING, Any
 import chat_format
 from chat_format import GENERATION_DEFAULTS
 
+from recipe import LORA_TARGET_MODULES, Device
+
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 log = logging.getLogger("fine_tune")
 
@@ -28,6 +33,70 @@ EXAMPLE_QUESTION = "Who founded Microsoft?"
 
 # The MLflow param type of each generation setting's Python type (bool first: a bool is an int too).
 MLFLOW_PARAM_TYPES: tuple[tuple[type, str], ...] = ((bool, "boolean"), (int, "long"), (float, "double"))
+
+# --- the run's record ------------------------------------------------------------------------------
+
+
+def make_metrics_callback() -> TrainerCallback:
+    """Trainer logs to MLflow, in the run that is already active (report_to="mlflow" would open its own)."""
+    import mlflow
+    from transformers import TrainerCallback
+
+    renames = {"loss": "train_loss", "train_loss": "train_loss_avg"}
+
+    class MlflowMetrics(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+            if not state.is_world_process_zero or not logs:
+                return
+            metrics = {
+                renames.get(k, k): float(v)
+                for k, v in logs.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            }
+            if metrics:
+                mlflow.log_metrics(metrics, step=state.global_step)
+
+    return MlflowMetrics()
+
+
+def run_params(args: argparse.Namespace, peft: str, device: Device, model: PreTrainedModel, n_train: int, n_eval: int) -> dict[str, Any]:
+    """What a reader of the run needs to reproduce it; Azure ML refuses runs with > 200 params."""
+    import torch
+    import transformers
+    import trl
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # after PEFT wrapping
+    params = {
+        "base_model": args.model,
+        "peft": peft,
+        "epochs": args.epochs,
+        "max_steps": args.max_steps,
+        "learning_rate": args.learning_rate,
+        "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum,
+        "max_seq_length": args.max_seq_length,
+        "seed": args.seed,
+        "warmup_ratio": args.warmup_ratio,
+        "assistant_only_loss": args.assistant_only_loss,
+        "train_rows": n_train,
+        "eval_rows": n_eval,
+        "parameters": model.num_parameters(),
+        "trainable_parameters": trainable,
+        "device": device.name,
+        "bf16": device.bf16,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+    }
+    if peft == "lora":
+        params |= {"lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
+                   "lora_target_modules": ",".join(LORA_TARGET_MODULES)}  # fmt: skip
+    return params
+
+
+# --- the model --------------------------------------------------------------------------------------
+
 
 def pip_requirements() -> list[str]:
     """Explicit: inference of requirements imports every module and fails looking for torchvision."""
