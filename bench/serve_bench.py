@@ -116,7 +116,7 @@ def bench_settings(state_dir: Path, name: str) -> Any:
 
 
 def newest_version(state_dir: Path, name: str) -> str | None:
-    from finetune_phi.training import use_local_mlflow
+    from finetune_phi.mlflow_store import use_local_mlflow
 
     settings = bench_settings(state_dir, name)
     use_local_mlflow(settings)
@@ -170,7 +170,7 @@ def save_and_register(model: Any, tokenizer: Any, state: Path, name: str, size: 
     import mlflow
 
     from finetune_phi.local_deploy import register_model
-    from finetune_phi.training import use_local_mlflow
+    from finetune_phi.mlflow_store import use_local_mlflow
 
     settings = bench_settings(state, name)
     use_local_mlflow(settings)

@@ -51,7 +51,7 @@ class StepResult:
 
 def demo_env(settings: config.Settings) -> dict[str, str]:
     from finetune_phi.pf_env import subprocess_env
-    from finetune_phi.training import mlflow_env
+    from finetune_phi.mlflow_store import mlflow_env
 
     return subprocess_env(settings, {**os.environ, **DEMO_OVERRIDES, **mlflow_env(settings)})
 
@@ -84,7 +84,7 @@ def parse_flow_answer(output: str) -> str:
 def evaluation_report(settings: config.Settings, rows: int = 3, width: int = 60) -> list[str]:
     """The training run's before/after summary line and the answers to `rows` questions, as printed lines."""
     from finetune_phi.common import read_state
-    from finetune_phi.training import use_local_mlflow
+    from finetune_phi.mlflow_store import use_local_mlflow
 
     run_id = (read_state(settings).get("training") or {}).get("run_id")
     if not run_id:

@@ -50,7 +50,7 @@ from finetune_phi.supervise import (
     start_server,
     stop_strays,
 )
-from finetune_phi.training import use_local_mlflow
+from finetune_phi.mlflow_store import use_local_mlflow
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 import config
 from finetune_phi import common
 from finetune_phi.endpoint import KEY_ENV
-from finetune_phi.training import mlflow_env
+from finetune_phi.mlflow_store import mlflow_env
 
 log = logging.getLogger(__name__)
 

@@ -128,7 +128,7 @@ def test_a_gated_model_without_the_token_fails_in_one_line_naming_hf_token(tmp_p
 
 
 def test_only_a_hub_fine_tune_leaves_the_users_offline_setting_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from finetune_phi.training import mlflow_env
+    from finetune_phi.mlflow_store import mlflow_env
 
     settings = config.load(env={}, dotenv_path=tmp_path / "none", STATE_DIR=str(tmp_path / "state"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

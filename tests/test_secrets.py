@@ -38,7 +38,7 @@ from finetune_phi import supervise
 from finetune_phi.endpoint import runtime, server
 from chat_flow.endpoint_client import EndpointError, ask
 from finetune_phi.pf_env import promptflow_home, subprocess_env
-from finetune_phi.training import mlflow_env
+from finetune_phi.mlflow_store import mlflow_env
 
 REPO = Path(__file__).resolve().parents[1]
 PF = str(Path(sys.executable).parent / "pf")
