@@ -119,7 +119,7 @@ chat-maf: $(MAF_STAMP)
 # Two pytest-xdist workers, one test file each (492 tests: 6 min on two cores, 2026-12-04; one process,
 # TEST_WORKERS=0: 10 min 23 s). The one test that depended on the other worker's load (9 of 10 requests
 # in one decoding step: a request still being tokenized joined a step later) now waits for tokenized
-# requests. FINETUNE_PHI_ALLOWED_SKIPS=none|fixtures makes skips fail the run (tests/conftest.py; .ci/run).
+# requests. FINETUNE_PHI_ALLOWED_SKIPS=none|fixtures|fixtures:<names> makes skips fail the run (tests/conftest.py; .ci/run).
 TEST_WORKERS ?= 2
 
 test: $(STAMP) $(AZ_STAMP) $(MAF_STAMP)

@@ -268,11 +268,13 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     ids = []
     for token in (END_OF_TURN, tokenizer.eos_token):
         token_id = None if token is None else tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == tokenizer.unk_token_id:
+        # A token the vocabulary lacks comes back as the unknown token's id, unless it IS the unknown
+        # token: Phi-4-mini's <|endoftext|> is its EOS, BOS, pad and unk at once.
+        if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
             raise ValueError(
-                f"the tokenizer has no {token or 'EOS'!r} token: it does not speak the Phi-3 chat format, so its "
-                f"replies would not stop at the end of a turn. Use a Phi-3 tokenizer (microsoft/Phi-3-mini-4k-instruct's, "
-                f"or the tiny model's), which has {END_OF_TURN} and {EOS}"
+                f"the tokenizer has no {token or 'EOS'!r} token: it does not speak the Phi chat format, so its "
+                f"replies would not stop at the end of a turn. Use a Phi tokenizer (Phi-3-mini-4k-instruct's, "
+                f"Phi-3.5-mini-instruct's, Phi-4-mini-instruct's, or the tiny model's), which has {END_OF_TURN} and an EOS"
             )
         if token_id not in ids:
             ids.append(token_id)

@@ -1,19 +1,20 @@
 """Third-party data for tests and benchmarks: found beside the checkout, named by a variable, or fetched once.
 
     python -m testkit.fixtures status     # where each fixture resolves from, or why it does not
+    python -m testkit.fixtures missing    # the names of those that resolve nowhere (CI's skip policy)
     python -m testkit.fixtures fetch      # download the missing ones into the cache, each checked by sha256
 
 Each fixture resolves, first hit wins, from:
-1. its own environment variable naming the path: FINETUNE_PHI_PHI3_TOKENIZER (a folder),
-   FINETUNE_PHI_ULTRACHAT20 (a .jsonl file), AZUREML_SCORE_SCRIPT (a .py file);
+1. its own environment variable naming the path: FINETUNE_PHI_PHI3_TOKENIZER and
+   FINETUNE_PHI_PHI4_MINI_TOKENIZER (folders), FINETUNE_PHI_ULTRACHAT20 (a .jsonl file), AZUREML_SCORE_SCRIPT (a .py file);
 2. $FINETUNE_PHI_SHARED_FIXTURES, a folder laid out like ../shared/fixtures (the default: the
    `shared/fixtures` folder beside the checkout); an empty or missing folder is a clone with nothing beside it;
 3. the cache, $FINETUNE_PHI_FIXTURE_CACHE (default ~/.cache/finetune-phi/fixtures), one folder per
    fixture and pinned revision. Only `fetch` writes there: nothing is ever downloaded on the side.
 
-`fetch` downloads from the public source at a pinned revision, checks every file's sha256 (and size)
-before anything lands in the cache, and moves a fixture into place with one rename, so the cache holds
-a whole, checked fixture or none. The hosts are overridable for mirrors (and for the tests, which
+`fetch` downloads from the public source at a pinned revision, checks every file's sha256 and size (or
+its git blob id) before anything lands in the cache, and moves a fixture into place with one rename, so
+the cache holds a whole, checked fixture or none. The hosts are overridable for mirrors (and for the tests, which
 serve the files from 127.0.0.1): FINETUNE_PHI_GITHUB_RAW replaces https://raw.githubusercontent.com,
 HF_ENDPOINT (as in huggingface_hub) replaces https://huggingface.co.
 """
@@ -52,16 +53,36 @@ HOW_TO_FETCH = "`make fixtures` (or `python -m testkit.fixtures fetch`)"
 class FixtureUnavailable(RuntimeError):
     """A fixture is in none of the places it may be; the message says each place and how to get it."""
 
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
 
 class FetchError(RuntimeError):
     """A download failed or did not match its pinned hash; nothing was written to the cache."""
 
 
+# The most a file pinned by its git blob alone may be: its size is in the blob id, not known before.
+MAX_GIT_BLOB_BYTES = 64 << 20
+
+
 @dataclass(frozen=True)
 class FileSpec:
+    """One file of a fixture, pinned by its sha256 and size, or by its git blob id (SHA-1 over
+    "blob <size>\\0" + the bytes: git's own content address) where the file was not at hand to hash."""
+
     name: str
-    sha256: str
-    size: int
+    sha256: str = ""
+    size: int = 0
+    git_blob: str = ""
+
+    def __post_init__(self) -> None:
+        if not (self.sha256 and self.size) and not self.git_blob:
+            raise ValueError(f"{self.name}: pin it by sha256 and size, or by its git blob id")
+
+    @property
+    def max_bytes(self) -> int:
+        return self.size if self.sha256 else MAX_GIT_BLOB_BYTES
 
 
 @dataclass(frozen=True)
@@ -113,6 +134,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def git_blob_id(path: Path) -> str:
+    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())  # noqa: S324 (git's content address)
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _mismatches(fixture: Fixture, folder: Path) -> list[str]:
     """Files that are missing or differ from the pinned bytes, each with what was found."""
     problems = []
@@ -121,9 +150,11 @@ def _mismatches(fixture: Fixture, folder: Path) -> list[str]:
         if not path.is_file():
             problems.append(f"{spec.name} missing")
             continue
-        size, digest = path.stat().st_size, _sha256(path)
-        if (size, digest) != (spec.size, spec.sha256):
-            problems.append(f"{spec.name}: {size} bytes sha256 {digest}, expected {spec.size} bytes sha256 {spec.sha256}")
+        size = path.stat().st_size
+        if spec.sha256 and (size, _sha256(path)) != (spec.size, spec.sha256):
+            problems.append(f"{spec.name}: {size} bytes sha256 {_sha256(path)}, expected {spec.size} bytes sha256 {spec.sha256}")
+        if spec.git_blob and git_blob_id(path) != spec.git_blob:
+            problems.append(f"{spec.name}: {size} bytes git blob {git_blob_id(path)}, expected git blob {spec.git_blob}")
     return problems
 
 
@@ -141,6 +172,7 @@ def resolve(fixture: Fixture) -> Path:
             return path
         # A path the user named is not silently replaced by another copy: they meant this one.
         raise FixtureUnavailable(
+            fixture.key,
             f"{fixture.env_var}={named} does not hold {fixture.what} (missing: {', '.join(missing)}); "
             f"point it at {_expected(fixture)}, or unset it to use ../shared/fixtures or the cache that "
             f"{HOW_TO_FETCH} fills"
@@ -154,9 +186,10 @@ def resolve(fixture: Fixture) -> Path:
         return _result(fixture, cached)
     cache_state = f"corrupt ({'; '.join(problems)}): fetch again" if problems else "not fetched"
     raise FixtureUnavailable(
+        fixture.key,
         f"{fixture.what} not found: {fixture.env_var} is unset; not in {shared} "
         f"(${SHARED_ENV}, default ../shared/fixtures beside the checkout); cache {cached}: {cache_state}. "
-        f"Get it with {HOW_TO_FETCH}, which downloads {fixture.source} and checks its sha256, "
+        f"Get it with {HOW_TO_FETCH}, which downloads {fixture.source} and checks its hashes, "
         f"or set {fixture.env_var} to {_expected(fixture)}"
     )
 
@@ -170,6 +203,11 @@ def _expected(fixture: Fixture) -> str:
 def phi3_tokenizer_dir() -> Path:
     """A folder with the Phi-3-mini-4k-instruct tokenizer (tokenizer.json, tokenizer_config.json)."""
     return resolve(PHI3_TOKENIZER)
+
+
+def phi4_mini_tokenizer_dir() -> Path:
+    """A folder with the Phi-4-mini-instruct tokenizer (tokenizer.json, tokenizer_config.json)."""
+    return resolve(PHI4_MINI_TOKENIZER)
 
 
 def ultrachat_first20() -> Path:
@@ -214,7 +252,7 @@ def raw_files(base_env: str, default_base: str, prefix: str) -> Callable[[Fixtur
         for spec in fixture.files:
             url = f"{base}/{prefix}/{spec.name}"
             log.info("downloading %s", url)
-            _download_file(url, staging / spec.name, spec.size)
+            _download_file(url, staging / spec.name, spec.max_bytes)
 
     return download
 
@@ -323,6 +361,27 @@ PHI3_TOKENIZER = Fixture(
     download=raw_files(GITHUB_RAW_ENV, DEFAULT_GITHUB_RAW, f"microsoft/onnxruntime-extensions/{ORTX_COMMIT}/test/data/phi-3-mini"),
 )
 
+# microsoft/onnxruntime-extensions, the commit that last changed test/data/phi-4-mini/ ("Update Tool
+# Normalization", 2025-10-24): Phi-4-mini-instruct's tokenizer_config.json (its chat template byte for
+# byte, its special tokens: <|endoftext|> is EOS, BOS, pad and unk at once) and tokenizer.json (the
+# 200k vocabulary), pinned by its git blob id: the file is 15 MB and was not at hand to hash.
+ORTX_PHI4_MINI_COMMIT = "68ee0397c002ef197ef5e9075c1c0f92b0db539a"
+PHI4_MINI_TOKENIZER = Fixture(
+    key="phi-4-mini-tokenizer",
+    what="the Phi-4-mini-instruct tokenizer (tokenizer.json, tokenizer_config.json)",
+    env_var="FINETUNE_PHI_PHI4_MINI_TOKENIZER",
+    files=(
+        FileSpec("tokenizer.json", git_blob="ec30adce5ac8cd9ec33983009f0ffff64cf0c0ac"),
+        FileSpec("tokenizer_config.json", "9c9b6bc0c94d95f69f826c41069a3e8b387ac3ced89601d201886e99240ac9db", 2932,
+                 git_blob="f5958080514e266176052f86c80aa53f91ce4ba0"),
+    ),
+    returns=None,
+    source=f"microsoft/onnxruntime-extensions test/data/phi-4-mini/ at commit {ORTX_PHI4_MINI_COMMIT[:12]}",
+    revision=ORTX_PHI4_MINI_COMMIT,
+    download=raw_files(GITHUB_RAW_ENV, DEFAULT_GITHUB_RAW,
+                       f"microsoft/onnxruntime-extensions/{ORTX_PHI4_MINI_COMMIT}/test/data/phi-4-mini"),
+)
+
 # The dataset repository's revision of 2024 ("Update README.md", 8049631); the first shard of train_sft
 # holds the split's first rows. The download is parquet, so the hash pins the JSON lines made from its
 # first 20 rows (see first_rows_as_jsonl), which are byte for byte the shared fixture.
@@ -356,7 +415,7 @@ AZUREML_SCORE_SCRIPT = Fixture(
     ),
 )
 
-FIXTURES = {f.key: f for f in (PHI3_TOKENIZER, ULTRACHAT_FIRST20, AZUREML_SCORE_SCRIPT)}
+FIXTURES = {f.key: f for f in (PHI3_TOKENIZER, PHI4_MINI_TOKENIZER, ULTRACHAT_FIRST20, AZUREML_SCORE_SCRIPT)}
 
 
 # --- fetching ---------------------------------------------------------------------------------------------
@@ -407,7 +466,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("fetch", "download the fixtures that resolve nowhere into the cache"),
-                            ("status", "print where each fixture resolves from")):  # fmt: skip
+                            ("status", "print where each fixture resolves from"),
+                            ("missing", "print the names of those that resolve nowhere, comma-separated; "
+                                        "exit 1 when none resolves")):  # fmt: skip
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("names", nargs="*", metavar="NAME", help=f"fixtures (default: all of {', '.join(FIXTURES)})")
     args = parser.parse_args(argv)
@@ -416,6 +477,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown fixture(s) {', '.join(unknown)}: choose from {', '.join(FIXTURES)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     chosen = [FIXTURES[n] for n in args.names] or list(FIXTURES.values())
+    if args.command == "missing":
+        absent = [f.key for f in chosen if not _status_line(f)[0]]
+        print(",".join(absent))
+        return 1 if len(absent) == len(chosen) else 0
     failed = []
     for fixture in chosen:
         if args.command == "status":

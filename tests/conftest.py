@@ -87,7 +87,7 @@ def require(resolver: Callable[[], Path]) -> Path:
     try:
         return resolver()
     except fixtures.FixtureUnavailable as exc:
-        pytest.skip(str(exc))
+        pytest.skip(f"{FIXTURE_TAG.format(exc.key)} {exc}")
 
 
 @pytest.fixture
@@ -103,12 +103,16 @@ def ultrachat_20() -> Path:
 
 
 # --- the skip policy CI runs under ----------------------------------------------------------------------
-# FINETUNE_PHI_ALLOWED_SKIPS=none      every test must run (CI with the fixtures in place);
+# FINETUNE_PHI_ALLOWED_SKIPS=none      every test must run;
 # FINETUNE_PHI_ALLOWED_SKIPS=fixtures  only the documented skips for missing third-party data, whose
-#                                      reason carries the `make fixtures` how-to (CI as a lone clone).
+#                                      reason carries the `make fixtures` how-to (CI as a lone clone);
+# FINETUNE_PHI_ALLOWED_SKIPS=fixtures:A,B  only those skips, and only for the fixtures named (CI with the
+#                                      fixtures this machine has: `python -m testkit.fixtures missing`
+#                                      names the others); "fixtures:" with no name is "none".
 # Unset: any skip is allowed, as for a developer on a machine without make or /proc.
 SKIP_POLICY_ENV = "FINETUNE_PHI_ALLOWED_SKIPS"
 FIXTURE_SKIP_MARK = "`make fixtures`"  # every FixtureUnavailable message says how to get the data
+FIXTURE_TAG = "[fixture {}]"  # how require() names the fixture a skip is for
 _skips: list[tuple[str, str]] = []
 
 
@@ -124,13 +128,22 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         _skips.append((report.nodeid, _skip_reason(report)))
 
 
+def skip_allowed(policy: str, why: str) -> bool:
+    if policy == "none" or FIXTURE_SKIP_MARK not in why:
+        return False
+    if policy == "fixtures":
+        return True
+    named = [key for key in policy.removeprefix("fixtures:").split(",") if key]
+    return any(FIXTURE_TAG.format(key) in why for key in named)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     policy = os.environ.get(SKIP_POLICY_ENV, "")
     if not policy or hasattr(session.config, "workerinput"):  # xdist: the controller sees every report
         return
-    if policy not in ("none", "fixtures"):
-        raise pytest.UsageError(f"{SKIP_POLICY_ENV}={policy!r}: use 'none', 'fixtures', or leave it unset")
-    bad = [(node, why) for node, why in _skips if policy == "none" or FIXTURE_SKIP_MARK not in why]
+    if policy not in ("none", "fixtures") and not policy.startswith("fixtures:"):
+        raise pytest.UsageError(f"{SKIP_POLICY_ENV}={policy!r}: use 'none', 'fixtures', 'fixtures:<names>', or leave it unset")
+    bad = [(node, why) for node, why in _skips if not skip_allowed(policy, why)]
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if bad:
         lines = [f"{SKIP_POLICY_ENV}={policy}: {len(bad)} skip(s) not allowed:"] + [f"  {n}: {w}" for n, w in bad]

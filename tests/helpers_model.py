@@ -69,6 +69,58 @@ def stand_in_tokenizer_dir() -> Path:
     return folder
 
 
+# Phi-4-mini-instruct's published special tokens, as its tokenizer_config.json lists them: (content, rstrip,
+# special) per added token. <|endoftext|> is its BOS, EOS, pad and unk at once, and BOS is not added.
+# test_families checks this against the real file wherever testkit.fixtures finds it.
+PHI4_MINI_ADDED_TOKENS = (
+    ("<|endoftext|>", False, True), ("<|endofprompt|>", False, True), ("<|assistant|>", True, True),
+    ("<|end|>", True, True), ("<|user|>", True, True), ("<|system|>", True, True), ("<|tool|>", True, False),
+    ("<|/tool|>", True, False), ("<|tool_call|>", True, False), ("<|/tool_call|>", True, False),
+    ("<|tool_response|>", True, False), ("<|tag|>", True, True),
+)  # fmt: skip
+PHI4_MINI_ROLES = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+                   "unk_token": "<|endoftext|>", "add_bos_token": False, "add_eos_token": False}  # fmt: skip
+
+
+@functools.cache
+def stand_in_phi4_mini_tokenizer_dir() -> Path:
+    """The project's stand-in vocabulary dressed as Phi-4-mini's tokenizer: its added tokens with their
+    flags, its roles (one token for BOS, EOS, pad and unk) and its chat template. Only the vocabulary
+    (Phi-4-mini's is 200k tokens) and so the token ids differ from the real one."""
+    import json
+
+    from finetune_phi.training import job_module
+
+    chat_format = job_module("chat_format")
+    folder = Path(tempfile.mkdtemp(prefix="finetune-phi-stand-in-phi4-mini-tokenizer-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    source = stand_in_tokenizer_dir()
+    tokenizer_json = json.loads((source / "tokenizer.json").read_text())
+    added = {t["content"]: t for t in tokenizer_json["added_tokens"]}
+    next_id = max([*tokenizer_json["model"]["vocab"].values(), *(t["id"] for t in added.values())]) + 1
+    for content, rstrip, special in PHI4_MINI_ADDED_TOKENS:
+        if content not in added:
+            added[content] = {"id": next_id, "content": content, "single_word": False, "lstrip": False,
+                              "normalized": False}  # fmt: skip
+            next_id += 1
+        added[content].update(rstrip=rstrip, special=special)
+    tokenizer_json["added_tokens"] = sorted(added.values(), key=lambda t: t["id"])
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+              "model_max_length": 131072, "chat_template": chat_format.PHI4_MINI_CHAT_TEMPLATE, **PHI4_MINI_ROLES}  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    return folder
+
+
+def phi4_mini_tokenizer_dir() -> Path:
+    """The real Phi-4-mini-instruct tokenizer where the fixtures resolver finds one, else the stand-in above."""
+    try:
+        return fixtures.phi4_mini_tokenizer_dir()
+    except fixtures.FixtureUnavailable as exc:
+        log.info("the Phi-4-mini tokenizer is the project's stand-in: %s", exc)
+        return stand_in_phi4_mini_tokenizer_dir()
+
+
 def default_tokenizer_dir() -> Path:
     """The real Phi-3 tokenizer where the fixtures resolver finds one, else the project's stand-in."""
     try:

@@ -1,10 +1,13 @@
 """Model families beside Phi-3: the chat format comes from the tokenizer's own template.
 
-Phi-4-mini-instruct has Phi-3's role tokens and <|end|> but its own template (no newlines), and trl
-ships no `{% generation %}` twin of it for assistant-only loss. The tiny Phi-4-mini here has that
-template byte for byte and Phi-4-mini's attention layout (grouped-query attention, partial rotary,
-LongRoPE, tied embeddings) over the project's stand-in tokenizer; its vocabulary is not Phi-4-mini's
-200k one (the real tokenizer files are not among the fixtures this machine can reach).
+Phi-4-mini-instruct has Phi-3's role tokens and <|end|> but its own template (no newlines), one token
+(<|endoftext|>) for BOS, EOS, pad and unk, and trl ships no `{% generation %}` twin of its template for
+assistant-only loss. The tiny Phi-4-mini here has Phi-4-mini's attention layout (grouped-query
+attention, partial rotary, LongRoPE, tied embeddings) and its real tokenizer where testkit.fixtures
+finds it (`make fixtures` fetches it from a public copy, pinned by hash); elsewhere the project's
+stand-in vocabulary dressed in Phi-4-mini's published special tokens, flags and template
+(helpers_model.stand_in_phi4_mini_tokenizer_dir, checked against the real tokenizer_config.json here
+when it resolves).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import httpx
 import pytest
@@ -22,7 +25,9 @@ import pytest
 import config
 from finetune_phi.training import job_module
 from helpers_endpoint import AUTH, KEY, ThreadServer
-from helpers_model import stand_in_tokenizer_dir
+from conftest import require
+from helpers_model import PHI4_MINI_ADDED_TOKENS, PHI4_MINI_ROLES, phi4_mini_tokenizer_dir, stand_in_tokenizer_dir
+from testkit import fixtures
 from helpers_pf import flow_answers, pipeline_env, run
 from test_azure_serving import azmlinfsrv, azureml_python  # noqa: F401 (azureml_python: a fixture)
 
@@ -105,13 +110,47 @@ def test_the_client_reads_the_family_and_refuses_an_unknown_one(tmp_path: Path) 
     assert request_body("azure-mlflow", turns, None, "phi4-mini")["input_data"] == ["A<|end|><|assistant|>B<|end|><|user|>C<|end|><|assistant|>D<|end|><|user|>E"]
 
 
+def test_the_phi4_mini_stand_in_wears_the_published_special_tokens_flags_and_template() -> None:
+    published = json.loads((require(fixtures.phi4_mini_tokenizer_dir) / "tokenizer_config.json").read_text())
+    assert published["chat_template"] == chat_format.PHI4_MINI_CHAT_TEMPLATE
+    flags = tuple((t["content"], t["rstrip"], t["special"]) for _, t in sorted(published["added_tokens_decoder"].items(),
+                                                                             key=lambda item: int(item[0])))  # fmt: skip
+    assert flags == PHI4_MINI_ADDED_TOKENS
+    assert {name: published[name] for name in PHI4_MINI_ROLES} == PHI4_MINI_ROLES
+
+
+def test_phi4_minis_tokenizer_stops_at_end_and_eos_although_eos_is_also_its_unknown_token() -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(phi4_mini_tokenizer_dir())
+    assert tokenizer.unk_token == tokenizer.eos_token == tokenizer.pad_token == chat_format.EOS
+    end, eos = tokenizer.convert_tokens_to_ids(chat_format.END_OF_TURN), tokenizer.eos_token_id
+    assert chat_format.stop_token_ids(tokenizer) == [end, eos]
+    assert chat_format.prompt_template(tokenizer) == "<|user|>{prompt}<|end|><|assistant|>"
+    assert chat_format.pad_token(tokenizer) is None  # pad is EOS: training pads with a token of its own
+    assert chat_format.padding_id(tokenizer) == eos  # generation pads with EOS behind the attention mask
+    # Its role tokens strip the whitespace after them, as the published flags say: a reply written with a
+    # leading space encodes as the one without it.
+    spaced = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Yes."}])
+    plain = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes."}])
+    assert _ids(spaced) == _ids(plain)
+    # The control: a word that is not in the vocabulary still comes back as the unknown token's id.
+    assert tokenizer.convert_tokens_to_ids("<|not-a-token|>") == tokenizer.unk_token_id
+
+
+def _ids(encoded: Any) -> list[int]:
+    return list(encoded["input_ids"] if isinstance(encoded, Mapping) or hasattr(encoded, "keys") else encoded)
+
+
 @pytest.fixture(scope="module")
 def phi4_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model of Phi-4-mini's layout and template, saved as a local folder (a user's download)."""
     import torch
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    tokenizer = tokenizer_with(chat_format.PHI4_MINI_CHAT_TEMPLATE)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(phi4_mini_tokenizer_dir())
     end, eos = tokenizer.convert_tokens_to_ids(chat_format.END_OF_TURN), tokenizer.convert_tokens_to_ids(chat_format.EOS)
     rotary = int(16 * 0.75)
     config = Phi3Config(

@@ -8,11 +8,13 @@ Range requests and the hub's redirect to its CDN. Nothing leaves this machine.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import io
 import json
 import os
+import shutil
 import sys
 import threading
 from collections import Counter
@@ -183,6 +185,43 @@ def test_a_corrupt_cache_entry_is_refused_and_fetch_replaces_it(monkeypatch, tmp
     assert (folder / "b.txt").read_bytes() == FILES["b.txt"]
 
 
+def git_blob(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def test_git_blob_ids_are_what_git_hash_object_prints(tmp_path):
+    import subprocess
+
+    for name, data in {"empty": b"", "hello": b"hello\n", **FILES}.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        printed = subprocess.run(["git", "hash-object", str(path)], capture_output=True, text=True, check=True).stdout.strip()
+        assert fixtures.git_blob_id(path) == git_blob(data) == printed
+
+
+def test_a_file_pinned_by_its_git_blob_is_fetched_checked_and_refused_when_it_differs(monkeypatch, tmp_path):
+    fixture = dataclasses.replace(synthetic(FILES), files=(
+        fixtures.FileSpec("a.json", git_blob=git_blob(FILES["a.json"])),
+        fixtures.FileSpec("b.txt", sha256(FILES["b.txt"]), len(FILES["b.txt"])),
+    ))  # fmt: skip
+    site = site_for(FILES)
+    with serving(site) as base:
+        cache = isolate(monkeypatch, tmp_path, base)
+        folder = fixtures.fetch(fixture)
+        assert (folder / "a.json").read_bytes() == FILES["a.json"]
+        assert fixtures.git_blob_id(folder / "a.json") == git_blob(FILES["a.json"])
+        (folder / "a.json").write_bytes(b'{"a": 2}\n')  # same size, other bytes
+        with pytest.raises(fixtures.FixtureUnavailable, match=r"a\.json: 9 bytes git blob [0-9a-f]{40}, expected git blob"):
+            fixtures.resolve(fixture)
+        site.files["/gh/owner/repo/r1/dir/a.json"] = b'{"a": 3}\n'
+        shutil.rmtree(folder)
+        with pytest.raises(fixtures.FetchError, match="refused, the download is not the pinned"):
+            fixtures.fetch(fixture)
+    assert list(cache.iterdir()) == []
+    with pytest.raises(ValueError, match="pin it by sha256 and size, or by its git blob id"):
+        fixtures.FileSpec("unpinned")
+
+
 def test_first_rows_of_a_parquet_need_range_requests(monkeypatch, tmp_path):
     site = Site(files={"/big.parquet": b"PAR1" + b"\0" * 100 + b"PAR1"}, ranges=False)
     with serving(site) as base:
@@ -234,6 +273,7 @@ def test_a_named_path_that_does_not_hold_the_fixture_is_an_error_not_a_fallback(
     "resolver,fixture",
     [
         (fixtures.phi3_tokenizer_dir, fixtures.PHI3_TOKENIZER),
+        (fixtures.phi4_mini_tokenizer_dir, fixtures.PHI4_MINI_TOKENIZER),
         (fixtures.ultrachat_first20, fixtures.ULTRACHAT_FIRST20),
         (fixtures.azureml_score_script, fixtures.AZUREML_SCORE_SCRIPT),
     ],
@@ -247,6 +287,32 @@ def test_unavailable_says_every_place_it_looked_and_how_to_get_it(monkeypatch, t
     for part in (f"{fixture.env_var} is unset", str(tmp_path / "no-shared" / fixture.key), str(cache / fixture.cache_name),
                  "`make fixtures`", "python -m testkit.fixtures fetch", fixture.revision[:12], "../shared/fixtures"):  # fmt: skip
         assert part in message, part
+
+
+def test_cis_skip_policy_allows_only_the_named_fixtures_skips(monkeypatch, tmp_path):
+    from conftest import skip_allowed
+
+    isolate(monkeypatch, tmp_path)
+    reasons = {}
+    for key, resolver in (("phi-4-mini-tokenizer", fixtures.phi4_mini_tokenizer_dir), ("ultrachat_200k", fixtures.ultrachat_first20)):
+        with pytest.raises(pytest.skip.Exception) as skipped:
+            require(resolver)
+        reasons[key] = str(skipped.value)
+    other = "needs a GPU"
+    assert [skip_allowed("fixtures:phi-4-mini-tokenizer", why) for why in (*reasons.values(), other)] == [True, False, False]
+    assert [skip_allowed("fixtures", why) for why in (*reasons.values(), other)] == [True, True, False]
+    assert not any(skip_allowed(policy, why) for policy in ("none", "fixtures:") for why in reasons.values())
+
+
+def test_missing_names_the_fixtures_that_resolve_nowhere(monkeypatch, tmp_path, capsys):
+    isolate(monkeypatch, tmp_path)
+    assert fixtures.main(["missing"]) == 1  # none resolves: nothing to run the with-fixtures suite on
+    assert capsys.readouterr().out.strip() == ",".join(fixtures.FIXTURES)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("{}\n")
+    monkeypatch.setenv("FINETUNE_PHI_ULTRACHAT20", str(rows))
+    assert fixtures.main(["missing"]) == 0
+    assert capsys.readouterr().out.strip() == ",".join(k for k in fixtures.FIXTURES if k != "ultrachat_200k")
 
 
 def test_the_conftest_fixtures_skip_with_the_how_to_or_give_the_path(monkeypatch, tmp_path):
@@ -296,9 +362,10 @@ def test_fetch_from_the_pinned_sources_rebuilds_the_shared_fixtures_byte_for_byt
         },
         redirects={hub_path: "/cdn/shard0.parquet"},  # the hub answers with a redirect to its CDN
     )
+    shared = [fixtures.PHI3_TOKENIZER.key, fixtures.ULTRACHAT_FIRST20.key, fixtures.AZUREML_SCORE_SCRIPT.key]
     with serving(site) as base:
         cache = isolate(monkeypatch, tmp_path, base)
-        assert fixtures.main(["fetch"]) == 0
+        assert fixtures.main(["fetch", *shared]) == 0
         fetched = {
             "tokenizer": fixtures.phi3_tokenizer_dir(),
             "rows": fixtures.ultrachat_first20(),
@@ -313,7 +380,7 @@ def test_fetch_from_the_pinned_sources_rebuilds_the_shared_fixtures_byte_for_byt
         assert site.requests.count(hub_path) == 1
         assert 0 < site.served["/cdn/shard0.parquet"] < len(shard) / 4
         site.requests.clear()
-        assert fixtures.main(["fetch"]) == 0
+        assert fixtures.main(["fetch", *shared]) == 0
         assert site.requests == []
 
 
