@@ -21,8 +21,10 @@ What it runs, each step as the user types it (its own process, the project's def
 Reported: each step's seconds and peak RSS (the step's process tree; the endpoint's own VmHWM), the
 disk one fine-tune leaves (STATE_DIR before/after, blocks actually used) against the base model's
 size, decode tokens/s (ours, the peer, ratio) and the memory bound: bytes read per token (weights +
-the KV cache of the context) over the read bandwidth measured here with the same threads. Goals:
-fine-tune peak <= 12 GiB, disk <= 1.25x the base, decode >= 0.8x the bound and >= 1.3x the peer.
+the KV cache of the context) over the read bandwidth measured here with the same threads, and the
+rate torch's matrix-vector kernels read this model's matrices at (the rate they allow). Goals:
+fine-tune peak <= 12 GiB, disk <= 1.25x the base, decode >= 0.8x the bound and >= 1.3x the peer; a
+missed decode goal names what limits it, from those measurements ("limited_by").
 """
 
 from __future__ import annotations
@@ -186,6 +188,40 @@ def read_bandwidth_gbs(threads: int, gib: float = 1.0, tries: int = 5) -> float:
         torch.set_num_threads(previous)
 
 
+def matvec_read_gbs(config_json: dict[str, Any], dtype: str, threads: int, gib: float = 1.5, tries: int = 3) -> float:
+    """Bytes/s torch's matrix-vector products read: one row through this model's decoder matrices (qkv,
+    o, gate_up, down, as many layers as fill `gib`, capped at the model's), in `dtype` with `threads`
+    threads. What a single-stream decode step does with the weights, without the server around it."""
+    import torch
+    import torch.nn.functional as F
+
+    hidden, inter = int(config_json["hidden_size"]), int(config_json["intermediate_size"])
+    heads = int(config_json["num_attention_heads"])
+    kv_heads = int(config_json.get("num_key_value_heads") or heads)
+    head_dim = int(config_json.get("head_dim") or hidden // heads)
+    shapes = [((heads + 2 * kv_heads) * head_dim, hidden), (hidden, heads * head_dim), (2 * inter, hidden), (hidden, inter)]
+    torch_dtype = getattr(torch, dtype)
+    itemsize = torch.empty((), dtype=torch_dtype).element_size()
+    layer_bytes = sum(o * i for o, i in shapes) * itemsize
+    layers = max(1, min(int(config_json["num_hidden_layers"]), int(gib * GIB // layer_bytes)))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        weights = [torch.randn(shape, dtype=torch_dtype) for _ in range(layers) for shape in shapes]
+        rows = {w.shape[1]: torch.randn(1, w.shape[1], dtype=torch_dtype) for w in weights}
+        best = float("inf")
+        with torch.inference_mode():
+            for attempt in range(tries + 1):  # the first pass warms up the kernels and pages
+                started = time.perf_counter()
+                for weight in weights:
+                    F.linear(rows[weight.shape[1]], weight)
+                if attempt:
+                    best = min(best, time.perf_counter() - started)
+        return layers * layer_bytes / best / 1e9
+    finally:
+        torch.set_num_threads(previous)
+
+
 # --- the run --------------------------------------------------------------------------------------------
 
 
@@ -267,11 +303,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         per_token = saved.parameters * itemsize + kv_bytes_per_token(config_json, itemsize) * context
         bandwidth = read_bandwidth_gbs(args.threads)
         bound = bandwidth * 1e9 / per_token
+        matvec = matvec_read_gbs(config_json, dtype, args.threads)
+        matvec_rate = matvec * 1e9 / per_token
         out["decode"] = {
             "dtype": dtype, "ours": ours, "peer_transformers_serve": peer, "bytes_per_token_gb": round(per_token / 1e9, 2),
             "read_bandwidth_gbs": round(bandwidth, 1), "memory_bound_tokens_per_s": round(bound, 2),
+            "matvec_read_gbs": round(matvec, 1), "matvec_tokens_per_s": round(matvec_rate, 2),
             "ratio_vs_peer": round(ours["tokens_per_s"] / peer["tokens_per_s"], 3),
             "ratio_vs_bound": round(ours["tokens_per_s"] / bound, 3),
+            "ratio_vs_matvec": round(ours["tokens_per_s"] / matvec_rate, 3),
+            "peer_ratio_vs_matvec": round(peer["tokens_per_s"] / matvec_rate, 3),
         }  # fmt: skip
     finally:
         subprocess.run([py, "deploy_model.py", "--teardown"], cwd=ROOT, env=env, capture_output=True, timeout=120)
@@ -307,10 +348,25 @@ def goals(out: dict[str, Any]) -> list[dict[str, Any]]:
         ("decode >= 0.8x the memory bound", decode.get("ratio_vs_bound"), GOALS["decode_vs_bound_min"], "min"),
         ("decode >= 1.3x transformers serve", decode.get("ratio_vs_peer"), GOALS["decode_vs_peer_min"], "min"),
     ]
-    return [
+    found = [
         {"goal": goal, "value": value, "met": value is not None and (value <= limit if kind == "max" else value >= limit)}
         for goal, value, limit, kind in rows
     ]
+    if decode.get("matvec_read_gbs"):
+        # What sets the decode rate, measured in the same run: the kernels' read rate, not the server.
+        kernels = (f"torch's {decode['dtype']} matrix-vector products (one row through this model's decoder matrices, "
+                   f"{out.get('threads')} threads) read {decode['matvec_read_gbs']} GB/s of the {decode['read_bandwidth_gbs']} "
+                   f"GB/s a streaming sum reads here, a rate of {decode['matvec_tokens_per_s']} tokens/s")  # fmt: skip
+        limits = {
+            "decode >= 0.8x the memory bound": f"{kernels}; ours decodes at {decode['ratio_vs_matvec']}x that",
+            "decode >= 1.3x transformers serve": f"both servers decode through the same torch kernels: ours at "
+            f"{decode['ratio_vs_matvec']}x, transformers serve at {decode['peer_ratio_vs_matvec']}x their rate "
+            f"({decode['matvec_tokens_per_s']} tokens/s)",
+        }
+        for row in found:
+            if not row["met"] and row["goal"] in limits:
+                row["limited_by"] = limits[row["goal"]]
+    return found
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,7 +45,10 @@ def test_the_chain_runs_with_the_defaults_and_reports_every_step(realsize_bench,
     decode = line["decode"]
     assert decode["ours"]["tokens"] == decode["peer_transformers_serve"]["tokens"] == 8
     assert decode["ours"]["tokens_per_s"] > 0 and decode["peer_transformers_serve"]["tokens_per_s"] > 0
-    assert decode["memory_bound_tokens_per_s"] > 0
+    assert decode["memory_bound_tokens_per_s"] > 0 and decode["matvec_tokens_per_s"] > 0
+    for goal in line["goals"]:  # a missed decode goal says what limits it, with the figures measured
+        if goal["goal"].startswith("decode") and not goal["met"]:
+            assert str(decode["matvec_tokens_per_s"]) in goal["limited_by"], goal
     assert [g["goal"] for g in line["goals"]] == [
         "fine-tune peak RSS <= 12 GiB", "disk per fine-tune <= 1.25x the base", "decode >= 0.8x the memory bound",
         "decode >= 1.3x transformers serve",
