@@ -43,13 +43,15 @@ PHI4_MINI_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
 )
 # Its twin for assistant-only loss: the same text, with each assistant turn's content and <|end|> inside
-# `{% generation %}` (the tokens the loss learns from). trl ships such twins for Phi-3 and Phi-3.5 only.
+# `{% generation %}` (the tokens the loss learns from), and the closing EOS too when the conversation
+# ends with the assistant, as trl's twins for Phi-3 and Phi-3.5 (the only ones it ships) mark them.
 PHI4_MINI_TRAINING_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and message['tools'] "
     "is not none %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + "
     "'<|/tool|>' + '<|end|>' }}{% elif message['role'] == 'assistant' %}{{ '<|assistant|>' }}{% generation %}"
     "{{ message['content'] + '<|end|>' }}{% endgeneration %}{% else %}{{ '<|' + message['role'] + '|>' + "
     "message['content'] + '<|end|>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}"
+    "{% elif messages[-1]['role'] == 'assistant' %}{% generation %}{{ eos_token }}{% endgeneration %}"
     "{% else %}{{ eos_token }}{% endif %}"
 )
 # Published template -> our training twin, for the supported families trl has none for.

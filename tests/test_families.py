@@ -77,12 +77,23 @@ def test_the_phi4_training_twin_renders_the_published_text_and_masks_only_assist
     assert get_training_chat_template(twin) is None  # trl takes it as it is
     encoded = twin.apply_chat_template(CONVERSATIONS[2], tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     learned = [t for t, m in zip(encoded["input_ids"], encoded["assistant_masks"]) if m]
-    assert twin.decode(learned) == "B<|end|>D<|end|>"  # the assistant's words and its end of turn, nothing else
+    # The assistant's words, its ends of turn and the closing EOS, nothing else: what trl's Phi-3 twins mark.
+    assert twin.decode(learned) == "B<|end|>D<|end|><|endoftext|>"
 
 
-@pytest.mark.parametrize("family, template", [("phi3", "PHI3_CHAT_TEMPLATE"), ("phi4-mini", "PHI4_MINI_CHAT_TEMPLATE")])
+def published_template(name: str) -> str:
+    """A family's published chat template: ours where we keep a copy, else trl's byte-exact one."""
+    if name == "phi3_5":  # trl recognises Phi-3.5-mini-instruct's template by identity, so it holds it verbatim
+        from trl.chat_template_utils import phi3_5_chat_template
+
+        return str(phi3_5_chat_template)
+    return str(getattr(chat_format, name))
+
+
+@pytest.mark.parametrize("family, template", [("phi3", "PHI3_CHAT_TEMPLATE"), ("phi3", "phi3_5"),
+                                              ("phi4-mini", "PHI4_MINI_CHAT_TEMPLATE")])  # fmt: skip
 def test_a_conversation_as_one_prompt_is_the_familys_own_rendering(family: str, template: str) -> None:
-    tokenizer = tokenizer_with(getattr(chat_format, template))
+    tokenizer = tokenizer_with(published_template(template))
     wrapper = chat_format.prompt_template(tokenizer)
     assert chat_format.turn_format_of(wrapper) == family
     for conversation in CONVERSATIONS:
@@ -96,6 +107,21 @@ def test_a_conversation_as_one_prompt_is_the_familys_own_rendering(family: str, 
         chat_format.turn_format_of("### User: {prompt}\n### Assistant:")
     assert chat_format.turn_format_of_model_id("microsoft/Phi-4-mini-instruct") == "phi4-mini"
     assert chat_format.turn_format_of_model_id("microsoft/Phi-3.5-mini-instruct") == "phi3"
+
+
+def test_phi35_minis_template_trains_on_trls_twin_and_packages_phi3s_prompt() -> None:
+    from trl.chat_template_utils import get_training_chat_template
+
+    tokenizer = tokenizer_with(published_template("phi3_5"))
+    assert tokenizer.chat_template != chat_format.PHI3_CHAT_TEMPLATE  # its own template, not Phi-3's
+    assert chat_format.prompt_template(tokenizer) == chat_format.PROMPT_TEMPLATE
+    assert chat_format.training_template(tokenizer) is None  # trl has the twin: we add none
+    twin = tokenizer_with(get_training_chat_template(tokenizer))
+    for conversation in CONVERSATIONS:
+        assert twin.apply_chat_template(conversation, tokenize=False) == tokenizer.apply_chat_template(conversation, tokenize=False)
+    encoded = twin.apply_chat_template(CONVERSATIONS[2], tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    learned = twin.decode([t for t, m in zip(encoded["input_ids"], encoded["assistant_masks"]) if m])
+    assert learned == "B<|end|>\nD<|end|>\n<|endoftext|>"  # the assistant's turns and the closing EOS only
 
 
 def test_the_client_reads_the_family_and_refuses_an_unknown_one(tmp_path: Path) -> None:
