@@ -133,7 +133,7 @@ bench: $(STAMP)
 	$(PY) bench/serve_bench.py
 	$(PY) bench/train_bench.py
 
-# Third-party test fixtures into the cache (sha256-checked); a no-op where ../shared/fixtures has them.
+# Third-party test fixtures into the cache (hash-checked); a no-op where ../shared/fixtures has them.
 # Tests never download: without them the tests that need real third-party data skip and say how to get it.
 fixtures: $(STAMP)
 	$(PY) -m testkit.fixtures fetch
