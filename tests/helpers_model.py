@@ -112,22 +112,22 @@ def stand_in_phi4_mini_tokenizer_dir() -> Path:
     return folder
 
 
+def _real_or_stand_in(resolver: Callable[[], Path], stand_in: Callable[[], Path], what: str) -> Path:
+    try:
+        return resolver()
+    except fixtures.FixtureUnavailable as exc:
+        log.info("%s is the project's stand-in: %s", what, exc)
+        return stand_in()
+
+
 def phi4_mini_tokenizer_dir() -> Path:
     """The real Phi-4-mini-instruct tokenizer where the fixtures resolver finds one, else the stand-in above."""
-    try:
-        return fixtures.phi4_mini_tokenizer_dir()
-    except fixtures.FixtureUnavailable as exc:
-        log.info("the Phi-4-mini tokenizer is the project's stand-in: %s", exc)
-        return stand_in_phi4_mini_tokenizer_dir()
+    return _real_or_stand_in(fixtures.phi4_mini_tokenizer_dir, stand_in_phi4_mini_tokenizer_dir, "the Phi-4-mini tokenizer")
 
 
 def default_tokenizer_dir() -> Path:
     """The real Phi-3 tokenizer where the fixtures resolver finds one, else the project's stand-in."""
-    try:
-        return fixtures.phi3_tokenizer_dir()
-    except fixtures.FixtureUnavailable as exc:
-        log.info("tiny_phi3 uses the project's stand-in tokenizer: %s", exc)
-        return stand_in_tokenizer_dir()
+    return _real_or_stand_in(fixtures.phi3_tokenizer_dir, stand_in_tokenizer_dir, "tiny_phi3's tokenizer")
 
 
 def tiny_phi3(tokenizer_dir: Path | None = None, seed: int = 0, end_is_eos: bool = True) -> tuple[Any, Any]:
