@@ -119,12 +119,13 @@ chat-maf: $(MAF_STAMP)
 # Two pytest-xdist workers, one test file each (492 tests: 6 min on two cores, 2026-12-04; one process,
 # TEST_WORKERS=0: 10 min 23 s). The one test that depended on the other worker's load (9 of 10 requests
 # in one decoding step: a request still being tokenized joined a step later) now waits for tokenized
-# requests. FINETUNE_PHI_ALLOWED_SKIPS=none|fixtures|fixtures:<names> makes skips fail the run (tests/conftest.py; .ci/run).
+# requests. FINETUNE_PHI_ALLOWED_SKIPS=none|fixtures|fixtures:<names> makes skips fail the run
+# (tests/conftest.py; .ci/run). The 15 slowest tests are listed at the end: where the 10 minutes go.
 TEST_WORKERS ?= 2
 
 test: $(STAMP) $(AZ_STAMP) $(MAF_STAMP)
 	bash scripts/ensure-chromium.sh
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
