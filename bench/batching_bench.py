@@ -137,6 +137,7 @@ def run_size(size: str, levels: list[int], rounds: int, seconds: float, check: i
     import torch
 
     from finetune_phi.endpoint.batcher import Batcher
+    from finetune_phi.endpoint.caps import BatchCaps
     from finetune_phi.endpoint.engine import Engine, SamplingParams
 
     model, tokenizer = build(size)
@@ -149,7 +150,7 @@ def run_size(size: str, levels: list[int], rounds: int, seconds: float, check: i
 
     async def main() -> list[dict[str, Any]]:
         batcher = Batcher(engine)
-        unpacked = Batcher(engine, packed_weights=False) if batcher.stepper is not None and batcher.stepper.packed else None
+        unpacked = Batcher(engine, caps=BatchCaps(packed_weights=False)) if batcher.stepper is not None and batcher.stepper.packed else None
 
         async def ours_unpacked(i: int) -> int:
             [c] = await unpacked.submit([convs[i]], params)  # type: ignore[union-attr]

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from finetune_phi.endpoint.batcher import Batcher, QueueFull
+from finetune_phi.endpoint.caps import BatchCaps
 from finetune_phi.endpoint.continuous import Stepper
 from finetune_phi.endpoint.engine import Engine, SamplingParams
 from helpers_model import biased, tiny_phi3
@@ -283,7 +284,7 @@ def test_a_big_request_is_split_over_steps_by_the_caps_not_refused(engine: Engin
     conversations = (prompts(ultrachat_20) * 7)[:32]
     rows = engine.prepare(conversations)
     uncapped = Batcher(engine, max_queue=2)
-    capped = Batcher(engine, max_queue=2, max_step_tokens=48, max_batch_tokens=400)
+    capped = Batcher(engine, max_queue=2, caps=BatchCaps(max_step_tokens=48, max_batch_tokens=400))
     try:
         expected = asyncio.run(uncapped.submit(conversations, GREEDY))
         assert uncapped.peak_rows == 16  # max_batch_rows

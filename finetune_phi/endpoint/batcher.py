@@ -46,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from finetune_phi.endpoint.caps import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_STEP_TOKENS
+from finetune_phi.endpoint.caps import BatchCaps
 from finetune_phi.endpoint.engine import Completion, Engine, Message, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -103,21 +103,17 @@ class Batcher:
         *,
         max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
         max_queue: int = DEFAULT_MAX_QUEUE,
-        max_step_tokens: int | None = None,
-        max_batch_tokens: int | None = None,
+        caps: BatchCaps = BatchCaps(),
         tokenizer_threads: int = 2,
         torch_threads: int | None = None,
-        packed_weights: bool | None = None,
     ) -> None:
         if max_batch_rows < 1 or max_queue < 1:
             raise ValueError("max_batch_rows and max_queue must be >= 1")
         self.engine = engine
         self.max_batch_rows = max_batch_rows
         self.max_queue = max_queue
-        self.max_step_tokens = max_step_tokens or DEFAULT_MAX_STEP_TOKENS
-        self.max_batch_tokens = max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS
-        if self.max_step_tokens < 1 or self.max_batch_tokens < 1:
-            raise ValueError("max_step_tokens and max_batch_tokens must be >= 1")
+        self.max_step_tokens = caps.max_step_tokens
+        self.max_batch_tokens = caps.max_batch_tokens
         self._queue: deque[_Work] = deque()
         self._cond = threading.Condition()
         self._preparing = 0  # admitted requests still being tokenized
@@ -132,7 +128,7 @@ class Batcher:
         self.torch_threads = torch_threads if torch_threads is not None else default_torch_threads(engine)
         from finetune_phi.endpoint import continuous
 
-        self.stepper = continuous.Stepper(engine, packed_weights) if continuous.supports(engine.model) else None
+        self.stepper = continuous.Stepper(engine, caps.packed_weights) if continuous.supports(engine.model) else None
         if self.stepper is None:
             log.warning("%s is not laid out like Phi-3: one generate() per request, no continuous batching", type(engine.model).__name__)
         self._thread = threading.Thread(target=self._run, name="generate", daemon=True)

@@ -109,9 +109,7 @@ class Runtime:
         `on_tokens(row, ids)` is called on the generation thread with each row's new token ids."""
         engine = self.ready_engine()
         if self.batcher is None or self.batcher.engine is not engine:
-            caps = self.caps
-            self.batcher = Batcher(engine, max_step_tokens=caps.max_step_tokens, max_batch_tokens=caps.max_batch_tokens,
-                                   packed_weights=caps.packed_weights)  # fmt: skip
+            self.batcher = Batcher(engine, caps=self.caps)
         try:
             return await self.batcher.submit(conversations, params, on_tokens=on_tokens)
         except InputTooLong as exc:
