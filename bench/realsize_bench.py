@@ -288,7 +288,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ours = decode_speed(base_url, headers, settings.AZURE_MODEL_NAME)
         from finetune_phi import supervise
 
-        pid = supervise._read_pid(settings)
+        pid = supervise.read_pid(settings)
         steps["deploy"]["endpoint_peak_rss_gib"] = vm_hwm_gib(pid) if pid else None
         endpoint_log = supervise.endpoint_dir(settings) / supervise.LOG_FILE
         plan = [line for line in endpoint_log.read_text(errors="replace").splitlines() if "load plan:" in line]

@@ -30,27 +30,27 @@ from pathlib import Path
 
 import config
 from finetune_phi import common, gate
+from finetune_phi.mlflow_store import use_local_mlflow
 from finetune_phi.supervise import (
-    KEY_FILE,
     LOG_FILE,
     PID_FILE,
     READY_TIMEOUT_S,
     STOP_TIMEOUT_S,
     DeployError,
-    _is_endpoint,
-    _port_answers,
-    _read_pid,
-    _stop,
-    _write_spawned,
     deploy_lock,
     endpoint_dir,
     get_or_create_key,
+    is_endpoint,
+    port_answers,
+    read_pid,
     running_pid,
+    save_key,
     scoring_uri,
     start_server,
+    stop_pid,
     stop_strays,
+    write_spawned,
 )
-from finetune_phi.mlflow_store import use_local_mlflow
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def _deploy_locked(
     source_uri = trained_model_uri(settings)
     decision = check_gate(settings, source_uri, force)
     host, port = settings.LOCAL_ENDPOINT_HOST, settings.LOCAL_ENDPOINT_PORT
-    recorded_pid = _read_pid(settings)
+    recorded_pid = read_pid(settings)
     old_pid = running_pid(settings)
     stop_strays(settings, keep=old_pid)
     if recorded_pid is not None and old_pid is None:
@@ -188,7 +188,7 @@ def _deploy_locked(
             recorded_pid, endpoint_dir(settings) / LOG_FILE,
         )
     old_port = (common.read_state(settings).get("deployment") or {}).get("port") if old_pid else None
-    if old_port != port and _port_answers(host, port):
+    if old_port != port and port_answers(host, port):
         raise DeployError(
             f"port {port} on {host} is in use by another program (not an endpoint this project started): "
             "stop it or set LOCAL_ENDPOINT_PORT to a free port"
@@ -206,13 +206,13 @@ def _deploy_locked(
         raise
     folder = endpoint_dir(settings)
     if rotate_key:
-        common.atomic_write_text(folder / KEY_FILE, key + "\n", mode=0o600)
+        save_key(settings, key)
         log.info("rotated the endpoint key: now %s; the old key stops working with the old endpoint", common.redact(key))
     common.atomic_write_text(folder / PID_FILE, f"{proc.pid}\n")
     if old_pid is not None:
-        outcome = _stop(old_pid)
+        outcome = stop_pid(old_pid)
         log.info("previous endpoint (pid %d) %s; pid %d now serves %s", old_pid, outcome, proc.pid, model_uri)
-    _write_spawned(settings, [proc.pid])
+    write_spawned(settings, [proc.pid])
     info = LocalDeployment(
         scoring_uri=scoring_uri(settings),
         key=key,
@@ -259,17 +259,17 @@ def teardown(settings: config.Settings, timeout: float = STOP_TIMEOUT_S) -> str:
 
 def _teardown_locked(settings: config.Settings, timeout: float) -> str:
     pid_path = endpoint_dir(settings) / PID_FILE
-    pid = _read_pid(settings)
+    pid = read_pid(settings)
     strays = stop_strays(settings, keep=pid)
     also = f"; stopped {len(strays)} endpoint(s) an interrupted deploy left running (pids {strays})" if strays else ""
     if pid is None:
         return f"no local endpoint is running (no pid file at {pid_path}){also}"
-    if not _is_endpoint(pid):
+    if not is_endpoint(pid):
         pid_path.unlink(missing_ok=True)
         return f"the local endpoint (pid {pid}) was not running; removed the stale pid file {pid_path}{also}"
-    outcome = _stop(pid, timeout)
+    outcome = stop_pid(pid, timeout)
     pid_path.unlink(missing_ok=True)
-    _write_spawned(settings, [])
+    write_spawned(settings, [])
     deployment = common.read_state(settings).get("deployment") or {}
     if deployment:
         common.update_state(

@@ -162,14 +162,14 @@ def deploy_lock(settings: config.Settings) -> Iterator[None]:
         os.close(fd)
 
 
-def _read_spawned(settings: config.Settings) -> list[int]:
+def read_spawned(settings: config.Settings) -> list[int]:
     path = endpoint_dir(settings) / SPAWNED_FILE
     if not path.is_file():
         return []
     return [int(word) for word in path.read_text(encoding="utf-8").split() if word.isdigit()]
 
 
-def _write_spawned(settings: config.Settings, pids: list[int]) -> None:
+def write_spawned(settings: config.Settings, pids: list[int]) -> None:
     common.atomic_write_text(endpoint_dir(settings) / SPAWNED_FILE, "".join(f"{pid}\n" for pid in dict.fromkeys(pids)))
 
 
@@ -180,15 +180,15 @@ def stop_strays(settings: config.Settings, keep: int | None) -> list[int]:
     server that should run.
     """
     stopped = []
-    for pid in _read_spawned(settings):
-        if pid != keep and _is_endpoint(pid):
+    for pid in read_spawned(settings):
+        if pid != keep and is_endpoint(pid):
             log.warning(
                 "an interrupted deploy left endpoint pid %d running (a half-started or replaced server); stopping it",
                 pid,
             )
-            _stop(pid)
+            stop_pid(pid)
             stopped.append(pid)
-    _write_spawned(settings, [keep] if keep is not None and _is_endpoint(keep) else [])
+    write_spawned(settings, [keep] if keep is not None and is_endpoint(keep) else [])
     return stopped
 
 
@@ -205,9 +205,14 @@ def get_or_create_key(settings: config.Settings) -> str:
                 os.chmod(path, 0o600)
             return key
     key = secrets.token_urlsafe(32)
-    common.atomic_write_text(path, key + "\n", mode=0o600)
+    save_key(settings, key)
     log.info("generated a new endpoint key %s in %s", common.redact(key), path)
     return key
+
+
+def save_key(settings: config.Settings, key: str) -> None:
+    """The key file, readable by its owner only (0600), replaced in one rename."""
+    common.atomic_write_text(endpoint_dir(settings) / KEY_FILE, key + "\n", mode=0o600)
 
 
 # --- processes ----------------------------------------------------------------------------------
@@ -242,12 +247,12 @@ def _command_line(pid: int) -> str:
         return proc.stdout
 
 
-def _is_endpoint(pid: int) -> bool:
+def is_endpoint(pid: int) -> bool:
     """Guards against a recycled pid: never signal a process that is not our endpoint."""
     return _alive(pid) and ENDPOINT_MODULE in _command_line(pid)
 
 
-def _read_pid(settings: config.Settings) -> int | None:
+def read_pid(settings: config.Settings) -> int | None:
     path = endpoint_dir(settings) / PID_FILE
     if not path.is_file():
         return None
@@ -261,10 +266,10 @@ def _read_pid(settings: config.Settings) -> int | None:
 
 def running_pid(settings: config.Settings) -> int | None:
     """The pid of the endpoint this state dir started, if it still runs; clears a stale pid file."""
-    pid = _read_pid(settings)
+    pid = read_pid(settings)
     if pid is None:
         return None
-    if _is_endpoint(pid):
+    if is_endpoint(pid):
         return pid
     path = endpoint_dir(settings) / PID_FILE
     # Callers say what it means for them (deploy: "had died; starting a fresh one").
@@ -273,7 +278,7 @@ def running_pid(settings: config.Settings) -> int | None:
     return None
 
 
-def _stop(pid: int, timeout: float = STOP_TIMEOUT_S) -> str:
+def stop_pid(pid: int, timeout: float = STOP_TIMEOUT_S) -> str:
     """SIGTERM (uvicorn then finishes in-flight requests), SIGKILL if it is still there after `timeout`."""
     try:
         os.kill(pid, signal.SIGTERM)
@@ -294,7 +299,7 @@ def _stop(pid: int, timeout: float = STOP_TIMEOUT_S) -> str:
     return "killed"
 
 
-def _port_answers(host: str, port: int) -> bool:
+def port_answers(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=1.0):
             return True
@@ -394,14 +399,12 @@ def start_server(
     offset = log_path.stat().st_size if log_path.is_file() else 0
     proc = spawn(argv, env, log_path)
     # Recorded before waiting: if this deploy is killed now, the next one finds the server here.
-    _write_spawned(settings, [*_read_spawned(settings), proc.pid])
+    write_spawned(settings, [*read_spawned(settings), proc.pid])
     log.info("started the endpoint (pid %d) for %s on %s:%d; waiting until ready", proc.pid, model_uri, host, port)
     try:
         wait_ready(proc, host, port, log_path, offset, ready_timeout)
     except BaseException:
-        if proc.poll() is None:
-            _stop(proc.pid, timeout=5.0)
-        proc.wait()
-        _write_spawned(settings, [pid for pid in _read_spawned(settings) if pid != proc.pid])
+        stop_group(proc, timeout=5.0)
+        write_spawned(settings, [pid for pid in read_spawned(settings) if pid != proc.pid])
         raise
     return proc

@@ -64,15 +64,15 @@ def settings(tmp_path: Path, tiny_model: RegisteredModel) -> Iterator[config.Set
     started: list[int] = []
     yield s
     # Whatever a test left running: the recorded endpoint, and any endpoint process in its log.
-    pid = supervise._read_pid(s)
+    pid = supervise.read_pid(s)
     if pid is not None:
         started.append(pid)
-    started += supervise._read_spawned(s)
+    started += supervise.read_spawned(s)
     log_path = supervise.endpoint_dir(s) / supervise.LOG_FILE
     if log_path.is_file():
         started += [int(p) for p in _pids_in_log(log_path.read_text(errors="replace"))]
     for pid in set(started):
-        if supervise._is_endpoint(pid):
+        if supervise.is_endpoint(pid):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -227,7 +227,7 @@ def test_a_second_deploy_or_teardown_fails_at_once_naming_the_one_running(
         assert holder.poll() is None  # refused while the holder still ran: it was not waited for
         # Refused before anything happened: nothing registered, started or recorded.
         assert not (supervise.endpoint_dir(settings) / supervise.PID_FILE).exists()
-        assert supervise._read_spawned(settings) == []
+        assert supervise.read_spawned(settings) == []
         assert "deployment" not in common.read_state(settings)
     finally:
         holder.kill()  # SIGKILL: the holder gets no chance to release anything itself
@@ -251,13 +251,13 @@ def test_teardown_stops_what_an_interrupted_deploy_left_and_spares_other_process
     gone.wait()
     try:
         # As a deploy killed while its new server was loading leaves it: spawned, never in the pid file.
-        supervise._write_spawned(settings, [gone.pid, stray.pid, bystander.pid])
+        supervise.write_spawned(settings, [gone.pid, stray.pid, bystander.pid])
         message = local_deploy.teardown(settings)
         assert "no local endpoint is running" in message
         assert f"stopped 1 endpoint(s) an interrupted deploy left running (pids [{stray.pid}])" in message
         stray.wait(timeout=10)  # stopped (the deployer reaped it, so its status is not ours to read)
         assert bystander.poll() is None  # a recycled pid that is not our endpoint is never signalled
-        assert supervise._read_spawned(settings) == []
+        assert supervise.read_spawned(settings) == []
     finally:
         for proc in (stray, bystander):
             proc.kill()
@@ -268,9 +268,9 @@ def test_the_serving_endpoint_is_not_a_stray(settings: config.Settings) -> None:
     serving = fake_endpoint()
     try:
         common.atomic_write_text(supervise.endpoint_dir(settings) / supervise.PID_FILE, f"{serving.pid}\n")
-        supervise._write_spawned(settings, [serving.pid])
+        supervise.write_spawned(settings, [serving.pid])
         assert supervise.stop_strays(settings, keep=supervise.running_pid(settings)) == []
-        assert serving.poll() is None and supervise._read_spawned(settings) == [serving.pid]
+        assert serving.poll() is None and supervise.read_spawned(settings) == [serving.pid]
     finally:
         serving.kill()
         serving.wait()
@@ -288,8 +288,8 @@ def test_deploy_redeploy_in_place_and_teardown(
     port = settings.LOCAL_ENDPOINT_PORT
     assert first.scoring_uri == f"http://127.0.0.1:{port}/score"
     assert first.model_uri == f"models:/{settings.AZURE_MODEL_NAME}/1"
-    assert supervise._is_endpoint(first.pid)
-    assert supervise._read_spawned(settings) == [first.pid]
+    assert supervise.is_endpoint(first.pid)
+    assert supervise.read_spawned(settings) == [first.pid]
     key_path = supervise.endpoint_dir(settings) / supervise.KEY_FILE
     assert key_path.read_text().strip() == first.key and key_path.stat().st_mode & 0o777 == 0o600
     status, replies = get(first.scoring_uri, first.key, {"input_data": ["Who founded Microsoft?"], "params": {"max_new_tokens": 4}})
@@ -317,7 +317,7 @@ def test_deploy_redeploy_in_place_and_teardown(
         """After a failed deploy: the failed server is gone and every record still names the first one."""
         assert failed_pid != first.pid and not supervise._alive(failed_pid)
         assert supervise.running_pid(settings) == first.pid
-        assert supervise._read_spawned(settings) == [first.pid]
+        assert supervise.read_spawned(settings) == [first.pid]
         assert get(f"{first.base_url}/health/ready")[1]["pid"] == first.pid
         recorded = common.read_state(settings)["deployment"]
         assert (recorded["pid"], recorded["model_uri"], recorded["status"]) == (first.pid, first.model_uri, "running")
@@ -358,7 +358,7 @@ def test_deploy_redeploy_in_place_and_teardown(
     assert f"pid {second.pid}" in message and "stopped" in message
     assert not supervise._alive(second.pid)
     assert not (supervise.endpoint_dir(settings) / supervise.PID_FILE).exists()
-    assert not supervise._port_answers("127.0.0.1", port)
+    assert not supervise.port_answers("127.0.0.1", port)
     assert common.read_state(settings)["deployment"]["status"] == "stopped"
 
 

@@ -110,11 +110,11 @@ def rig(tmp_path: Path, tiny_model: RegisteredModel) -> Iterator[Rig]:
     try:
         yield rig
     finally:
-        pids = rig.seen | set(supervise._read_spawned(settings))
-        recorded = supervise._read_pid(settings)
+        pids = rig.seen | set(supervise.read_spawned(settings))
+        recorded = supervise.read_pid(settings)
         pids |= {recorded} if recorded else set()
         for pid in pids:
-            if supervise._is_endpoint(pid):
+            if supervise.is_endpoint(pid):
                 os.kill(pid, signal.SIGCONT)
                 os.kill(pid, signal.SIGKILL)
 
@@ -123,7 +123,7 @@ def rig(tmp_path: Path, tiny_model: RegisteredModel) -> Iterator[Rig]:
 def test_a_killed_endpoint_is_reported_dead_and_the_next_deploy_serves_again_then_rotates_its_key(rig: Rig) -> None:
     first = rig.deploy()
     assert first.returncode == 0, first.stderr[-3000:]
-    pid = supervise._read_pid(rig.settings)
+    pid = supervise.read_pid(rig.settings)
     assert pid is not None
     rig.seen.add(pid)
     assert rig.score().status_code == 200
@@ -137,7 +137,7 @@ def test_a_killed_endpoint_is_reported_dead_and_the_next_deploy_serves_again_the
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"the previous endpoint (pid {pid}) had died" in again.stderr
     assert "starting a fresh one" in again.stderr
-    new_pid = supervise._read_pid(rig.settings)
+    new_pid = supervise.read_pid(rig.settings)
     assert new_pid is not None and new_pid != pid
     rig.seen.add(new_pid)
     assert rig.ready_pid() == new_pid
@@ -145,7 +145,7 @@ def test_a_killed_endpoint_is_reported_dead_and_the_next_deploy_serves_again_the
     assert reply.status_code == 200 and isinstance(reply.json()[0], str)
     deployment = common.read_state(rig.settings)["deployment"]
     assert (deployment["pid"], deployment["status"]) == (new_pid, "running")
-    assert supervise._read_spawned(rig.settings) == [new_pid]
+    assert supervise.read_spawned(rig.settings) == [new_pid]
 
     # Rotating the key: the new endpoint checks a fresh key, published to ENV_FILE; the old one is refused.
     old_key = config.read_dotenv(rig.settings.env_file)["AZURE_ML_API_KEY"]
@@ -159,7 +159,7 @@ def test_a_killed_endpoint_is_reported_dead_and_the_next_deploy_serves_again_the
         f"{rig.base_url}/score", json={"input_data": ["hi"]}, headers={"Authorization": f"Bearer {old_key}"}, timeout=30
     )
     assert refused.status_code == 401
-    new_pid = supervise._read_pid(rig.settings)
+    new_pid = supervise.read_pid(rig.settings)
     rig.seen.add(new_pid)
 
     down = rig.deploy("--teardown")
@@ -171,7 +171,7 @@ def test_a_killed_endpoint_is_reported_dead_and_the_next_deploy_serves_again_the
 def test_a_deploy_killed_mid_start_is_cleaned_up_and_a_concurrent_one_refused(rig: Rig, tmp_path: Path) -> None:
     killed = rig.start_deploy(tmp_path / "killed-deploy.log")
     try:
-        spawned = wait_for("the deploy to start its server", lambda: supervise._read_spawned(rig.settings))
+        spawned = wait_for("the deploy to start its server", lambda: supervise.read_spawned(rig.settings))
         assert isinstance(spawned, list)
         (stray,) = spawned
         rig.seen.add(stray)
@@ -187,20 +187,20 @@ def test_a_deploy_killed_mid_start_is_cleaned_up_and_a_concurrent_one_refused(ri
         killed.wait()
     # The killed deploy's server lives on in its own session, and now serves on the port unrecorded.
     os.kill(stray, signal.SIGCONT)
-    assert supervise._is_endpoint(stray) and supervise._read_pid(rig.settings) is None
+    assert supervise.is_endpoint(stray) and supervise.read_pid(rig.settings) is None
     wait_for("the stray server to serve", lambda: rig.ready_pid() == stray)
 
     after = rig.deploy()
     assert after.returncode == 0, after.stderr[-3000:]
     assert f"an interrupted deploy left endpoint pid {stray} running" in after.stderr
     assert not supervise._alive(stray)
-    serving = supervise._read_pid(rig.settings)
+    serving = supervise.read_pid(rig.settings)
     assert serving is not None and serving != stray
     rig.seen.add(serving)
     # Only the new server is on the port now: every fresh connection lands on it.
     assert {rig.ready_pid() for _ in range(8)} == {serving}
     assert rig.score().status_code == 200
-    assert supervise._read_spawned(rig.settings) == [serving]
+    assert supervise.read_spawned(rig.settings) == [serving]
 
 
 # --- download_dataset.py killed mid-write ----------------------------------------------------------------

@@ -125,8 +125,8 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
             assert proc.returncode == 0, f"step {name} failed ({proc.returncode}):\n{outputs[name][-4000:]}"
         yield Pipeline(settings, key, outputs, started, home, dotenv_before)
     finally:
-        for pid in {supervise._read_pid(settings), *supervise._read_spawned(settings)} - {None}:
-            if supervise._is_endpoint(pid):
+        for pid in {supervise.read_pid(settings), *supervise.read_spawned(settings)} - {None}:
+            if supervise.is_endpoint(pid):
                 os.kill(pid, 9)
 
 
@@ -147,7 +147,7 @@ def test_the_key_appears_only_in_env_file_and_key_file(pipeline: Pipeline) -> No
     # `pf flow test --flow .` keeps its run log and details in the flow folder's .promptflow/.
     flow_runs = [p for p in (REPO / ".promptflow").rglob("*") if p.is_file() and p.stat().st_mtime >= pipeline.started]
     places |= {str(p): p.read_bytes() for p in flow_runs}
-    for pid in {supervise._read_pid(settings)} - {None}:
+    for pid in {supervise.read_pid(settings)} - {None}:
         places[f"command line of the endpoint (pid {pid}), visible to ps"] = Path(f"/proc/{pid}/cmdline").read_bytes()
 
     # Each kind of place was really there to look at.
