@@ -2,11 +2,12 @@
 
     python -m testkit.fixtures status     # where each fixture resolves from, or why it does not
     python -m testkit.fixtures missing    # the names of those that resolve nowhere (CI's skip policy)
-    python -m testkit.fixtures fetch      # download the missing ones into the cache, each checked by sha256
+    python -m testkit.fixtures fetch      # download the missing ones into the cache, each hash-checked
 
 Each fixture resolves, first hit wins, from:
 1. its own environment variable naming the path: FINETUNE_PHI_PHI3_TOKENIZER and
-   FINETUNE_PHI_PHI4_MINI_TOKENIZER (folders), FINETUNE_PHI_ULTRACHAT20 (a .jsonl file), AZUREML_SCORE_SCRIPT (a .py file);
+   FINETUNE_PHI_PHI4_MINI_TOKENIZER (folders), FINETUNE_PHI_ULTRACHAT20 (a .jsonl file),
+   AZUREML_SCORE_SCRIPT (a .py file);
 2. $FINETUNE_PHI_SHARED_FIXTURES, a folder laid out like ../shared/fixtures (the default: the
    `shared/fixtures` folder beside the checkout); an empty or missing folder is a clone with nothing beside it;
 3. the cache, $FINETUNE_PHI_FIXTURE_CACHE (default ~/.cache/finetune-phi/fixtures), one folder per
@@ -14,9 +15,9 @@ Each fixture resolves, first hit wins, from:
 
 `fetch` downloads from the public source at a pinned revision, checks every file's sha256 and size (or
 its git blob id) before anything lands in the cache, and moves a fixture into place with one rename, so
-the cache holds a whole, checked fixture or none. The hosts are overridable for mirrors (and for the tests, which
-serve the files from 127.0.0.1): FINETUNE_PHI_GITHUB_RAW replaces https://raw.githubusercontent.com,
-HF_ENDPOINT (as in huggingface_hub) replaces https://huggingface.co.
+the cache holds a whole, checked fixture or none. The hosts are overridable for mirrors (and for the
+tests, which serve the files from 127.0.0.1): FINETUNE_PHI_GITHUB_RAW replaces
+https://raw.githubusercontent.com, HF_ENDPOINT (as in huggingface_hub) replaces https://huggingface.co.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -126,20 +127,21 @@ def _missing(fixture: Fixture, folder: Path) -> list[str]:
     return [f.name for f in fixture.files if not (folder / f.name).is_file()]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def _hexdigest(path: Path, digest: Any) -> str:
+    """`digest` fed with the file's bytes, read in blocks."""
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    return _hexdigest(path, hashlib.sha256())
 
 
 def git_blob_id(path: Path) -> str:
-    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())  # noqa: S324 (git's content address)
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    # git's content address: SHA-1 over "blob <size>\0" and the bytes.
+    return _hexdigest(path, hashlib.sha1(f"blob {path.stat().st_size}\0".encode()))  # noqa: S324
 
 
 def _mismatches(fixture: Fixture, folder: Path) -> list[str]:
@@ -151,10 +153,10 @@ def _mismatches(fixture: Fixture, folder: Path) -> list[str]:
             problems.append(f"{spec.name} missing")
             continue
         size = path.stat().st_size
-        if spec.sha256 and (size, _sha256(path)) != (spec.size, spec.sha256):
-            problems.append(f"{spec.name}: {size} bytes sha256 {_sha256(path)}, expected {spec.size} bytes sha256 {spec.sha256}")
-        if spec.git_blob and git_blob_id(path) != spec.git_blob:
-            problems.append(f"{spec.name}: {size} bytes git blob {git_blob_id(path)}, expected git blob {spec.git_blob}")
+        if spec.sha256 and (size, digest := _sha256(path)) != (spec.size, spec.sha256):
+            problems.append(f"{spec.name}: {size} bytes sha256 {digest}, expected {spec.size} bytes sha256 {spec.sha256}")
+        if spec.git_blob and (blob := git_blob_id(path)) != spec.git_blob:
+            problems.append(f"{spec.name}: {size} bytes git blob {blob}, expected git blob {spec.git_blob}")
     return problems
 
 
