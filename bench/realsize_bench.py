@@ -30,6 +30,7 @@ missed decode goal names what limits it, from those measurements ("limited_by").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -39,7 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import serve_bench  # noqa: E402  (bench/ is on sys.path: this file's folder)
 from serve_bench import ROOT, BenchError, Server, free_port, machine, start, stop, wait_ready
@@ -169,13 +170,24 @@ def decode_speed(base: str, headers: dict[str, str], model: str, tries: int = 2)
     return best
 
 
-def read_bandwidth_gbs(threads: int, gib: float = 1.0, tries: int = 5) -> float:
-    """Bytes/s a reduction streams from memory with `threads` threads (a sum does 1 add per 4 bytes: memory-bound)."""
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` inside, put back after."""
     import torch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def read_bandwidth_gbs(threads: int, gib: float = 1.0, tries: int = 5) -> float:
+    """Bytes/s a reduction streams from memory with `threads` threads (a sum does 1 add per 4 bytes: memory-bound)."""
+    import torch
+
+    with torch_threads(threads):
         data = torch.ones(int(gib * GIB) // 4, dtype=torch.float32)
         data.sum()  # pages touched, threads started
         best = float("inf")
@@ -184,8 +196,6 @@ def read_bandwidth_gbs(threads: int, gib: float = 1.0, tries: int = 5) -> float:
             data.sum()
             best = min(best, time.perf_counter() - started)
         return data.numel() * 4 / best / 1e9
-    finally:
-        torch.set_num_threads(previous)
 
 
 def matvec_read_gbs(config_json: dict[str, Any], dtype: str, threads: int, gib: float = 1.5, tries: int = 3) -> float:
@@ -200,13 +210,13 @@ def matvec_read_gbs(config_json: dict[str, Any], dtype: str, threads: int, gib: 
     kv_heads = int(config_json.get("num_key_value_heads") or heads)
     head_dim = int(config_json.get("head_dim") or hidden // heads)
     shapes = [((heads + 2 * kv_heads) * head_dim, hidden), (hidden, heads * head_dim), (2 * inter, hidden), (hidden, inter)]
+    from finetune_phi.endpoint.loading import DTYPE_BYTES
+
     torch_dtype = getattr(torch, dtype)
-    itemsize = torch.empty((), dtype=torch_dtype).element_size()
+    itemsize = DTYPE_BYTES[dtype]
     layer_bytes = sum(o * i for o, i in shapes) * itemsize
     layers = max(1, min(int(config_json["num_hidden_layers"]), int(gib * GIB // layer_bytes)))
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         weights = [torch.randn(shape, dtype=torch_dtype) for _ in range(layers) for shape in shapes]
         rows = {w.shape[1]: torch.randn(1, w.shape[1], dtype=torch_dtype) for w in weights}
         best = float("inf")
@@ -218,8 +228,6 @@ def matvec_read_gbs(config_json: dict[str, Any], dtype: str, threads: int, gib: 
                 if attempt:
                     best = min(best, time.perf_counter() - started)
         return layers * layer_bytes / best / 1e9
-    finally:
-        torch.set_num_threads(previous)
 
 
 # --- the run --------------------------------------------------------------------------------------------
